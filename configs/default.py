@@ -1,0 +1,85 @@
+"""ResNet-50 on ISIC 2020 (binary, malignant vs benign): the accelerator run.
+
+Follows the strong public ISIC 2020 pipelines: images stored at 512 px and trained at 384 px,
+heavy flip/rotate/colour augmentation, a global batch of 256, AdamW with a short linear warmup and
+cosine decay, light label smoothing, ~15 epochs, bfloat16 compute. Presets in this folder import
+this file and override only what differs.
+
+    isic-jax train --config configs/default.py --workdir runs/r50 --config.data.data_dir=~/tfds
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    # --- data: which prepared TFDS dataset, which fold, how images are read and augmented.
+    config.data = ml_collections.ConfigDict()
+    config.data.release = "isic2020"  # archive|isic2016|isic2017|isic2018|isic2019|isic2020|isic2024
+    config.data.stored_size = 512  # shorter side the builder resized to at prepare time
+    config.data.data_dir = "~/tensorflow_datasets"  # TFDS data_dir holding the prepared dataset
+    config.data.val_fold = 0  # this fold is the validation set; the others are trained on
+    config.data.task = "binary"  # binary (benign/malignant) | diagnosis (the release's classes)
+    config.data.image_size = 384  # train/eval crop side, px
+    config.data.balanced_sampling = False  # oversample classes to equal frequency
+    config.data.num_workers = 8  # Grain worker processes per JAX process (0: in-process)
+    config.data.prefetch_buffer_size = 2  # batches each Grain worker keeps ready
+    config.data.device_prefetch = 2  # batches kept on the devices ahead of the step
+    config.data.augment = ml_collections.ConfigDict()
+    config.data.augment.crop_scale = (0.4, 1.0)  # random resized crop, fraction of the area
+    config.data.augment.crop_ratio = (3 / 4, 4 / 3)
+    config.data.augment.dihedral = True  # the 8 flips/transposes
+    config.data.augment.rotation = 30.0  # max degrees, uniform in [-r, r]
+    config.data.augment.brightness = 0.2
+    config.data.augment.contrast = 0.2
+    config.data.augment.saturation = 0.2
+    config.data.augment.hue = 0.02
+    config.data.augment.color_constancy = False  # Shades of Gray (p=6), train and eval alike
+
+    # --- model
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "resnet50"  # resnet18|34|50|101|152|200, tiny variants for tests
+    config.model.dropout = 0.0  # before the classifier head
+    config.model.dtype = "bfloat16"  # compute dtype; parameters stay float32
+    config.model.width = 64  # channels of the stem; halve it for a fast CPU model
+
+    # --- loss
+    config.loss = ml_collections.ConfigDict()
+    config.loss.name = "cross_entropy"  # cross_entropy | focal
+    config.loss.label_smoothing = 0.05
+    config.loss.class_weights = "none"  # none | balanced (inverse class frequency)
+    config.loss.focal_gamma = 2.0
+
+    # --- optimiser and schedule
+    config.optim = ml_collections.ConfigDict()
+    config.optim.name = "adamw"  # adamw | sgd (Nesterov momentum)
+    config.optim.learning_rate = 1e-3  # peak, for the global batch size below
+    config.optim.momentum = 0.9  # sgd only
+    config.optim.weight_decay = 1e-4  # not applied to BatchNorm parameters and biases
+    config.optim.warmup_epochs = 1.0
+    config.optim.end_lr_factor = 0.01  # cosine decays to learning_rate * this
+    config.optim.grad_clip_norm = 1.0  # 0 disables clipping
+    config.optim.accumulation_steps = 1  # gradient accumulation (micro-batches per update)
+    config.optim.ema_decay = 0.0  # >0 keeps an EMA of the weights, used for evaluation
+
+    # --- training loop
+    config.train = ml_collections.ConfigDict()
+    config.train.batch_size = 256  # global, over all devices and processes
+    config.train.num_epochs = 15.0
+    config.train.num_steps = -1  # >0 overrides num_epochs
+    config.train.parallelism = "pmap"  # pmap | jit (over a Mesh of all devices)
+    config.train.log_every = 50  # steps between metric pulls from the devices
+    config.train.eval_every = 1000  # steps; also evaluates at the end
+    config.train.checkpoint_every = 1000
+    config.train.keep_checkpoints = 3  # latest N kept; the best is kept separately
+    config.train.best_metric = "auc"  # validation metric that selects the best checkpoint
+    config.train.progress = True  # progress display on the console (process 0)
+
+    # --- evaluation
+    config.eval = ml_collections.ConfigDict()
+    config.eval.batch_size = 256
+    config.eval.threshold = 0.5  # malignant-probability threshold for sens/spec
+
+    return config

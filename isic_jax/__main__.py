@@ -1,0 +1,4 @@
+from isic_jax.cli import main
+
+if __name__ == "__main__":
+    main()

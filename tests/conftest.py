@@ -1,0 +1,37 @@
+"""Shared fixtures. Tests that need the real ISIC sample skip without it, except in CI.
+
+`.ci/run` sets ISIC_JAX_REQUIRE_SHARED_DATA=1, which turns that skip into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = pathlib.Path(
+    os.environ.get("ISIC_JAX_SHARED_DATA", REPO.parent / "shared" / "data")
+).resolve()
+
+
+def _need(path: pathlib.Path) -> pathlib.Path:
+    if path.exists():
+        return path
+    reason = f"real ISIC sample not found at {path} (set ISIC_JAX_SHARED_DATA)"
+    if os.environ.get("ISIC_JAX_REQUIRE_SHARED_DATA") == "1":
+        pytest.fail(reason + "; ISIC_JAX_REQUIRE_SHARED_DATA=1 makes it mandatory")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def uda1_images() -> pathlib.Path:
+    """../shared/data/isic-uda1/images: 400 JPEGs + legacy JSON records (286 benign, 114 malignant)."""
+    return _need(SHARED_DATA / "isic-uda1" / "images")
+
+
+@pytest.fixture(scope="session")
+def uda1_fullres() -> pathlib.Path:
+    """../shared/data/isic-uda1/fullres: 4 full-size archive images (up to 3872x2592)."""
+    return _need(SHARED_DATA / "isic-uda1" / "fullres")
