@@ -1,0 +1,54 @@
+"""`isic-jax evaluate --workdir DIR [--split S] [--checkpoint latest|best|STEP]`.
+
+Loads the config the run saved in DIR, restores the checkpoint on this machine's devices (any
+count), runs the evaluation pipeline over the split and writes DIR/eval/<split>/metrics.json and
+predictions.csv. Exit status 2 when there is no such run, checkpoint or split.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from isic_jax import config_utils
+
+# Before jax is imported (see commands/train.py).
+config_utils.set_default_xla_flags()
+
+from absl import app, flags  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder written by `isic-jax train`.")
+_SPLIT = flags.DEFINE_string(
+    "split", "val", "val (the validation fold), train (the other folds), or a split of the "
+    "prepared dataset, e.g. fold3."
+)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "latest, best, or a step number.")
+flags.mark_flags_as_required(["workdir"])
+
+EXIT_USAGE = 2
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    which = _CHECKPOINT.value
+    if which not in ("latest", "best") and not which.isdigit():
+        raise app.UsageError(f"--checkpoint must be latest, best or a step number, got {which!r}")
+    from isic_jax import evaluate, train
+    from isic_jax.checkpointing import quiet_orbax_logging
+
+    quiet_orbax_logging()
+    try:
+        result = evaluate.evaluate_checkpoint(_WORKDIR.value, _SPLIT.value, which)
+    except (FileNotFoundError, config_utils.ConfigError, train.UnknownSplitError) as e:
+        print(f"isic-jax evaluate: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USAGE)
+    shown = {k: result[k] for k in ("step", "num_examples", "loss", "auc", "pauc_80",
+                                    "balanced_accuracy", "sensitivity", "specificity")
+             if k in result}
+    print(json.dumps(shown, indent=1))
+    print(f"wrote {_WORKDIR.value}/eval/{_SPLIT.value}/metrics.json and predictions.csv")
+
+
+if __name__ == "__main__":
+    app.run(main)

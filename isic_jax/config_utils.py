@@ -1,0 +1,369 @@
+"""Config validation, saving/loading the resolved config, and XLA flag defaults.
+
+    validate_config(config)              # ValueError naming the key, before anything is built
+    save_config(config, workdir)         # workdir/config.json (also stored in every checkpoint)
+    config = load_config(workdir)        # what `evaluate` runs with
+
+This module imports neither jax nor flax at module level: `set_default_xla_flags` must run
+before jax is imported.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import ml_collections
+
+CONFIG_FILENAME = "config.json"
+
+# Must match isic_jax.datasets.isic.RELEASES (contracts.md); kept here so that validation does
+# not import TFDS.
+RELEASES = ("archive", "isic2016", "isic2017", "isic2018", "isic2019", "isic2020", "isic2024")
+PARALLELISM = ("pmap", "jit")
+TASKS = ("binary", "diagnosis")
+MODEL_DTYPES = ("float32", "bfloat16")
+DEFAULT_NUM_FOLDS = 5  # make_builder's default; `data.num_folds` overrides it when present
+# Scalar validation metrics a checkpoint can be ranked by (metrics.classification_metrics plus
+# the validation loss and accuracy computed by the trainer). "loss" is minimised, others maximised.
+BEST_METRICS = (
+    "auc",
+    "pauc_80",
+    "balanced_accuracy",
+    "sensitivity",
+    "specificity",
+    "patient_auc",
+    "accuracy",
+    "loss",
+)
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the key (`config.a.b`)."""
+
+
+def best_metric_mode(name: str) -> str:
+    """"min" for losses, "max" for every other validation metric."""
+    return "min" if "loss" in name else "max"
+
+
+# ---------------------------------------------------------------------------------------------
+# Value checks. Each returns an error text (without the key) or None.
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(lo: int | None = None, hi: int | None = None) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if not _is_int(v):
+            return f"must be an integer, got {v!r}"
+        if lo is not None and v < lo:
+            return f"must be >= {lo}, got {v}"
+        if hi is not None and v > hi:
+            return f"must be <= {hi}, got {v}"
+        return None
+
+    return check
+
+
+def _num(
+    lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False
+) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if not _is_num(v):
+            return f"must be a finite number, got {v!r}"
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            return f"must be {'>' if lo_open else '>='} {lo}, got {v}"
+        if hi is not None and (v >= hi if hi_open else v > hi):
+            return f"must be {'<' if hi_open else '<='} {hi}, got {v}"
+        return None
+
+    return check
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if v not in options:
+            return f"must be one of {', '.join(options)}; got {v!r}"
+        return None
+
+    return check
+
+
+def _bool(v: Any) -> str | None:
+    return None if isinstance(v, bool) else f"must be True or False, got {v!r}"
+
+
+def _str(v: Any) -> str | None:
+    return None if isinstance(v, str) and v else f"must be a non-empty string, got {v!r}"
+
+
+def _range(lo: float, hi: float | None) -> Callable[[Any], str | None]:
+    """A (low, high) pair with lo <= low <= high (<= hi)."""
+
+    def check(v: Any) -> str | None:
+        if not isinstance(v, (tuple, list)) or len(v) != 2 or not all(_is_num(x) for x in v):
+            return f"must be a pair of numbers (low, high), got {v!r}"
+        a, b = v
+        if not (lo < a <= b) or (hi is not None and b > hi):
+            bound = f"{lo} < low <= high" + (f" <= {hi}" if hi is not None else "")
+            return f"must satisfy {bound}, got {tuple(v)}"
+        return None
+
+    return check
+
+
+_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "seed": _int(0),
+    "data.release": _choice(RELEASES),
+    "data.stored_size": _int(32),
+    "data.data_dir": _str,
+    "data.num_folds": _int(2),
+    "data.val_fold": _int(0),
+    "data.task": _choice(TASKS),
+    "data.image_size": _int(32),
+    "data.balanced_sampling": _bool,
+    "data.num_workers": _int(0),
+    "data.prefetch_buffer_size": _int(1),
+    "data.device_prefetch": _int(0),
+    "data.augment.crop_scale": _range(0.0, 1.0),
+    "data.augment.crop_ratio": _range(0.0, None),
+    "data.augment.dihedral": _bool,
+    "data.augment.rotation": _num(0.0, 180.0),
+    "data.augment.brightness": _num(0.0),
+    "data.augment.contrast": _num(0.0),
+    "data.augment.saturation": _num(0.0),
+    "data.augment.hue": _num(0.0, 0.5),
+    "data.augment.color_constancy": _bool,
+    "model.dropout": _num(0.0, 1.0, hi_open=True),
+    "model.dtype": _choice(MODEL_DTYPES),
+    "model.width": _int(1),
+    "loss.name": _choice(("cross_entropy", "focal")),
+    "loss.label_smoothing": _num(0.0, 1.0, hi_open=True),
+    "loss.class_weights": _choice(("none", "balanced")),
+    "loss.focal_gamma": _num(0.0),
+    "optim.name": _choice(("adamw", "sgd")),
+    "optim.learning_rate": _num(0.0, lo_open=True),
+    "optim.momentum": _num(0.0, 1.0, hi_open=True),
+    "optim.weight_decay": _num(0.0),
+    "optim.warmup_epochs": _num(0.0),
+    "optim.end_lr_factor": _num(0.0),
+    "optim.grad_clip_norm": _num(0.0),
+    "optim.accumulation_steps": _int(1),
+    "optim.ema_decay": _num(0.0, 1.0, hi_open=True),
+    "train.batch_size": _int(1),
+    "train.num_epochs": _num(0.0),
+    "train.num_steps": _int(-1),
+    "train.parallelism": _choice(PARALLELISM),
+    "train.log_every": _int(1),
+    "train.eval_every": _int(1),
+    "train.checkpoint_every": _int(1),
+    "train.keep_checkpoints": _int(1),
+    "train.best_metric": _choice(BEST_METRICS),
+    "train.progress": _bool,
+    "eval.batch_size": _int(1),
+    "eval.threshold": _num(0.0, 1.0, lo_open=True, hi_open=True),
+}
+
+
+# Keys the code reads with a default when absent.
+_OPTIONAL = frozenset({"data.num_folds"})
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; ConfigDicts and dicts alike."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, (ml_collections.ConfigDict, dict)):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def reference_keys() -> set[str] | None:
+    """The keys of configs/default.py (the schema), or None when `configs` is not importable.
+
+    Presets live next to default.py and `isic-jax` puts their parent folder on sys.path, so the
+    schema is the default config itself: a key added to it is known here without a code change.
+    """
+    try:
+        from configs import default  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return set(_flatten(default.get_config()))
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks every key and value of a resolved config; the first problem raises.
+
+    Unknown keys (typos in a preset, which ConfigDict silently accepts) are rejected against the
+    schema of configs/default.py (or, when that is not importable, this module's own table).
+    Overrides on the command line are rejected earlier by ml_collections, which names the key.
+
+    Raises:
+      ConfigError (a ValueError): naming the key, e.g. "config.train.parallelism must be one
+        of pmap, jit; got 'foo'".
+    """
+    flat = _flatten(config)
+    known = reference_keys()
+    if known is None:
+        known = set(_CHECKS)
+    for key in sorted(flat):
+        if key not in known:
+            section = key.rsplit(".", 1)[0] if "." in key else ""
+            siblings = sorted(k for k in known if k.rsplit(".", 1)[0] == section and "." in k)
+            hint = f" (known keys in config.{section}: {', '.join(siblings)})" if siblings else ""
+            raise ConfigError(f"Unknown config key config.{key}{hint}.")
+    for key, check in _CHECKS.items():
+        if key not in flat:
+            continue
+        problem = check(flat[key])
+        if problem:
+            raise ConfigError(f"config.{key} {problem}.")
+    for key in sorted(known):
+        if key not in flat and key in _CHECKS and key not in _OPTIONAL:
+            raise ConfigError(f"Missing config key config.{key}.")
+
+    num_folds = int(flat.get("data.num_folds", DEFAULT_NUM_FOLDS))
+    if flat["data.val_fold"] >= num_folds:
+        raise ConfigError(
+            f"config.data.val_fold={flat['data.val_fold']} must be < the number of folds "
+            f"({num_folds}; config.data.num_folds)."
+        )
+    if flat["train.num_steps"] == 0:
+        raise ConfigError(
+            "config.train.num_steps must be > 0, or -1 to use config.train.num_epochs."
+        )
+    if flat["train.num_steps"] < 0 and flat["train.num_epochs"] <= 0:
+        raise ConfigError(
+            f"config.train.num_epochs must be > 0 when config.train.num_steps=-1, got "
+            f"{flat['train.num_epochs']}."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and loading.
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """A JSON-serialisable plain dict (tuples become lists)."""
+    return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> pathlib.Path:
+    """Writes the resolved config as `workdir/config.json` (atomically) and returns its path."""
+    path = pathlib.Path(workdir) / CONFIG_FILENAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(config_to_dict(config), indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def config_from_dict(data: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """Inverse of `config_to_dict` (lists stay lists; every consumer indexes them)."""
+    return ml_collections.ConfigDict(dict(data))
+
+
+def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """Reads `workdir/config.json`.
+
+    Raises:
+      FileNotFoundError: with a hint when the workdir has no saved config.
+    """
+    path = pathlib.Path(workdir) / CONFIG_FILENAME
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: is {workdir} the --workdir of an `isic-jax train` run?"
+        )
+    return config_from_dict(json.loads(path.read_text()))
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Lines "key: old -> new" for keys whose value changed (to warn when resuming)."""
+    a, b = _flatten(old), _flatten(new)
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, tuple):
+            va = list(va)
+        if isinstance(vb, tuple):
+            vb = list(vb)
+        if va != vb:
+            lines.append(f"{key}: {va!r} -> {vb!r}")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# XLA flags.
+
+# DESIGN.md: 2-3x faster ResNet training on the Zen 3 CPUs here. XLA aborts the process on an
+# unknown flag or value, so it is only set where this jaxlib is known (or probed) to accept it.
+YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=eltwise,reduce"
+_YNN_KNOWN_GOOD = ("0.10.2",)  # probed on this machine; >= 0.12 measured in DESIGN.md
+
+
+def _jaxlib_version() -> tuple[int, ...] | None:
+    try:
+        text = importlib.metadata.version("jaxlib")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def _probe_xla_flag(flag: str, timeout: float = 120.0) -> bool:
+    """Whether a fresh process with XLA_FLAGS=flag starts the CPU backend (an unknown flag
+    aborts it)."""
+    env = dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu")
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", "import jax; jax.devices('cpu')"],
+            env=env, capture_output=True, timeout=timeout, check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.returncode == 0
+
+
+def set_default_xla_flags() -> str | None:
+    """Sets XLA_FLAGS to the fast XLA:CPU fusion flags unless the user set XLA_FLAGS.
+
+    Call before jax is imported (the `train`/`evaluate` commands do it first thing). The flag
+    only changes how XLA:CPU compiles; GPU/TPU programs are unaffected.
+
+    Returns:
+      The flags set, or None when nothing was set (user flags, jax already imported, a non-CPU
+      JAX_PLATFORMS, or a jaxlib that rejects the flag).
+    """
+    if "XLA_FLAGS" in os.environ or "jax" in sys.modules:
+        return None
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms and "cpu" not in platforms.split(","):
+        return None
+    version = _jaxlib_version()
+    if version is None:
+        return None
+    known = ".".join(map(str, version)) in _YNN_KNOWN_GOOD or version[:2] >= (0, 12)
+    if not known and not _probe_xla_flag(YNN_FLAG):
+        return None
+    os.environ["XLA_FLAGS"] = YNN_FLAG
+    return YNN_FLAG

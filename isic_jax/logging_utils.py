@@ -1,0 +1,152 @@
+"""Console progress and TensorBoard event files; only process 0 writes anything.
+
+    writer = MetricWriter(workdir / "tensorboard", enabled=jax.process_index() == 0)
+    writer.write_scalars(step, {"train/loss": 0.69})
+    progress = Progress(total=1000, initial=0, enabled=..., bar=use_progress_bar(True))
+    progress.update(step); progress.log(step, {"loss": 0.69}); progress.close()
+
+TensorBoard events go through tensorboardX (no TensorFlow). The progress display is a tqdm bar on
+an interactive terminal; with CI=true, no TTY, or `config.train.progress=False` it prints one
+plain line per log instead, which is what a CI log or a redirected file wants.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+import sys
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+
+def use_progress_bar(requested: bool, stream: TextIO | None = None) -> bool:
+    """A tqdm bar only when asked for, on a TTY, and not under CI (CI=true/1)."""
+    stream = stream or sys.stderr
+    ci = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+    isatty = getattr(stream, "isatty", lambda: False)
+    return bool(requested) and not ci and bool(isatty())
+
+
+def format_scalars(scalars: Mapping[str, Any]) -> str:
+    """"loss 0.6931  lr 1.00e-03  img/s 123.4" (compact, stable order as given)."""
+    parts = []
+    for key, value in scalars.items():
+        if isinstance(value, float):
+            if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5) and math.isfinite(value):
+                text = f"{value:.3e}"
+            else:
+                text = f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}"
+        else:
+            text = str(value)
+        parts.append(f"{key} {text}")
+    return "  ".join(parts)
+
+
+class MetricWriter:
+    """Scalars to TensorBoard event files (tensorboardX). A no-op when not enabled."""
+
+    def __init__(self, logdir: str | os.PathLike, enabled: bool = True):
+        self._writer = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            pathlib.Path(logdir).mkdir(parents=True, exist_ok=True)
+            self._writer = SummaryWriter(logdir=str(logdir), flush_secs=30)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        if self._writer is None:
+            return
+        for key, value in scalars.items():
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                continue
+            self._writer.add_scalar(key, value, global_step=int(step))
+
+    def write_text(self, step: int, tag: str, text: str) -> None:
+        if self._writer is not None:
+            self._writer.add_text(tag, text, global_step=int(step))
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class Progress:
+    """Step progress: a tqdm bar (interactive) or plain lines (CI, files). Process 0 only.
+
+    Args:
+      total: last step of the run.
+      initial: step the run starts from (resume).
+      enabled: False on processes other than 0 (nothing is printed).
+      bar: tqdm bar (True) or one plain line per `log` call (False).
+      stream: where to write (stderr for the bar, stdout for lines by default).
+    """
+
+    def __init__(
+        self,
+        total: int,
+        initial: int = 0,
+        enabled: bool = True,
+        bar: bool = False,
+        stream: TextIO | None = None,
+    ):
+        self.total = int(total)
+        self.enabled = enabled
+        self._bar = None
+        self._step = int(initial)
+        self._stream = stream
+        if enabled and bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=self.total,
+                initial=self._step,
+                file=stream or sys.stderr,
+                dynamic_ncols=True,
+                unit="step",
+                mininterval=0.5,
+            )
+
+    def update(self, step: int) -> None:
+        """Cheap; call every step."""
+        if self._bar is not None and step > self._step:
+            self._bar.update(step - self._step)
+        self._step = step
+
+    def log(self, step: int, scalars: Mapping[str, Any], prefix: str = "train") -> None:
+        """One line (or the bar's postfix) with the given scalars."""
+        if not self.enabled:
+            return
+        text = format_scalars(scalars)
+        if self._bar is not None:
+            self._bar.set_postfix_str(text, refresh=False)
+            if prefix != "train":
+                self._bar.write(f"[{prefix} step {step}/{self.total}] {text}")
+        else:
+            width = len(str(self.total))
+            print(
+                f"[{prefix} step {step:>{width}}/{self.total}] {text}",
+                file=self._stream or sys.stdout,
+                flush=True,
+            )
+
+    def write(self, message: str) -> None:
+        """A free-form message that does not break the bar."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(message)
+        else:
+            print(message, file=self._stream or sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

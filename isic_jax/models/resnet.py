@@ -1,0 +1,181 @@
+"""ResNet v1.5 in Flax Linen (He et al. 2016; stride in the bottleneck's 3x3 conv).
+
+Layout follows torchvision's ResNet so that parameter counts match the reference (ResNet-18:
+11,689,512; ResNet-50: 25,557,032 with a 1000-class head): bias-free convolutions with symmetric
+padding, BatchNorm (momentum 0.9, epsilon 1e-5 in Flax's convention, i.e. PyTorch's 0.1), a
+7x7/2 stem and a 3x3/2 max-pool, four stages (or fewer for the tiny test models), global average
+pooling, optional dropout, one dense head.
+
+Why Linen: the train step stays a pure function of (state, batch, rng) whose variables are plain
+pytrees, which `jax.pmap` and `jax.jit` over a Mesh wrap alike (as the Flax ImageNet example and
+big_vision do); NNX would need split/merge at every such boundary.
+
+Input size: any size works, but on CPU use 65 px or more. At 64 px the last stage's feature map
+is 2x2, smaller than the 3x3 kernel, and XLA:CPU falls back to a slow generic convolution loop
+(~3-4x slower than at 80 px, see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ModuleDef = Any
+
+# torchvision's kaiming_normal_(mode="fan_out", nonlinearity="relu").
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def _pad(kernel: int) -> list[tuple[int, int]]:
+    """Symmetric 'same' padding of a square odd kernel, as PyTorch's `padding=k // 2`.
+
+    For stride 2 on an even size, XLA's "SAME" pads (0, 1) while this pads (1, 1); the output
+    sizes agree, and the numbers match torchvision weights exactly.
+    """
+    return [(kernel // 2, kernel // 2)] * 2
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions (ResNet-18/34). Output channels = `filters`.
+
+    x: [B, H, W, C_in] -> [B, ceil(H / strides), ceil(W / strides), filters].
+    """
+
+    filters: int
+    conv: ModuleDef
+    norm: ModuleDef
+    act: Callable[[jax.Array], jax.Array] = nn.relu
+    strides: int = 1
+
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        residual = x
+        y = self.conv(self.filters, (3, 3), self.strides, padding=_pad(3), name="conv1")(x)
+        y = self.act(self.norm(name="bn1")(y))
+        y = self.conv(self.filters, (3, 3), padding=_pad(3), name="conv2")(y)
+        # Zero scale on the branch's last BN: each block starts as the identity (Goyal et al.).
+        y = self.norm(scale_init=nn.initializers.zeros_init(), name="bn2")(y)
+        if residual.shape != y.shape:
+            residual = self.conv(self.filters, (1, 1), self.strides, padding=0, name="proj_conv")(
+                residual
+            )
+            residual = self.norm(name="proj_bn")(residual)
+        return self.act(residual + y)
+
+
+class BottleneckBlock(nn.Module):
+    """1x1 -> 3x3 (strided, v1.5) -> 1x1 convolutions (ResNet-50 and deeper).
+
+    x: [B, H, W, C_in] -> [B, ceil(H / strides), ceil(W / strides), 4 * filters].
+    """
+
+    filters: int
+    conv: ModuleDef
+    norm: ModuleDef
+    act: Callable[[jax.Array], jax.Array] = nn.relu
+    strides: int = 1
+
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        residual = x
+        y = self.conv(self.filters, (1, 1), padding=0, name="conv1")(x)
+        y = self.act(self.norm(name="bn1")(y))
+        # v1.5: the stride sits in the 3x3 conv, not in the first 1x1 (v1 loses 3/4 of the input).
+        y = self.conv(self.filters, (3, 3), self.strides, padding=_pad(3), name="conv2")(y)
+        y = self.act(self.norm(name="bn2")(y))
+        y = self.conv(self.filters * self.expansion, (1, 1), padding=0, name="conv3")(y)
+        y = self.norm(scale_init=nn.initializers.zeros_init(), name="bn3")(y)
+        if residual.shape != y.shape:
+            residual = self.conv(
+                self.filters * self.expansion, (1, 1), self.strides, padding=0, name="proj_conv"
+            )(residual)
+            residual = self.norm(name="proj_bn")(residual)
+        return self.act(residual + y)
+
+
+class ResNet(nn.Module):
+    """ResNet v1.5 classifier.
+
+    Attributes:
+      stage_sizes: blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50. Stage i > 0 starts with a
+        stride-2 block; stage i has `width * 2**i` filters (times 4 out for bottlenecks).
+      block_cls: BasicBlock or BottleneckBlock.
+      num_classes: size of the head.
+      width: channels of the stem and of the first stage (64 standard).
+      dropout: dropout rate on the pooled features, before the head (active only if train).
+      dtype: compute dtype (float32 or bfloat16). Parameters stay float32; BatchNorm statistics
+        are reduced in float32; pooling and the head run in float32, logits are float32.
+      axis_name: BatchNorm averages its batch statistics over this mapped axis (pmap); None
+        under jit over a Mesh, where the batch is already global.
+    """
+
+    stage_sizes: Sequence[int]
+    block_cls: ModuleDef
+    num_classes: int
+    width: int = 64
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """x: float32 [B, H, W, 3] normalised image -> logits float32 [B, num_classes].
+
+        Train mode uses batch statistics and updates `batch_stats` (pass
+        `mutable=["batch_stats"]`) and, if dropout > 0, needs `rngs={"dropout": key}`.
+        """
+        conv = functools.partial(
+            nn.Conv,
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=_conv_init,
+        )
+        norm = functools.partial(
+            nn.BatchNorm,
+            use_running_average=not train,
+            momentum=0.9,
+            epsilon=1e-5,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            axis_name=self.axis_name,
+        )
+        x = conv(self.width, (7, 7), (2, 2), padding=_pad(7), name="stem_conv")(x)
+        x = nn.relu(norm(name="stem_bn")(x))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
+        for i, num_blocks in enumerate(self.stage_sizes):
+            for j in range(num_blocks):
+                x = self.block_cls(
+                    filters=self.width * 2**i,
+                    strides=2 if i > 0 and j == 0 else 1,
+                    conv=conv,
+                    norm=norm,
+                    name=f"stage{i + 1}_block{j + 1}",
+                )(x)
+        # Pool and classify in float32: cheap, and keeps bfloat16 rounding out of the logits.
+        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        x = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32, name="head")(x)
+        return x.astype(jnp.float32)
+
+
+# name -> (block class, blocks per stage). The tiny ones are for tests and smoke runs.
+ARCHITECTURES: dict[str, tuple[type[nn.Module], tuple[int, ...]]] = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (BottleneckBlock, (3, 4, 6, 3)),
+    "resnet101": (BottleneckBlock, (3, 4, 23, 3)),
+    "resnet152": (BottleneckBlock, (3, 8, 36, 3)),
+    "resnet200": (BottleneckBlock, (3, 24, 36, 3)),
+    "resnet_tiny": (BasicBlock, (1, 1)),
+    "resnet_tiny_bottleneck": (BottleneckBlock, (1, 1)),
+}

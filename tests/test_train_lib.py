@@ -1,0 +1,252 @@
+"""Helpers for the trainer tests (no tests here): tiny configs, in-memory data, a 4-device worker.
+
+The worker runs as `python tests/test_train_lib.py WORKER ARGS_JSON` in a subprocess, because the
+number of fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N) must be set
+before jax is imported, and other test modules import jax first.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pathlib
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def tiny_config(**overrides: Any):
+    """configs/smoke.py made smaller still: resnet_tiny width 4 at 32 px, SGD, 6 steps."""
+    from configs import smoke
+
+    config = smoke.get_config()
+    config.data.stored_size = 40
+    config.data.image_size = 32
+    config.data.device_prefetch = 2
+    config.model.width = 4
+    config.optim.name = "sgd"
+    config.optim.learning_rate = 0.05
+    config.optim.weight_decay = 0.0
+    config.train.batch_size = 8
+    config.eval.batch_size = 8
+    config.train.num_steps = 6
+    config.train.log_every = 2
+    config.train.eval_every = 3
+    config.train.checkpoint_every = 3
+    config.train.progress = False
+    for key, value in overrides.items():
+        section, name = key.split(".", 1)
+        if "." in name:
+            sub, name = name.split(".")
+            config[section][sub][name] = value
+        else:
+            config[section][name] = value
+    return config
+
+
+def make_records(n: int, size: int = 40, seed: int = 0) -> list[dict[str, Any]]:
+    """n records as the TFDS source yields them: JPEG bytes, label (bright = malignant), ids."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(n):
+        label = i % 2
+        base = 150 if label else 90
+        pixels = np.clip(rng.normal(base, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+        records.append(
+            {
+                "image": buf.getvalue(),
+                "image_id": f"ISIC_{seed:02d}{i:05d}".encode(),
+                "label": label,
+                "diagnosis": label,
+                "patient_id": f"IP_{i // 3:04d}".encode(),
+                "lesion_id": b"",
+                "age": 50,
+                "sex": 1,
+                "anatom_site": b"torso",
+                "fold": 0,
+            }
+        )
+    return records
+
+
+def make_data(config, n_train: int = 32, n_val: int = 12):
+    """A train.InputData over in-memory records (no TFDS), deterministic."""
+    from isic_jax import input_pipeline, train
+
+    train_records = make_records(n_train, seed=1)
+    val_records = make_records(n_val, seed=2)
+    labels = np.array([r["label"] for r in train_records], np.int32)
+    val_labels = np.array([r["label"] for r in val_records], np.int32)
+    info = input_pipeline.SourceInfo(
+        release="isic2020",
+        task="binary",
+        class_names=["benign", "malignant"],
+        num_train=n_train,
+        num_val=n_val,
+        train_class_counts=np.bincount(labels, minlength=2),
+        val_class_counts=np.bincount(val_labels, minlength=2),
+        train_labels=labels,
+        train_split="fold1+fold2+fold3+fold4",
+        val_split="fold0",
+        label_read_seconds=0.0,
+    )
+    sources = (
+        input_pipeline.ListSource(train_records),
+        input_pipeline.ListSource(val_records),
+        info,
+    )
+    return train.InputData(config, sources=sources)
+
+
+def restore_params(workdir: pathlib.Path, checkpoint: str | int = "latest") -> dict[str, np.ndarray]:
+    """The whole train state of a checkpoint (params, batch_stats, opt_state, ema) as flat numpy,
+    restored the way `isic-jax evaluate` does it, onto this process's first device."""
+    import jax
+
+    from isic_jax import config_utils, evaluate, parallel
+
+    config = config_utils.load_config(workdir)
+    par = parallel.DataParallel.create("jit", jax.devices()[:1])
+    state, _ = evaluate.restore_for_eval(workdir, config, 2, par, checkpoint)
+    flat = jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in flat}
+
+
+def run_worker(name: str, args: dict[str, Any], devices: int = 4, timeout: int = 300) -> dict:
+    """Runs `worker_<name>(**args)` in a fresh process with `devices` fake CPU devices."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    result = subprocess.run(
+        [sys.executable, __file__, name, json.dumps(args)],
+        env=env, capture_output=True, text=True, timeout=timeout, cwd=str(REPO), check=False,
+    )
+    if result.returncode != 0:
+        raise AssertionError(
+            f"worker {name} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+            f"{result.stderr[-5000:]}"
+        )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------ workers
+
+
+def worker_equivalence(steps: int = 3, optimizer: str = "sgd") -> dict:
+    """Params after `steps` steps: single device (jit on 1 device) vs pmap vs jit on all.
+
+    Same init, same global batches (random arrays), dropout off. Returns max abs differences and
+    how many times each step function was compiled.
+    """
+    import functools
+    import logging
+
+    import jax
+
+    from isic_jax import parallel, train
+    from isic_jax.models import create_model
+    from isic_jax.optim import create_optimizer
+
+    compiles: list[str] = []
+
+    class Count(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            msg = record.getMessage()
+            if "Finished XLA compilation of" in msg and "train_step" in msg:
+                compiles.append(msg)
+
+    jax.config.update("jax_log_compiles", True)
+    logging.getLogger("jax").addHandler(Count())
+    logging.getLogger("jax").setLevel(logging.WARNING)
+
+    config = tiny_config(**{"optim.name": optimizer})
+    if optimizer == "adamw":
+        config.optim.learning_rate = 1e-3
+    rs = np.random.RandomState(0)
+    batch, size = 8, 32
+    batches = [
+        {
+            "image": rs.randn(batch, size, size, 3).astype(np.float32),
+            "label": rs.randint(0, 2, batch).astype(np.int32),
+            "mask": np.ones(batch, bool),
+        }
+        for _ in range(steps)
+    ]
+    tx, _ = create_optimizer(config.optim, 10, 10)
+    init_model = create_model(config.model, 2)
+    results = {}
+    for name, mode, devices in [
+        ("single", "jit", jax.devices()[:1]),
+        ("pmap", "pmap", jax.devices()),
+        ("jit", "jit", jax.devices()),
+    ]:
+        par = parallel.DataParallel.create(mode, devices)
+        model = create_model(config.model, 2, axis_name=par.axis_name)
+        state = train.create_train_state(init_model, tx, jax.random.PRNGKey(0), size)
+
+        def train_step(state, b, rng, par=par, model=model):
+            return train.train_step(state, b, rng, model=model, tx=tx, loss_config=config.loss,
+                                    axis_name=par.axis_name)
+
+        p_step = par.compile_train_step(functools.partial(train_step))
+        state = par.replicate(state)
+        rng = par.replicate(jax.random.PRNGKey(1))
+        before = len(compiles)
+        losses = []
+        for b in batches:
+            state, metrics = p_step(state, par.shard_batch(b), rng)
+            losses.append(float(np.asarray(jax.device_get(metrics["loss"])).reshape(-1)[0]))
+        out = jax.device_get(par.unreplicate(state))
+        results[name] = (out, losses, len(compiles) - before)
+
+    def max_diff(a, b):
+        return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+                   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+    ref = results["single"][0]
+    report = {"devices": len(jax.devices())}
+    for name in ("pmap", "jit"):
+        out, losses, n_compiles = results[name]
+        report[name] = {
+            "params": max_diff(ref.params, out.params),
+            "batch_stats": max_diff(ref.batch_stats, out.batch_stats),
+            "loss": max(abs(a - b) for a, b in zip(losses, results["single"][1], strict=True)),
+            "compiles": n_compiles,
+            "param_scale": max(float(np.max(np.abs(x))) for x in jax.tree.leaves(ref.params)),
+        }
+    report["single_compiles"] = results["single"][2]
+    return report
+
+
+def worker_train(workdir: str, overrides: dict[str, Any] | None = None,
+                 dump: str | None = None) -> dict:
+    """train_and_evaluate on all (fake) devices with in-memory data; optionally dumps the state."""
+    from isic_jax import config_utils, train
+
+    config = tiny_config(**(overrides or {}))
+    try:
+        result = train.train_and_evaluate(config, workdir, data=make_data(config))
+    except config_utils.ConfigError as e:
+        return {"config_error": str(e)}
+    if dump:
+        state = restore_params(pathlib.Path(workdir))
+        np.savez(dump, **state)
+    return {"step": result["step"], "val_auc": (result["val"] or {}).get("auc")}
+
+
+if __name__ == "__main__":
+    name, raw = sys.argv[1], sys.argv[2]
+    out = globals()[f"worker_{name}"](**json.loads(raw))
+    print(json.dumps(out, default=float))
