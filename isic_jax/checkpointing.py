@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import pathlib
@@ -33,9 +34,27 @@ PyTree = Any
 STATE, RNG, DATA_ITER, CONFIG = "state", "rng", "data_iter", "config"
 
 
+# Orbax warnings that are expected here: checkpoints between evaluations carry no metrics, and
+# `evaluate` opens the checkpoint folder read-only on purpose.
+_EXPECTED_WARNINGS = ("did not provide metrics", "directory is read only")
+
+
+class _DropExpected(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in _EXPECTED_WARNINGS)
+
+
+_FILTER = _DropExpected()
+
+
 def quiet_orbax_logging() -> None:
-    """Orbax logs every save/restore step at INFO through absl: show warnings and errors only."""
+    """Orbax logs every save/restore step at INFO through absl: show warnings and errors only,
+    minus the expected ones above."""
     absl_logging.set_verbosity(absl_logging.WARNING)
+    logger = logging.getLogger("absl")
+    if _FILTER not in logger.filters:
+        logger.addFilter(_FILTER)
 
 
 class IteratorState:

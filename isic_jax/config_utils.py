@@ -223,10 +223,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     known = reference_keys()
     if known is None:
         known = set(_CHECKS)
+    known = known | _OPTIONAL
     for key in sorted(flat):
         if key not in known:
             section = key.rsplit(".", 1)[0] if "." in key else ""
-            siblings = sorted(k for k in known if k.rsplit(".", 1)[0] == section and "." in k)
+            siblings = sorted(
+                k.rsplit(".", 1)[1] for k in known if "." in k and k.rsplit(".", 1)[0] == section
+            )
             hint = f" (known keys in config.{section}: {', '.join(siblings)})" if siblings else ""
             raise ConfigError(f"Unknown config key config.{key}{hint}.")
     for key, check in _CHECKS.items():
@@ -254,6 +257,41 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config.train.num_epochs must be > 0 when config.train.num_steps=-1, got "
             f"{flat['train.num_epochs']}."
         )
+
+
+def friendly_override_errors(flag_holder: Any) -> None:
+    """Turns ml_collections' errors for a bad `--config.a.b=v` override into a flags error.
+
+    ml_collections raises KeyError/AttributeError ("Did you mean ...") from inside absl's flag
+    parsing, which absl shows as a long traceback; as a `flags.Error` absl prints one line,
+    "FATAL Flags parsing error: ...", and exits with status 1. Only this flag is touched.
+    """
+    from absl import flags
+
+    flag = flags.FLAGS[flag_holder.name]
+    parse = flag._parse
+
+    def _parse(argument: Any) -> Any:
+        try:
+            return parse(argument)
+        except (KeyError, AttributeError, TypeError, ValueError) as e:
+            # ml_collections nests KeyError("'name'\nDid you mean ...") in an AttributeError.
+            inner: BaseException = e
+            while inner.args and isinstance(inner.args[0], BaseException):
+                inner = inner.args[0]
+            text = str(inner.args[0]) if inner.args else str(inner)
+            text = " ".join(text.split())
+            bad = [a.split("=", 1)[0] for a in sys.argv if a.startswith(f"--{flag_holder.name}.")]
+            name = text.split()[0].strip("'") if text else ""
+            culprit = [a for a in bad if a.endswith("." + name) or f".{name}." in a]
+            where = f" {culprit[0]}" if culprit else ""
+            raise flags.IllegalFlagValueError(
+                f"bad --{flag_holder.name} override{where}: unknown key {text}"
+                if isinstance(inner, KeyError)
+                else f"bad --{flag_holder.name} override{where}: {text}"
+            ) from e
+
+    flag._parse = _parse
 
 
 # ---------------------------------------------------------------------------------------------

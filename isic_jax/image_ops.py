@@ -4,19 +4,22 @@ Every function is a pure function of its inputs (an image, a `np.random.Generato
 the Grain transforms in `input_pipeline` call them with the per-element generator Grain derives
 from the seed and the element index, so a pipeline is reproducible and resumable.
 
-Cost model (why the code is shaped this way; measured on the 2-core dev machine, 224 px output):
+Cost model (why the code is shaped this way; CPU time per 224 px image on the 2-core dev machine,
+stored images 256 px, see scripts/bench_input.py):
+- JPEG decode ~0.6 ms; this is what a bare read+decode loop pays.
 - All geometry (random resized crop, rotation, the 8 dihedral flips/transposes, the JPEG draft
   scale) is one affine map, so it is one `Image.transform(AFFINE)` call: PIL resamples each output
-  pixel once. Bilinear is ~17 ns/pixel in PIL (~0.9 ms at 224 px, the largest cost after decode);
-  nearest is ~1.3 ns/pixel.
+  pixel once. PIL's bilinear affine is a generic per-pixel loop, ~1 ms at 224 px (~20 ns/pixel,
+  more than the decode); nearest is ~0.07 ms (`AugmentConfig.interpolation`). Separate resize +
+  rotate calls would each cost about as much.
 - All colour ops (Shades-of-Gray gains, brightness, contrast, saturation, hue) are affine maps of
   RGB, so they compose into one 3x4 matrix applied by a single `Image.convert("RGB", matrix)` call
-  on uint8 (~0.14 ms, clamps to [0, 255] like torchvision's ColorJitter).
+  on uint8 (~0.15-0.2 ms, clamps to [0, 255] once), skipped when it is the identity.
 - Image statistics (Shades-of-Gray illuminant, mean grey for contrast) come from a 64x64 nearest
   subsample of the decoded image (~10 us) instead of a full-image pass.
-- Normalisation (uint8 -> float32, ImageNet mean/std) is one fused multiply + subtract per image
-  with per-channel constants tiled along the row (`normalize_into`), written straight into the
-  batch array, so no float32 image is ever copied.
+- Normalisation (uint8 -> float32, ImageNet mean/std) is a cast copy and two in-place passes with
+  per-channel constants tiled along the row (`normalize_into`, ~0.1-0.2 ms), written straight
+  into the batch array, so no float32 image is copied again.
 - JPEG decoding uses `Image.draft` (DCT scaling 1/2, 1/4, 1/8) when the crop needs at most half of
   the stored resolution; draft only reduces when both sides are >= 2x the requested size.
 """
@@ -96,11 +99,14 @@ def open_jpeg(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data))
 
 
-def decode(data: bytes, min_size: tuple[int, int] | None = None) -> tuple[Image.Image, float]:
+def decode(
+    data: bytes | Image.Image, min_size: tuple[float, float] | None = None
+) -> tuple[Image.Image, float]:
     """Decodes an encoded image to RGB, at reduced JPEG scale where `min_size` allows.
 
     Args:
-      data: encoded image bytes (JPEG; other formats decode at full size).
+      data: encoded image bytes (JPEG; other formats decode at full size), or the not yet loaded
+        image from `open_jpeg` (saves parsing the header twice).
       min_size: (width, height) the decoded image must at least have; JPEG DCT scaling by 1/2,
         1/4 or 1/8 is used when both sides stay >= these. None: full size.
 
@@ -108,10 +114,10 @@ def decode(data: bytes, min_size: tuple[int, int] | None = None) -> tuple[Image.
       (image, factor): an RGB PIL image and the linear scale factor decoded / stored size
       (1, 0.5, 0.25 or 0.125).
     """
-    image = open_jpeg(data)
+    image = open_jpeg(data) if isinstance(data, bytes | bytearray | memoryview) else data
     width = image.size[0]
     if min_size is not None and image.format == "JPEG":
-        image.draft("RGB", (max(1, int(min_size[0])), max(1, int(min_size[1]))))
+        image.draft("RGB", (max(1, math.ceil(min_size[0])), max(1, math.ceil(min_size[1]))))
     factor = 1.0 / max(1, round(width / image.size[0]))
     if image.mode != "RGB":
         image = image.convert("RGB")
@@ -133,14 +139,16 @@ def dihedral(image: np.ndarray, k: int) -> np.ndarray:
     return np.rot90(image, k % 4)
 
 
-def _dihedral_matrix(k: int) -> np.ndarray:
-    """The 2x2 map from centred output (x, y) to centred input (x, y) that equals `dihedral`."""
+def _dihedral_matrix(k: int) -> tuple[float, float, float, float]:
+    """(m00, m01, m10, m11): centred output (x, y) -> centred input (x, y), equal to `dihedral`."""
     # np.rot90 by 90 degrees CCW in array terms: out[r, c] = in[c, W-1-r] -> in (x, y) = (-y, x).
-    rot = np.array([[0.0, -1.0], [1.0, 0.0]])
-    mat = np.linalg.matrix_power(rot, k % 4)
+    mat = np.linalg.matrix_power(np.array([[0.0, -1.0], [1.0, 0.0]]), k % 4)
     if k >= 4:
         mat = np.array([[0.0, 1.0], [1.0, 0.0]]) @ mat
-    return mat
+    return tuple(float(v) for v in mat.ravel())
+
+
+_DIHEDRAL = tuple(_dihedral_matrix(k) for k in range(8))
 
 
 def sample_crop(
@@ -189,11 +197,18 @@ def affine_coefficients(
     (q - size/2)), in continuous pixel coordinates (PIL samples pixel centres at +0.5). `factor`
     is the decoded/stored scale of a draft-decoded JPEG; center and crop_size are in stored pixels.
     """
+    # Plain floats: this runs per image and 2x2 numpy calls would cost more than the maths.
     theta = math.radians(angle_deg)
-    rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
-    lin = factor * rot @ np.diag([crop_size[0] / size, crop_size[1] / size]) @ _dihedral_matrix(k)
-    offset = factor * np.asarray(center, dtype=np.float64) - lin @ np.array([size / 2, size / 2])
-    return (lin[0, 0], lin[0, 1], offset[0], lin[1, 0], lin[1, 1], offset[1])
+    cos, sin = math.cos(theta), math.sin(theta)
+    sx, sy = factor * crop_size[0] / size, factor * crop_size[1] / size
+    d00, d01, d10, d11 = _DIHEDRAL[k]
+    # lin = factor * R @ diag(crop_w, crop_h) / size @ D
+    a, b = cos * sx * d00 - sin * sy * d10, cos * sx * d01 - sin * sy * d11
+    d, e = sin * sx * d00 + cos * sy * d10, sin * sx * d01 + cos * sy * d11
+    half = size / 2
+    c = factor * center[0] - (a + b) * half
+    f = factor * center[1] - (d + e) * half
+    return (a, b, c, d, e, f)
 
 
 # --------------------------------------------------------------------------- colour
@@ -211,7 +226,12 @@ def shades_of_gray_gains(pixels: np.ndarray, power: float = 6.0) -> np.ndarray:
     pixels: [N, 3] on [0, 255]. The illuminant estimate is the Minkowski p-norm of each channel;
     gains make it neutral (gain 1 for a grey image), as in the ISIC 2018/2019 winning entries.
     """
-    illuminant = np.power(np.mean(np.power(pixels, power), axis=0), 1.0 / power)
+    if power == 6:  # x**6 by multiplication: np.power's generic pow is ~5x slower
+        squared = pixels * pixels
+        powered = squared * squared * squared
+    else:
+        powered = np.power(pixels, power)
+    illuminant = np.power(np.mean(powered, axis=0), 1.0 / power)
     norm = np.sqrt(np.sum(illuminant**2))
     if norm <= 0:
         return np.ones(3)
@@ -253,10 +273,6 @@ def apply_color(image: Image.Image, a: np.ndarray, t: np.ndarray) -> Image.Image
     return image.convert("RGB", matrix)
 
 
-def _is_identity(a: np.ndarray, t: np.ndarray) -> bool:
-    return bool(np.allclose(a, np.eye(3), atol=1e-6) and np.allclose(t, 0.0, atol=1e-4))
-
-
 # --------------------------------------------------------------------------- normalisation
 
 
@@ -271,7 +287,8 @@ def normalize_into(out: np.ndarray, image: np.ndarray) -> np.ndarray:
     scale = np.tile((1.0 / (255.0 * IMAGENET_STD)).astype(np.float32), width)
     shift = np.tile((IMAGENET_MEAN / IMAGENET_STD).astype(np.float32), width)
     rows = out.reshape(height, width * 3)
-    np.multiply(image.reshape(height, width * 3), scale, out=rows)
+    rows[...] = image.reshape(height, width * 3)  # cast copy, then two in-place passes (fastest)
+    rows *= scale
     rows -= shift
     return out
 
@@ -297,17 +314,25 @@ def train_image(
     hue. The geometry is one PIL affine resample of the (draft-)decoded JPEG; the colour ops one
     3x4 matrix. Normalise with `normalize`/`normalize_into` afterwards. draft=False always
     decodes at full size (for comparisons).
+
+    Differences from torchvision's RandomResizedCrop + ColorJitter, on purpose: crop boxes are
+    sub-pixel; the jitter order is fixed (brightness, contrast, saturation, hue) and clamps once
+    at the end; contrast blends with the mean grey of the whole image, not of the crop; hue is a
+    rotation about the grey axis in YIQ (a linear map) instead of an HSV shift. Rotated corners
+    are filled black, the colour of the dermoscope's vignette.
     """
-    header = open_jpeg(data)
-    width, height = header.size
+    image = open_jpeg(data)
+    width, height = image.size
     cx, cy, cw, ch = sample_crop(rng, width, height, config.crop_scale, config.crop_ratio)
     k = int(rng.integers(8)) if config.dihedral else 0
     angle = float(rng.uniform(-config.rotation, config.rotation)) if config.rotation else 0.0
     jitter = rng.random(4)
 
-    # Smallest decode size that keeps the crop at >= `size` pixels per side.
-    min_size = (math.ceil(width * size / cw), math.ceil(height * size / ch))
-    image, factor = decode(data, min_size if draft else None)
+    # Smallest decode size that keeps the crop at >= `size` pixels per side (the shorter crop
+    # side for both axes: rotation and transposes mix them).
+    short = min(cw, ch)
+    min_size = (width * size / short, height * size / short)
+    image, factor = decode(image, min_size if draft else None)
     coeffs = affine_coefficients(size, (cx, cy), (cw, ch), angle, k, factor)
     resample = _RESAMPLE[config.interpolation]
     out = image.transform((size, size), Image.Transform.AFFINE, coeffs, resample=resample)
@@ -326,9 +351,10 @@ def train_image(
             gains = shades_of_gray_gains(pixels)
             pixels = pixels * gains
         mean_gray = float(np.mean(np.minimum(pixels, 255.0) @ _LUMA))
-    a, t = color_matrix(gains, brightness, contrast, saturation, hue, mean_gray)
-    if not _is_identity(a, t):
-        out = apply_color(out, a, t)
+    if gains is not None or (brightness, contrast, saturation, hue) != (1.0, 1.0, 1.0, 0.0):
+        out = apply_color(
+            out, *color_matrix(gains, brightness, contrast, saturation, hue, mean_gray)
+        )
     return np.asarray(out)
 
 
@@ -340,11 +366,11 @@ def eval_image(
     Uses JPEG draft decoding when the stored image is >= 2x `size`, and PIL's antialiased
     bilinear resize of the centred square.
     """
-    header = open_jpeg(data)
-    width, height = header.size
+    image = open_jpeg(data)
+    width, height = image.size
     short = min(width, height)
-    min_size = (math.ceil(width * size / short), math.ceil(height * size / short))
-    image, factor = decode(data, min_size if draft else None)
+    min_size = (width * size / short, height * size / short)
+    image, factor = decode(image, min_size if draft else None)
     side = short * factor
     cx, cy = width * factor / 2, height * factor / 2
     box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)

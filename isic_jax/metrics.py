@@ -170,6 +170,8 @@ def confusion_matrix(labels: Any, probs: Any) -> np.ndarray:
     y = _as_labels(labels, p.shape[0], p.shape[1])
     pred = argmax_ties_wrong(p)
     keep = pred >= 0  # sklearn would drop them too; explicit is clearer
+    if not keep.any():
+        return np.zeros((p.shape[1], p.shape[1]), np.int64)
     return skm.confusion_matrix(y[keep], pred[keep], labels=np.arange(p.shape[1])).astype(np.int64)
 
 

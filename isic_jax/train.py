@@ -81,7 +81,10 @@ def create_train_state(
     variables = init_variables(model, rng, image_size)
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
-    ema = {"params": params, "batch_stats": batch_stats} if use_ema else {}
+    ema = {}
+    if use_ema:
+        # Copies: the state is donated to the step, and one buffer cannot be donated twice.
+        ema = jax.tree.map(jnp.copy, {"params": params, "batch_stats": batch_stats})
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -185,7 +188,7 @@ def train_step(
     metrics = {
         "loss": loss,
         "accuracy": correct_sum / jnp.maximum(count, 1.0),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
     }
     return new_state, metrics
 
@@ -486,7 +489,8 @@ def train_and_evaluate(
       data: an `InputData` (default: built from config.data); for tests.
 
     Returns:
-      {"step": last step, "val": last validation metrics or None, "train": last train scalars}.
+      {"step": last step, "val": last validation metrics (None if no evaluation ran), "train":
+      last train scalars, "state": the final TrainState (one copy, on the devices)}.
 
     Raises:
       NonFiniteError: the loss or state became NaN/Inf; the latest checkpoint is the last good one.
@@ -696,7 +700,12 @@ def train_and_evaluate(
                 break
             if stop_after_step is not None and step >= stop_after_step:
                 break
-        return {"step": step, "val": last_val, "train": last_train}
+        return {
+            "step": step,
+            "val": last_val,
+            "train": last_train,
+            "state": par.unreplicate(state),
+        }
     finally:
         if prefetcher is not None:
             prefetcher.close()

@@ -210,3 +210,14 @@ def test_real_sample_images_augment_and_draft(uda1_images):
         full = image_ops.eval_image(data, 64, draft=False)
         assert drafted.shape == (64, 64, 3)
         assert np.abs(drafted.astype(int) - full).mean() < 4
+
+
+def test_rotation_by_90_degrees_equals_the_dihedral_rotation():
+    rotated = image_ops.affine_coefficients(16, (9.0, 7.0), (12.0, 10.0), 90.0, 0, 0.5)
+    dihedral = image_ops.affine_coefficients(16, (9.0, 7.0), (10.0, 12.0), 0.0, 1, 0.5)
+    assert rotated[2] == pytest.approx(dihedral[2]) and rotated[5] == pytest.approx(dihedral[5])
+    # Same linear part up to which crop side is which: both map the output square onto the box.
+    image = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    coeffs = image_ops.affine_coefficients(8, (4.0, 4.0), (8.0, 8.0), 90.0)
+    out = Image.fromarray(image).transform((8, 8), Image.Transform.AFFINE, coeffs)
+    np.testing.assert_array_equal(np.asarray(out), image_ops.dihedral(image, 1))

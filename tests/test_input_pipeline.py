@@ -259,3 +259,60 @@ def test_all_batches_in_an_epoch_have_the_augmented_size(source):
     config = data_config(image_size=24)
     for batch in itertools.islice(train_iter(source, config, batch=6), 3):
         assert batch["image"].shape == (6, 24, 24, 3)
+
+
+@pytest.fixture(scope="module")
+def prepared_sample(uda1_images, tmp_path_factory):
+    """The real sample prepared with the TFDS builder at 64 px (a few seconds)."""
+    import tensorflow_datasets as tfds
+
+    from isic_jax.datasets.isic import make_builder
+
+    data_dir = tmp_path_factory.mktemp("tfds")
+    builder = make_builder("archive", 64, str(data_dir))
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(uda1_images))
+    )
+    return builder, data_config(release="archive", stored_size=64, data_dir=str(data_dir))
+
+
+@pytest.mark.shared_data
+def test_load_sources_on_the_prepared_sample(prepared_sample):
+    import tensorflow_datasets as tfds
+
+    builder, config = prepared_sample
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.val_fold = 1
+    config.balanced_sampling = True
+    train, val, info = ip.load_sources(config)
+    assert len(train) + len(val) == 400 and (info.num_train, info.num_val) == (320, 80)
+    assert info.class_names == ["benign", "malignant"] and info.num_classes == 2
+    assert info.train_class_counts.sum() == 320 and info.val_class_counts.sum() == 80
+    assert info.train_class_counts.tolist() == np.bincount(info.train_labels).tolist()
+    train_ids = {train[i]["image_id"] for i in range(len(train))}
+    val_ids = {val[i]["image_id"] for i in range(len(val))}
+    assert len(train_ids) == 320 and not train_ids & val_ids
+    # The fast tf.Example parser returns what TFDS's own decoding returns.
+    reference = builder.as_data_source(
+        split="fold1", decoders={"image": tfds.decode.SkipDecoding()}
+    )
+    for i in (0, 41, 79):
+        ours, theirs = val[i], reference[i]
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            assert ours[key] == (
+                theirs[key].item() if hasattr(theirs[key], "item") else theirs[key]
+            )
+    # And the pipelines run on it.
+    config.image_size = 48
+    batch = next(
+        iter(
+            ip.create_train_dataset(
+                train, config, 8, 0, process_index=0, process_count=1, labels=info.train_labels
+            )
+        )
+    )
+    assert batch["image"].shape == (8, 48, 48, 3)
+    assert all(b.startswith(b"ISIC_") for b in batch["image_id"])
+    evals = list(ip.create_eval_dataset(val, config, 32, process_index=0, process_count=1))
+    assert sum(int(b["mask"].sum()) for b in evals) == 80

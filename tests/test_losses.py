@@ -61,6 +61,15 @@ def test_padding_is_ignored(batch):
     a = compute_loss(logits, labels, mask, _config())
     b = compute_loss(changed, labels, mask, _config())
     np.testing.assert_allclose(a, b, rtol=1e-6)
+    # Whatever label padding carries (here -1) does not leak in either.
+    odd_labels = labels.copy()
+    odd_labels[4] = -1
+    cw = np.array([1.0, 2.0, 3.0], np.float32)
+    np.testing.assert_allclose(
+        compute_loss(changed, odd_labels, mask, _config("focal", label_smoothing=0.1), cw),
+        compute_loss(logits, labels, mask, _config("focal", label_smoothing=0.1), cw),
+        rtol=1e-6,
+    )
     # A boolean mask works too; an all-padding batch gives 0, not NaN.
     np.testing.assert_allclose(compute_loss(logits, labels, mask.astype(bool), _config()), a)
     assert float(compute_loss(logits, labels, np.zeros(6, np.float32), _config())) == 0.0

@@ -25,6 +25,7 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run folder: config.json, checkpoints/, tensorboard/, eval/ (resumed if any)."
 )
 flags.mark_flags_as_required(["config", "workdir"])
+config_utils.friendly_override_errors(_CONFIG)
 
 EXIT_CONFIG = 2
 EXIT_NON_FINITE = 3
@@ -40,6 +41,13 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     try:
         config_utils.validate_config(config)
+    except OSError as e:  # the config file could not be loaded (ml_collections defers it)
+        print(f"isic-jax train: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_CONFIG)
+    except config_utils.ConfigError as e:
+        print(f"isic-jax train: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_CONFIG)
+    try:
         train.train_and_evaluate(config, _WORKDIR.value)
     except config_utils.ConfigError as e:
         print(f"isic-jax train: {e}", file=sys.stderr, flush=True)

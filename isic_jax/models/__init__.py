@@ -87,7 +87,7 @@ def init_variables(
     Returns:
       {"params": pytree of float32 arrays, "batch_stats": pytree of float32 arrays}.
     """
-    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    h, w = (image_size,) * 2 if isinstance(image_size, int | np.integer) else image_size
     dummy = jnp.zeros((1, h, w, 3), jnp.float32)
     # The default partitionable threefry compiles slowly on XLA:CPU (tiny ResNet init 3.3 s vs
     # 1.0 s; ResNet-50 6.3 s vs 4.2 s). Init runs unsharded, so the other bit stream is fine:

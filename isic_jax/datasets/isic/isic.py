@@ -205,13 +205,16 @@ class Isic(tfds.core.GeneratorBasedBuilder):
         if not scan.candidates:
             raise NoUsableExamplesError(no_usable_message(scan.source, self._skipped))
         cands = scan.candidates
-        fold_of = folds_lib.assign_folds(
-            [c.group for c in cands],
-            [c.label for c in cands],
-            self.options.num_folds,
-            diagnoses=[c.diagnosis for c in cands],
-            seed=self.options.fold_seed,
-        )
+        try:
+            fold_of = folds_lib.assign_folds(
+                [c.group for c in cands],
+                [c.label for c in cands],
+                self.options.num_folds,
+                diagnoses=[c.diagnosis for c in cands],
+                seed=self.options.fold_seed,
+            )
+        except ValueError as exc:  # fewer patient/lesion/image groups than folds
+            raise releases.SourceError(f"{scan.source}: {exc}") from exc
         return {
             f"fold{k}": self._generate_examples(
                 candidates=[c for c, f in zip(cands, fold_of, strict=True) if f == k], fold=k
@@ -237,9 +240,10 @@ class Isic(tfds.core.GeneratorBasedBuilder):
 
                     h5 = h5py.File(cand.path, "r")
                 try:
-                    yield cand, _hdf5_bytes(h5[cand.hdf5_key])
+                    payload = _hdf5_bytes(h5[cand.hdf5_key])
                 except Exception as exc:  # noqa: BLE001 - one unreadable entry is one skip
-                    yield cand, images.BadImage(f"cannot read from HDF5 ({exc})")
+                    payload = images.BadImage(f"cannot read from HDF5 ({exc})")
+                yield cand, payload
         finally:
             if h5 is not None:
                 h5.close()

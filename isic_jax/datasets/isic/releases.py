@@ -10,9 +10,11 @@ recognised by their CSV columns, see `EXPECTED`):
 - Ground-truth / metadata CSVs, by header. When several CSVs fit one role, names containing "train"
   win over others, names containing "test"/"val" lose, "v2" wins, then the shallower, then by name.
 - Images, by file name: `<id>.jpg|.jpeg|.png` (extension in any case) anywhere in the tree; an id is
-  a file stem, never a path. Images in a folder that holds at least one image of a ground-truth row
-  but that have no row themselves are reported as skipped ("no ground-truth row"); folders with no
-  matching image at all (e.g. the test images next to the training images) are ignored.
+  a file stem, never a path. `*_superpixels.png` (2017) and `*_segmentation.png`/`*_mask.png`
+  files are not images of the task and are ignored. Images in a folder that holds at least one
+  image of a ground-truth row but that have no row themselves are reported as skipped ("no
+  ground-truth row"); folders with no matching image at all (e.g. the test images next to the
+  training images) are ignored.
 - ISIC 2024 images: `train-image.hdf5` (any `*.hdf5` next to the metadata; one dataset per isic_id
   holding the JPEG bytes), else image files as above (Kaggle's `train-image/image/`).
 
@@ -192,7 +194,12 @@ class SourceTree:
         return [f for f in self.files if f.lower().endswith(suffixes)]
 
     def images(self) -> list[str]:
-        return self.with_suffix(*IMAGE_EXTENSIONS)
+        """Image files, minus the challenges' auxiliary masks (ignored without a report line)."""
+        return [f for f in self.with_suffix(*IMAGE_EXTENSIONS) if not _AUXILIARY.search(_stem(f))]
+
+
+# ISIC 2017's superpixel maps and the segmentation tasks' masks sit next to the images.
+_AUXILIARY = re.compile(r"_(superpixels|segmentation|mask)$", re.IGNORECASE)
 
 
 def _stem(rel: str) -> str:
@@ -584,7 +591,11 @@ def _rows_2024(path: str, rel: str) -> Iterator[_Row | Skip]:
         if label is None:
             yield Skip(image_id, f"unknown label value target={raw!r} ({rel} row {line})")
             continue
-        diagnosis = L.archive_class(*(row.get(f"iddx_{i}") for i in (5, 4, 3, 2)))
+        # iddx_full repeats iddx_1..5 joined by "::"; alone ("Benign") it says nothing more.
+        full = row.get("iddx_full", "")
+        diagnosis = L.archive_class(
+            *(row.get(f"iddx_{i}") for i in (5, 4, 3, 2)), full if "::" in full else ""
+        )
         yield _Row(
             image_id,
             f"{rel} row {line}",

@@ -1,0 +1,247 @@
+"""Grad-CAM (Selvaraju et al. 2017) for the Flax ResNet, and a figure of the worst mistakes.
+
+    heat = grad_cam(model, variables, images, class_index=1)     # f32[B, H, W] in [0, 1]
+    idx = most_confident_mistakes(probs, labels, k=16)
+    mistakes_grid("mistakes.png", denormalize(images[idx]), heat, titles)
+
+The map of class c is ReLU(sum_k alpha_k A_k), where A [h, w, K] is the output of the last
+residual block (the highest `stage{i}_block{j}`) and alpha_k the spatial mean of d logit_c / d A_k.
+The gradient is taken without touching `models/resnet.py`: a Flax method interceptor adds a zero
+perturbation to that block's output, and `jax.vjp` differentiates the logits w.r.t. it (what
+`nn.Module.perturb` does, without the module having to call it).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from isic_jax.image_ops import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = [
+    "denormalize",
+    "grad_cam",
+    "last_block_name",
+    "mistakes_grid",
+    "most_confident_mistakes",
+]
+
+_BLOCK_RE = re.compile(r"^stage(\d+)_block(\d+)$")
+
+
+def last_block_name(params: Mapping[str, Any]) -> str:
+    """Name of the last residual block, e.g. "stage4_block2" for ResNet-18 params.
+
+    Raises:
+      ValueError: no `stage{i}_block{j}` module in params.
+    """
+    blocks = [(int(m[1]), int(m[2]), k) for k in params if (m := _BLOCK_RE.match(k))]
+    if not blocks:
+        raise ValueError(f"no stage{{i}}_block{{j}} module among {sorted(params)}")
+    return max(blocks)[2]
+
+
+def _logits_and_features(
+    model: nn.Module, variables: Mapping[str, Any], images: jax.Array, layer: str, delta: Any
+) -> tuple[jax.Array, jax.Array]:
+    """Eval-mode logits f32[B, C] with `delta` added to `layer`'s output, and that output.
+
+    delta None only records the output (used by `jax.eval_shape` to learn its shape).
+    """
+    captured: list[jax.Array] = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__" and context.module.name == layer:
+            if captured:
+                raise ValueError(f"module {layer!r} is called more than once")
+            captured.append(out)
+            if delta is not None:
+                out = out + delta.astype(out.dtype)
+        return out
+
+    with nn.intercept_methods(interceptor):
+        logits = model.apply(variables, images, train=False)
+    if not captured:
+        raise ValueError(f"module {layer!r} was not called by the model")
+    return logits.astype(jnp.float32), captured[0]
+
+
+def _grad_cam(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    images: jax.Array,
+    class_index: jax.Array,
+    layer: str,
+    resize: bool,
+    normalize: bool,
+) -> jax.Array:
+    feature_shape = jax.eval_shape(
+        lambda x: _logits_and_features(model, variables, x, layer, None)[1], images
+    )
+    delta = jnp.zeros(feature_shape.shape, feature_shape.dtype)
+    logits, vjp_fn, features = jax.vjp(
+        lambda d: _logits_and_features(model, variables, images, layer, d), delta, has_aux=True
+    )
+    # Images are independent in eval mode, so one cotangent picks each image's own class logit.
+    (grads,) = vjp_fn(jax.nn.one_hot(class_index, logits.shape[-1], dtype=logits.dtype))
+    grads = grads.astype(jnp.float32)
+    features = features.astype(jnp.float32)
+    alpha = grads.mean(axis=(1, 2), keepdims=True)  # [B, 1, 1, K]
+    cam = jax.nn.relu((alpha * features).sum(axis=-1))  # [B, h, w]
+    if resize:
+        # Linear interpolation stays within [min, max] of the coarse map (no cubic overshoot).
+        cam = jax.image.resize(cam, (cam.shape[0], *images.shape[1:3]), method="linear")
+    if normalize:
+        peak = cam.max(axis=(1, 2), keepdims=True)
+        cam = jnp.where(peak > 0, cam / jnp.where(peak > 0, peak, 1.0), 0.0)
+        cam = jnp.clip(cam, 0.0, 1.0)
+    return cam
+
+
+_grad_cam_jit = jax.jit(_grad_cam, static_argnames=("model", "layer", "resize", "normalize"))
+
+
+def grad_cam(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    images: Any,
+    class_index: int | Sequence[int] | np.ndarray,
+    *,
+    layer: str | None = None,
+    resize: bool = True,
+    normalize: bool = True,
+) -> np.ndarray:
+    """Grad-CAM heat maps of `class_index` over `images` (eval mode: BatchNorm running stats).
+
+    Args:
+      model: from `models.create_model`.
+      variables: {"params", "batch_stats"}.
+      images: f32[B, H, W, 3], normalised as the model's input.
+      class_index: the class whose logit is explained: an int for all images or int[B].
+      layer: the module whose output is the feature map (default: the last residual block).
+      resize: upsample to [H, W] (linear); else the map stays at the feature map's [h, w].
+      normalize: divide each map by its maximum, so it lies in [0, 1] (an all-zero map, where no
+        location raises the logit, stays zero).
+
+    Returns:
+      f32[B, H, W] (or [B, h, w]) numpy array; in [0, 1] when `normalize`.
+    """
+    images = jnp.asarray(images, jnp.float32)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be [B, H, W, 3], got shape {images.shape}")
+    layer = layer or last_block_name(variables["params"])
+    idx = jnp.broadcast_to(jnp.asarray(class_index, jnp.int32), images.shape[:1])
+    cam = _grad_cam_jit(model, variables, images, idx, layer, resize, normalize)
+    return np.asarray(cam, np.float32)
+
+
+def denormalize(images: Any) -> np.ndarray:
+    """Model input f32[..., 3] (ImageNet mean/std normalised) -> displayable uint8[..., 3]."""
+    x = np.asarray(images, np.float32) * IMAGENET_STD + IMAGENET_MEAN
+    return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+
+
+def most_confident_mistakes(probs: Any, labels: Any, k: int) -> np.ndarray:
+    """Indices int64[<=k] of the wrong predictions, the most confident first.
+
+    An image is a mistake when some wrong class has a probability at least that of the true class
+    (argmax, ties wrong, as in `metrics`); it is ranked by the highest wrong-class probability.
+
+    Args:
+      probs: f[N, C] class probabilities.
+      labels: int[N] true classes.
+      k: how many to return at most.
+    """
+    p = np.asarray(probs, np.float64)
+    y = np.asarray(labels).reshape(-1).astype(np.int64)
+    if p.ndim != 2 or p.shape[0] != y.shape[0]:
+        raise ValueError(f"probs [N, C] and labels [N] disagree: {p.shape} vs {y.shape}")
+    if p.shape[0] == 0 or k <= 0:
+        return np.zeros((0,), np.int64)
+    rows = np.arange(p.shape[0])
+    wrong = p.copy()
+    wrong[rows, y] = -np.inf
+    wrong_prob = wrong.max(axis=1)
+    is_mistake = wrong_prob >= p[rows, y]
+    candidates = rows[is_mistake]
+    # Stable sort: equal confidence keeps dataset order, so the figure is reproducible.
+    order = np.argsort(-wrong_prob[candidates], kind="stable")
+    return candidates[order][:k].astype(np.int64)
+
+
+def mistakes_grid(
+    path: str | os.PathLike,
+    images_uint8: np.ndarray,
+    heatmaps: np.ndarray,
+    titles: Sequence[str],
+    *,
+    ncols: int = 4,
+    alpha: float = 0.45,
+    cmap: str = "jet",
+    suptitle: str | None = None,
+    show_original: bool = True,
+) -> None:
+    """Writes a PNG grid: each image (left) and the image with its heat map overlaid (right).
+
+    Args:
+      path: the PNG to write.
+      images_uint8: uint8[K, H, W, 3].
+      heatmaps: f[K, H, W] in [0, 1] (e.g. from `grad_cam`).
+      titles: K strings, one per image (newlines allowed).
+      ncols: images per row.
+      alpha: opacity of the heat map over the image.
+      cmap: matplotlib colormap of the heat map.
+      suptitle: figure title.
+      show_original: also draw each image without overlay, to its left.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images_uint8 = np.asarray(images_uint8)
+    heatmaps = np.asarray(heatmaps, np.float32)
+    k = images_uint8.shape[0]
+    if heatmaps.shape != images_uint8.shape[:3] or len(titles) != k:
+        raise ValueError(
+            f"images {images_uint8.shape}, heatmaps {heatmaps.shape} and {len(titles)} titles"
+            " disagree"
+        )
+    per = 2 if show_original else 1
+    ncols = max(1, min(ncols, k))
+    nrows = max(1, math.ceil(k / ncols))
+    fig, axes = plt.subplots(
+        nrows, ncols * per, figsize=(2.3 * ncols * per, 2.7 * nrows + 0.6), squeeze=False
+    )
+    for ax in axes.flat:
+        ax.axis("off")
+    if k == 0:
+        axes[0, 0].text(0.5, 0.5, "no mistakes", ha="center", va="center", fontsize=14)
+    mappable = None
+    for i in range(k):
+        r, c = divmod(i, ncols)
+        ax_img, ax_cam = axes[r, c * per], axes[r, c * per + per - 1]
+        if show_original:
+            ax_img.imshow(images_uint8[i])
+            ax_img.set_title(titles[i], fontsize=8, loc="left")
+        ax_cam.imshow(images_uint8[i])
+        mappable = ax_cam.imshow(
+            np.clip(heatmaps[i], 0.0, 1.0), cmap=cmap, alpha=alpha, vmin=0.0, vmax=1.0
+        )
+        if not show_original:
+            ax_cam.set_title(titles[i], fontsize=8, loc="left")
+    if mappable is not None:
+        fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.6, label="Grad-CAM (relative)")
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=12)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

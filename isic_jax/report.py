@@ -1,0 +1,530 @@
+"""Evaluation report: PNG figures beside `metrics.json`, and the AUC by subgroup.
+
+    breakdown = write_report(out_dir, probs=probs, labels=labels, class_names=names,
+                             malignant_classes=[1], threshold=0.5, metadata=meta)
+    # out_dir/{roc,pr,confusion_matrix,calibration,score_distribution,auc_by_subgroup}.png
+
+The binary view (ROC, precision-recall, calibration, score histograms, subgroups) uses the
+malignant score, the sum of the malignant classes' probabilities, against "is malignant", as
+`metrics.classification_metrics` does. The confusion matrix is over the classes for a multi-class
+task (argmax, ties left out) and at `threshold` for a binary one, i.e. the decision that
+`metrics.json`'s sensitivity and specificity describe.
+
+Figures are drawn on `matplotlib.figure.Figure` objects (Agg canvas, no pyplot state), so this
+runs headless and leaks no figures.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from sklearn import metrics as skm
+from sklearn.calibration import CalibrationDisplay
+
+from isic_jax import metrics as isic_metrics
+
+__all__ = [
+    "AGE_BANDS",
+    "FIGURES",
+    "SEX_NAMES",
+    "age_bands",
+    "subgroup_auc",
+    "write_report",
+]
+
+SEX_NAMES: tuple[str, ...] = ("unknown", "female", "male")
+AGE_BANDS: tuple[str, ...] = ("<30", "30-44", "45-59", "60-74", "75+", "unknown")
+_AGE_EDGES = (30, 45, 60, 75)
+UNKNOWN = "unknown"
+MIN_TPR = 0.8
+
+FIGURES: tuple[str, ...] = (
+    "roc.png",
+    "pr.png",
+    "confusion_matrix.png",
+    "calibration.png",
+    "score_distribution.png",
+    "auc_by_subgroup.png",
+)
+
+_BENIGN_COLOR = "tab:blue"
+_MALIGNANT_COLOR = "tab:red"
+_DPI = 110
+# matplotlib 3.10 replaced boxplot's `vert` by `orientation` (and deprecates `vert` in 3.11).
+_HORIZONTAL = (
+    {"orientation": "horizontal"}
+    if tuple(int(v) for v in matplotlib.__version__.split(".")[:2]) >= (3, 10)
+    else {"vert": False}
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Subgroups
+
+
+def age_bands(age: Any) -> np.ndarray:
+    """int[N] ages in years (-1 or any negative = missing) -> str[N] of AGE_BANDS."""
+    a = np.asarray(age).reshape(-1).astype(np.int64)
+    band = np.searchsorted(np.asarray(_AGE_EDGES), a, side="right")
+    names = np.asarray(AGE_BANDS[:-1], dtype=object)[band]
+    return np.where(a < 0, UNKNOWN, names).astype(object)
+
+
+def _as_str(values: Any) -> np.ndarray:
+    """str/bytes[N] -> object[N] of str; "" becomes "unknown"."""
+    out = []
+    for v in np.asarray(values, dtype=object).reshape(-1):
+        s = v.decode("utf-8", "replace") if isinstance(v, bytes | np.bytes_) else str(v)
+        out.append(s.strip() or UNKNOWN)
+    return np.asarray(out, dtype=object)
+
+
+def _sex_names(sex: Any) -> np.ndarray:
+    s = np.asarray(sex).reshape(-1)
+    if s.dtype.kind in "iu":
+        idx = np.where((s >= 0) & (s < len(SEX_NAMES)), s, 0)
+        return np.asarray(SEX_NAMES, dtype=object)[idx]
+    return _as_str(s)
+
+
+def _hanley_mcneil_se(auc: float, n_pos: int, n_neg: int) -> float:
+    """Standard error of an AUC (Hanley & McNeil 1982); NaN when undefined.
+
+    Closed form, so it costs nothing even on ISIC 2024's 400k images, where a bootstrap per
+    subgroup would not; it assumes exponential-like score distributions and is approximate.
+    """
+    if not math.isfinite(auc) or n_pos == 0 or n_neg == 0:
+        return math.nan
+    q1 = auc / (2.0 - auc)
+    q2 = 2.0 * auc * auc / (1.0 + auc)
+    var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc**2) + (n_neg - 1) * (q2 - auc**2)) / (
+        n_pos * n_neg
+    )
+    return math.sqrt(max(var, 0.0))
+
+
+def _group_order(variable: str, names: np.ndarray) -> list[str]:
+    present = set(names.tolist())
+    if variable == "age_band":
+        return [b for b in AGE_BANDS if b in present]
+    if variable == "sex":
+        return [s for s in ("female", "male", UNKNOWN) if s in present] + sorted(
+            present - {"female", "male", UNKNOWN}
+        )
+    # Largest groups first, unknown last.
+    counts = {g: int(np.sum(names == g)) for g in present}
+    known = sorted(present - {UNKNOWN}, key=lambda g: (-counts[g], g))
+    return known + ([UNKNOWN] if UNKNOWN in present else [])
+
+
+def _subgroup_variables(metadata: Mapping[str, Any] | None, n: int) -> dict[str, np.ndarray]:
+    """{variable: str[N] group of each image} for the variables the data has (not all unknown)."""
+    if not metadata:
+        return {}
+    out: dict[str, np.ndarray] = {}
+    if metadata.get("anatom_site") is not None:
+        out["anatom_site"] = _as_str(metadata["anatom_site"])
+    if metadata.get("sex") is not None:
+        out["sex"] = _sex_names(metadata["sex"])
+    if metadata.get("age") is not None:
+        out["age_band"] = age_bands(metadata["age"])
+    for key, names in list(out.items()):
+        if names.shape[0] != n:
+            raise ValueError(f"metadata[{key!r}] has {names.shape[0]} values for {n} images")
+        if np.all(names == UNKNOWN):
+            del out[key]  # the release does not record it
+    return out
+
+
+def subgroup_auc(
+    labels: Any,
+    scores: Any,
+    metadata: Mapping[str, Any] | None,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """AUC of the malignant score within each anatomic site, sex and age band.
+
+    Args:
+      labels: {0,1}[N], 1 = malignant.
+      scores: f[N] malignant score.
+      metadata: {"sex": int32[N] (index in SEX_NAMES), "age": int32[N] (-1 missing),
+        "anatom_site": str[N] ("unknown"/"" missing), "patient_id": str[N] ("" missing)}, any
+        key optional, or None. A variable whose values are all unknown is left out.
+
+    Returns:
+      JSON-ready {variable: {group: {n, num_malignant, num_patients, auc, auc_se}}} with
+      variable in ("anatom_site", "sex", "age_band"); auc (`metrics.roc_auc`) and auc_se
+      (Hanley-McNeil) are None where the group holds one class only; num_patients is None
+      without patient ids.
+    """
+    y = np.asarray(labels).reshape(-1).astype(np.int64)
+    s = np.asarray(scores, np.float64).reshape(-1)
+    variables = _subgroup_variables(metadata, y.size)
+    pids = None
+    if metadata is not None and metadata.get("patient_id") is not None:
+        pids = _as_str(metadata["patient_id"])
+    result: dict[str, dict[str, dict[str, Any]]] = {}
+    for variable, names in variables.items():
+        groups: dict[str, dict[str, Any]] = {}
+        for group in _group_order(variable, names):
+            sel = names == group
+            n_pos = int(y[sel].sum())
+            n = int(sel.sum())
+            auc = isic_metrics.roc_auc(y[sel], s[sel])
+            num_patients = None
+            if pids is not None:
+                num_patients = len({p for p in pids[sel] if p != UNKNOWN})
+            groups[group] = {
+                "n": n,
+                "num_malignant": n_pos,
+                "num_patients": num_patients,
+                "auc": auc,
+                "auc_se": _hanley_mcneil_se(auc, n_pos, n - n_pos),
+            }
+        result[variable] = groups
+    return isic_metrics.to_json_compatible(result)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+
+def _figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.4, 5.2), **kw):
+    fig = Figure(figsize=size, layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False, **kw)
+    return fig, axes
+
+
+def _save(fig: Figure, path: pathlib.Path) -> None:
+    fig.savefig(path, dpi=_DPI)
+
+
+def _no_data(ax, message: str) -> None:
+    ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=11, wrap=True,
+            transform=ax.transAxes)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _line(display: Any) -> Any:
+    line = display.line_
+    return line[0] if isinstance(line, list) else line
+
+
+def _both(y: np.ndarray) -> bool:
+    return y.size > 0 and 0 < int(y.sum()) < y.size
+
+
+def plot_roc(
+    path: pathlib.Path,
+    y_bin: np.ndarray,
+    score: np.ndarray,
+    threshold: float,
+    probs: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+) -> None:
+    """ROC of malignant vs benign with the TPR >= 0.8 region shaded; multi-class adds one-vs-rest."""
+    multi = len(class_names) > 2
+    fig, axes = _figure(1, 2 if multi else 1, size=(12.4, 6.0) if multi else (6.6, 6.0))
+    ax = axes[0, 0]
+    n_pos, n = int(y_bin.sum()), y_bin.size
+    ax.set_title(f"ROC: malignant vs benign (n={n}, {n_pos} malignant)")
+    if _both(y_bin):
+        disp = skm.RocCurveDisplay.from_predictions(
+            y_bin, score, name="malignant score", ax=ax
+        )
+        auc = isic_metrics.roc_auc(y_bin, score)
+        _line(disp).set(color="tab:blue", linewidth=2, label=f"malignant score (AUC = {auc:.4f})")
+        fpr, tpr, _ = skm.roc_curve(y_bin, score)
+        pauc = isic_metrics.partial_auc_above_tpr(y_bin, score, MIN_TPR)
+        # The area between the curve and TPR = 0.8 is exactly the Kaggle pAUC (see metrics).
+        ax.fill_between(
+            fpr, MIN_TPR, tpr, where=tpr >= MIN_TPR, interpolate=True, color="tab:orange",
+            alpha=0.35, label=f"pAUC above {MIN_TPR:.0%} TPR = {pauc:.4f} (max {1 - MIN_TPR:.1f})",
+        )
+        ax.axhline(MIN_TPR, color="tab:orange", linestyle=":", linewidth=1)
+        sens, spec = isic_metrics.sensitivity_specificity(y_bin, score, threshold)
+        ax.plot(1 - spec, sens, "o", color="k", markersize=7,
+                label=f"threshold {threshold:g}: sens {sens:.2f}, spec {spec:.2f}")
+        ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=1, label="chance (AUC = 0.5)")
+        ax.legend(loc="lower right", fontsize=9)
+    else:
+        _no_data(ax, "ROC undefined: only one class in the labels")
+    ax.set(xlabel="False positive rate (1 - specificity)", ylabel="True positive rate "
+           "(sensitivity)", xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), aspect="equal")
+    if multi:
+        ax = axes[0, 1]
+        ax.set_title("ROC: each class vs the rest")
+        drawn = False
+        for c, name in enumerate(class_names):
+            yc = (labels == c).astype(np.int64)
+            if not _both(yc):
+                continue
+            disp = skm.RocCurveDisplay.from_predictions(yc, probs[:, c], name=name, ax=ax)
+            auc = isic_metrics.roc_auc(yc, probs[:, c])
+            _line(disp).set_label(f"{name} (n={int(yc.sum())}, AUC = {auc:.3f})")
+            drawn = True
+        if drawn:
+            ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=1)
+            ax.legend(loc="lower right", fontsize=8)
+        else:
+            _no_data(ax, "no class with both positives and negatives")
+        ax.set(xlabel="False positive rate", ylabel="True positive rate", xlim=(-0.01, 1.01),
+               ylim=(-0.01, 1.01), aspect="equal")
+    _save(fig, path)
+
+
+def plot_pr(path: pathlib.Path, y_bin: np.ndarray, score: np.ndarray, threshold: float) -> None:
+    """Precision-recall of the malignant score, with the prevalence (chance) line."""
+    fig, axes = _figure(size=(6.6, 5.6))
+    ax = axes[0, 0]
+    n_pos, n = int(y_bin.sum()), y_bin.size
+    ax.set_title(f"Precision-recall: malignant (n={n}, {n_pos} malignant)")
+    if _both(y_bin):
+        disp = skm.PrecisionRecallDisplay.from_predictions(
+            y_bin, score, name="malignant score", ax=ax
+        )
+        ap = skm.average_precision_score(y_bin, score)
+        _line(disp).set(color="tab:blue", linewidth=2, label=f"malignant score (AP = {ap:.4f})")
+        prevalence = n_pos / n
+        ax.axhline(prevalence, linestyle="--", color="grey", linewidth=1,
+                   label=f"chance (prevalence {prevalence:.3f})")
+        pred = score >= threshold
+        tp = int(np.sum(pred & (y_bin == 1)))
+        if pred.any():
+            precision, recall = tp / int(pred.sum()), tp / n_pos
+            ax.plot(recall, precision, "o", color="k", markersize=7,
+                    label=f"threshold {threshold:g}: recall {recall:.2f}, precision "
+                    f"{precision:.2f}")
+        ax.legend(loc="upper right", fontsize=9)
+    else:
+        _no_data(ax, "precision-recall undefined: only one class in the labels")
+    ax.set(xlabel="Recall (sensitivity)", ylabel="Precision (PPV)", xlim=(-0.01, 1.01),
+           ylim=(-0.01, 1.05))
+    _save(fig, path)
+
+
+def plot_confusion(
+    path: pathlib.Path,
+    probs: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    y_bin: np.ndarray,
+    score: np.ndarray,
+    threshold: float,
+) -> None:
+    """Counts and row-normalised (recall) confusion matrices."""
+    if len(class_names) > 2:
+        cm = isic_metrics.confusion_matrix(labels, probs)
+        names = list(class_names)
+        how = "argmax over classes (ties left out)"
+    else:
+        pred = (score >= threshold).astype(np.int64)
+        cm = skm.confusion_matrix(y_bin, pred, labels=[0, 1])
+        names = ["benign", "malignant"]
+        how = f"malignant iff score >= {threshold:g}"
+    k = len(names)
+    side = max(4.6, 0.62 * k + 2.4)
+    # Extra height: the square matrices then bind on width, and constrained layout (which does not
+    # foresee fixed-aspect axes) keeps the rotated tick labels and titles inside the figure.
+    fig, axes = _figure(1, 2, size=(2 * side + 1.0, side + 2.0))
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros(cm.shape, np.float64), where=rows > 0)
+    rotation = 45 if k > 2 else "horizontal"
+    small = {"fontsize": 8} if k > 5 else {}
+    skm.ConfusionMatrixDisplay(cm, display_labels=names).plot(
+        ax=axes[0, 0], cmap="Blues", values_format="d", colorbar=False,
+        xticks_rotation=rotation, text_kw=small,
+    )
+    axes[0, 0].set_title(f"Counts (n={int(cm.sum())})")
+    skm.ConfusionMatrixDisplay(norm, display_labels=names).plot(
+        ax=axes[0, 1], cmap="Blues", values_format=".2f", colorbar=False,
+        xticks_rotation=rotation, text_kw=small, im_kw={"vmin": 0.0, "vmax": 1.0},
+    )
+    axes[0, 1].set_title("Normalised by true class (row = recall)")
+    for ax in axes.flat:
+        ax.set(xlabel="Predicted", ylabel="True")
+    fig.suptitle(f"Confusion matrix: {how}")
+    _save(fig, path)
+
+
+def plot_calibration(path: pathlib.Path, y_bin: np.ndarray, score: np.ndarray) -> None:
+    """Reliability diagram of the malignant score (10 uniform bins) over its histogram."""
+    fig, axes = _figure(2, 1, size=(6.4, 7.2), height_ratios=[3, 1.3], sharex=True)
+    ax, ax_hist = axes[0, 0], axes[1, 0]
+    n_pos, n = int(y_bin.sum()), y_bin.size
+    ax.set_title(f"Calibration of the malignant score (n={n}, {n_pos} malignant)")
+    if _both(y_bin):
+        brier = skm.brier_score_loss(y_bin, np.clip(score, 0.0, 1.0))
+        CalibrationDisplay.from_predictions(
+            y_bin, np.clip(score, 0.0, 1.0), n_bins=10, strategy="uniform",
+            name=f"malignant score (Brier {brier:.4f})", ax=ax,
+        )
+        ax.legend(loc="upper left", fontsize=9)
+    else:
+        _no_data(ax, "calibration undefined: only one class in the labels")
+    ax.set(xlabel="", ylabel="Fraction malignant (per bin)", xlim=(-0.01, 1.01),
+           ylim=(-0.01, 1.01))
+    bins = np.linspace(0.0, 1.0, 21)
+    ax_hist.hist(np.clip(score, 0, 1), bins=bins, color="grey", edgecolor="white")
+    ax_hist.set(xlabel="Mean predicted malignant probability (bin)", ylabel="Images")
+    if n:
+        ax_hist.set_yscale("log")
+    _save(fig, path)
+
+
+def plot_score_distribution(
+    path: pathlib.Path,
+    y_bin: np.ndarray,
+    score: np.ndarray,
+    threshold: float,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    malignant_classes: Sequence[int],
+) -> None:
+    """Histograms of the malignant score per true class (multi-class: a box per class too)."""
+    multi = len(class_names) > 2
+    fig, axes = _figure(1, 2 if multi else 1, size=(13.0, 5.2) if multi else (7.0, 5.0))
+    ax = axes[0, 0]
+    bins = np.linspace(0.0, 1.0, 41)
+    for value, name, color in ((0, "benign", _BENIGN_COLOR), (1, "malignant", _MALIGNANT_COLOR)):
+        sel = y_bin == value
+        if not sel.any():
+            continue
+        ax.hist(np.clip(score[sel], 0, 1), bins=bins, density=True, histtype="stepfilled",
+                alpha=0.35, color=color, label=f"{name} (n={int(sel.sum())})")
+        ax.hist(np.clip(score[sel], 0, 1), bins=bins, density=True, histtype="step",
+                color=color, linewidth=1.5)
+    ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
+    ax.set(title="Malignant score by true class (each normalised to area 1)",
+           xlabel="Malignant score (sum of malignant class probabilities)", ylabel="Density",
+           xlim=(0, 1))
+    ax.legend(fontsize=9)
+    if multi:
+        ax = axes[0, 1]
+        present = [c for c in range(len(class_names)) if np.any(labels == c)]
+        data = [np.clip(score[labels == c], 0, 1) for c in present]
+        if data:
+            box = ax.boxplot(data, patch_artist=True, showfliers=True,
+                             flierprops={"markersize": 2}, **_HORIZONTAL)
+            mal = {int(c) for c in malignant_classes}
+            for patch, c in zip(box["boxes"], present, strict=True):
+                patch.set_facecolor(_MALIGNANT_COLOR if c in mal else _BENIGN_COLOR)
+                patch.set_alpha(0.5)
+            ax.set_yticks(range(1, len(present) + 1),
+                          [f"{class_names[c]} (n={int(np.sum(labels == c))})" for c in present])
+            ax.invert_yaxis()
+        ax.axvline(threshold, color="k", linestyle="--", linewidth=1)
+        ax.set(title="Malignant score per true class (red: malignant classes)",
+               xlabel="Malignant score", xlim=(0, 1))
+    _save(fig, path)
+
+
+def plot_subgroups(
+    path: pathlib.Path,
+    breakdown: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    overall_auc: float,
+) -> None:
+    """One horizontal bar panel per variable: AUC with a ~95 % interval (1.96 SE), n per group."""
+    variables = list(breakdown)
+    sizes = [max(1, len(breakdown[v])) for v in variables] or [1]
+    height = 1.2 + 0.38 * sum(sizes) + 0.7 * len(sizes)
+    fig, axes = _figure(len(sizes), 1, size=(8.0, height), height_ratios=sizes)
+    titles = {"anatom_site": "Anatomic site", "sex": "Sex", "age_band": "Age band (years)"}
+    if not variables:
+        _no_data(axes[0, 0], "no subgroup metadata (anatomic site, sex, age) in this split")
+    # Whiskers: AUC +- 1.96 SE clipped to [0, 1]; the x range starts low enough to show them.
+    lows = [
+        g["auc"] - 1.96 * (g["auc_se"] or 0.0)
+        for groups in breakdown.values()
+        for g in groups.values()
+        if g["auc"] is not None
+    ]
+    x_min = max(0.0, math.floor(10 * min([0.5, *lows]) - 0.5) / 10)
+    for ax, variable in zip(axes[:, 0], variables, strict=False):
+        groups = breakdown[variable]
+        ypos = np.arange(len(groups))
+        aucs = np.array([np.nan if g["auc"] is None else g["auc"] for g in groups.values()])
+        ses = np.array([np.nan if g["auc_se"] is None else g["auc_se"] for g in groups.values()])
+        ok = np.isfinite(aucs)
+        half = 1.96 * np.nan_to_num(ses[ok])
+        xerr = np.stack([aucs[ok] - np.clip(aucs[ok] - half, 0, 1),
+                         np.clip(aucs[ok] + half, 0, 1) - aucs[ok]])
+        ax.barh(ypos[ok], aucs[ok] - 0.5, left=0.5, color="tab:blue", alpha=0.7, height=0.6,
+                xerr=xerr, error_kw={"capsize": 3, "linewidth": 1})
+        for y, a in zip(ypos, aucs, strict=True):
+            text = f"{a:.3f}" if np.isfinite(a) else "n/a (one class)"
+            ax.text(1.01, y, text, va="center", ha="left", fontsize=8,
+                    transform=ax.get_yaxis_transform())
+        ax.set_yticks(ypos, [f"{k} (n={g['n']}, {g['num_malignant']} mal.)"
+                             for k, g in groups.items()], fontsize=8)
+        ax.invert_yaxis()
+        ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
+        if math.isfinite(overall_auc):
+            ax.axvline(overall_auc, color="tab:red", linestyle=":", linewidth=1.5)
+        ax.set(xlim=(x_min, 1.0), title=titles.get(variable, variable))
+    axes[-1, 0].set_xlabel("ROC AUC, malignant vs benign (bars from 0.5; whiskers 1.96 SE, "
+                           "Hanley-McNeil)")
+    overall = f"{overall_auc:.3f}" if math.isfinite(overall_auc) else "n/a"
+    fig.suptitle(f"AUC by subgroup (red dotted line: all images, AUC = {overall})")
+    _save(fig, path)
+
+
+def write_report(
+    out_dir: str | os.PathLike,
+    *,
+    probs: Any,
+    labels: Any,
+    class_names: Sequence[str],
+    malignant_classes: Sequence[int],
+    threshold: float = 0.5,
+    metadata: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Writes the report's PNG figures into `out_dir` and returns the AUC by subgroup.
+
+    Args:
+      out_dir: folder for the figures (created).
+      probs: f32[N, C] class probabilities, C = len(class_names).
+      labels: int[N] true classes.
+      class_names: the C class names.
+      malignant_classes: indices of the malignant classes (binary task: [1]).
+      threshold: on the malignant score (malignant iff score >= threshold).
+      metadata: {"sex": int32[N] (SEX_NAMES index), "age": int32[N] (-1 missing),
+        "anatom_site": str/bytes[N], "patient_id": str/bytes[N]}, any key optional, or None.
+
+    Returns:
+      JSON-ready {"subgroup_auc": `subgroup_auc(...)` ({} without metadata),
+      "figures": [file names written, in FIGURES order]}. auc_by_subgroup.png is written
+      only when some subgroup variable is known.
+    """
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    p = np.asarray(probs, np.float64)
+    if p.ndim != 2 or p.shape[1] != len(class_names):
+        raise ValueError(f"probs must be [N, {len(class_names)}], got shape {p.shape}")
+    y = np.asarray(labels).reshape(-1).astype(np.int64)
+    if y.shape[0] != p.shape[0]:
+        raise ValueError(f"{y.shape[0]} labels for {p.shape[0]} rows of probabilities")
+    mal = sorted({int(c) for c in malignant_classes})
+    score = p[:, mal].sum(axis=1)
+    y_bin = np.isin(y, mal).astype(np.int64)
+
+    plot_roc(out / "roc.png", y_bin, score, threshold, p, y, class_names)
+    plot_pr(out / "pr.png", y_bin, score, threshold)
+    plot_confusion(out / "confusion_matrix.png", p, y, class_names, y_bin, score, threshold)
+    plot_calibration(out / "calibration.png", y_bin, score)
+    plot_score_distribution(out / "score_distribution.png", y_bin, score, threshold, y,
+                            class_names, mal)
+    breakdown = subgroup_auc(y_bin, score, metadata)
+    written = list(FIGURES[:-1])
+    if breakdown:
+        plot_subgroups(out / "auc_by_subgroup.png", breakdown, isic_metrics.roc_auc(y_bin, score))
+        written.append(FIGURES[-1])
+    return {"subgroup_auc": breakdown, "figures": written}

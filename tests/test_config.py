@@ -1,0 +1,153 @@
+"""Config validation (bad keys/values fail at start naming the key), saving, XLA flag defaults."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def _configs():
+    from configs import cpu_sample, default, smoke
+
+    out = {"default": default.get_config(), "smoke": smoke.get_config(),
+           "cpu_sample": cpu_sample.get_config()}
+    try:
+        from configs import demo
+
+        out["demo"] = demo.get_config()
+    except ImportError:
+        pass
+    return out
+
+
+def test_presets_are_valid() -> None:
+    from isic_jax import config_utils
+
+    for name, config in _configs().items():
+        config_utils.validate_config(config)  # raises on a problem
+        assert config.train.parallelism in config_utils.PARALLELISM, name
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("train.parallelism", "foo", "config.train.parallelism must be one of pmap, jit"),
+        ("data.image_size", 16, "config.data.image_size must be >= 32"),
+        ("data.val_fold", 5, "config.data.val_fold=5 must be < the number of folds (5"),
+        ("data.val_fold", -1, "config.data.val_fold must be >= 0"),
+        ("train.batch_size", 0, "config.train.batch_size must be >= 1"),
+        ("train.best_metric", "f1", "config.train.best_metric must be one of"),
+        ("optim.ema_decay", 1.0, "config.optim.ema_decay must be < 1.0"),
+        ("optim.learning_rate", float("nan"), "config.optim.learning_rate must be a finite"),
+        ("data.augment.crop_scale", (0.9, 0.4), "config.data.augment.crop_scale must satisfy"),
+        ("train.num_steps", 0, "config.train.num_steps must be > 0, or -1"),
+        ("model.dtype", "float16", "config.model.dtype must be one of float32, bfloat16"),
+    ],
+)
+def test_bad_values_name_the_key(key: str, value, message: str) -> None:
+    from isic_jax import config_utils
+
+    config = _configs()["smoke"]
+    section, _, name = key.partition(".")
+    node = config[section]
+    while "." in name:
+        head, _, name = name.partition(".")
+        node = node[head]
+    node[name] = value
+    with pytest.raises(ValueError) as info:
+        config_utils.validate_config(config)
+    assert isinstance(info.value, config_utils.ConfigError)
+    assert message in str(info.value)
+
+
+def test_unknown_key_in_a_preset_is_rejected() -> None:
+    from isic_jax import config_utils
+
+    config = _configs()["smoke"]
+    config.train.batchsize = 4  # a typo ConfigDict accepts silently
+    with pytest.raises(config_utils.ConfigError, match=r"config\.train\.batchsize") as info:
+        config_utils.validate_config(config)
+    assert "batch_size" in str(info.value)  # the known keys are listed
+
+
+def test_num_folds_key_bounds_val_fold() -> None:
+    from isic_jax import config_utils
+
+    config = _configs()["smoke"]
+    config.data.num_folds = 10  # read when present (make_builder's default is 5)
+    config.data.val_fold = 7
+    config_utils.validate_config(config)
+    config.data.val_fold = 10
+    with pytest.raises(config_utils.ConfigError, match="must be < the number of folds .10"):
+        config_utils.validate_config(config)
+
+
+def test_save_and_load_round_trip(tmp_path: pathlib.Path) -> None:
+    from isic_jax import config_utils
+
+    config = _configs()["smoke"]
+    path = config_utils.save_config(config, tmp_path)
+    assert path == tmp_path / "config.json"
+    data = json.loads(path.read_text())
+    assert data["train"]["batch_size"] == config.train.batch_size
+    loaded = config_utils.load_config(tmp_path)
+    config_utils.validate_config(loaded)
+    assert config_utils.config_differences(config, loaded) == []
+    loaded.train.num_steps = 99
+    assert config_utils.config_differences(config, loaded) == ["train.num_steps: 6 -> 99"]
+    with pytest.raises(FileNotFoundError, match="isic-jax train"):
+        config_utils.load_config(tmp_path / "nowhere")
+
+
+def _cli(args: list[str], tmp_path: pathlib.Path, **env_extra: str):
+    env = dict(os.environ, **env_extra)
+    return subprocess.run(
+        [sys.executable, "-m", "isic_jax", *args], cwd=str(REPO), env=env,
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+
+
+def test_cli_rejects_unknown_override_and_bad_value(tmp_path: pathlib.Path) -> None:
+    workdir = tmp_path / "w"
+    base = ["train", "--config", "configs/smoke.py", "--workdir", str(workdir)]
+    unknown = _cli([*base, "--config.train.batchsize=4"], tmp_path)
+    assert unknown.returncode != 0
+    assert "batchsize" in unknown.stderr
+    bad = _cli([*base, "--config.train.parallelism=foo"], tmp_path)
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    assert "config.train.parallelism must be one of pmap, jit; got 'foo'" in bad.stderr
+    assert not workdir.exists()  # failed before anything was written
+
+
+def test_xla_flags_default_and_user_override() -> None:
+    code = (
+        "import os, sys; from isic_jax import config_utils; "
+        "print(config_utils.set_default_xla_flags()); import jax; jax.devices(); "
+        "print(os.environ.get('XLA_FLAGS'))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=str(REPO),
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]  # the flag is accepted by this jaxlib
+    lines = out.stdout.split()
+    assert lines == ["--xla_cpu_experimental_ynn_fusion_type=eltwise,reduce"] * 2
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=str(REPO),
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.stdout.split() == ["None", "--xla_force_host_platform_device_count=2"]
+
+
+def test_xla_flag_probe_rejects_unknown_values() -> None:
+    from isic_jax import config_utils
+
+    assert not config_utils._probe_xla_flag("--xla_cpu_experimental_ynn_fusion_type=bogus")

@@ -1,0 +1,110 @@
+"""The training loop: exact resume, the NaN guard, logs. One CPU device, in-memory data."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+from test_train_lib import (  # noqa: F401
+    compile_cache,
+    make_data,
+    restore_params,
+    standard_config,
+    tiny_config,
+)
+
+pytestmark = pytest.mark.usefixtures("compile_cache")
+
+
+def test_interrupted_run_resumes_bit_exactly(tmp_path: pathlib.Path, capsys) -> None:
+    from isic_jax import train
+
+    config = standard_config()
+    data = make_data(config)
+    full = train.train_and_evaluate(config, tmp_path / "full", data=data)
+    assert full["step"] == 6
+
+    # "Killed" after step 4: the latest checkpoint is step 3, step 4 is lost and redone.
+    part = train.train_and_evaluate(config, tmp_path / "resumed", data=data, stop_after_step=4)
+    assert part["step"] == 4
+    capsys.readouterr()
+    resumed = train.train_and_evaluate(config, tmp_path / "resumed", data=data)
+    assert "Resuming from" in capsys.readouterr().out
+    assert resumed["step"] == 6
+
+    a = restore_params(tmp_path / "full")
+    b = restore_params(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    assert any("ema" in k for k in a) and any("mini_step" in k for k in a)
+    different = [k for k in a if not np.array_equal(a[k], b[k])]
+    assert not different, f"not bit-identical after resume: {different[:5]}"
+    # Not trivially equal: training moved the parameters.
+    first = restore_params(tmp_path / "full", 3)
+    assert any(not np.array_equal(first[k], a[k]) for k in a if "params" in k)
+    # The same validation figures at the end.
+    assert resumed["val"]["loss"] == full["val"]["loss"]
+
+    # Logs: TensorBoard events, the validation history and the resolved config.
+    assert list((tmp_path / "full" / "tensorboard").glob("events.out.tfevents.*"))
+    history = [json.loads(x) for x in (tmp_path / "full" / "eval_history.jsonl").open()]
+    assert [h["step"] for h in history] == [3, 6]
+    saved = json.loads((tmp_path / "full" / "config.json").read_text())
+    assert saved["optim"]["accumulation_steps"] == 2
+
+
+class _NaNAt:
+    """Wraps a training iterator; batch number `at` (1-based) gets NaN images."""
+
+    def __init__(self, it, at: int):
+        self._it, self._at, self._n = it, at, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = dict(next(self._it))
+        self._n += 1
+        if self._n == self._at:
+            batch["image"] = np.full_like(batch["image"], np.nan)
+        return batch
+
+    def get_state(self):
+        return self._it.get_state()
+
+    def set_state(self, state):
+        self._it.set_state(state)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: pathlib.Path) -> None:
+    from isic_jax import checkpointing, train
+
+    # Metrics are pulled every 5 steps, checkpoints every 2: the NaN at step 3 must still be
+    # caught before the step-4 checkpoint is written.
+    config = standard_config(**{"train.log_every": 5, "train.checkpoint_every": 2,
+                                "train.eval_every": 100})
+    data = make_data(config)
+    original = data.train_iterator
+    data.train_iterator = lambda: _NaNAt(original(), at=3)
+    with pytest.raises(train.NonFiniteError) as info:
+        train.train_and_evaluate(config, tmp_path, data=data)
+    message = str(info.value)
+    assert "Non-finite training loss" in message and "step 3" in message
+    assert "(step 2) is the last good one" in message
+    ckpt = checkpointing.Checkpointer(tmp_path / "checkpoints", read_only=True)
+    try:
+        assert ckpt.all_steps() == [2]
+    finally:
+        ckpt.close()
+    state = restore_params(tmp_path)
+    assert all(np.all(np.isfinite(v)) for v in state.values() if v.dtype.kind == "f")
+
+
+def test_schedule_lengths() -> None:
+    from isic_jax import train
+
+    config = tiny_config(**{"train.num_steps": -1, "train.num_epochs": 2.5})
+    assert train.schedule_lengths(config, num_train=33) == (10, 4)  # 33 // 8 = 4 per epoch
+    config.train.num_steps = 7
+    assert train.schedule_lengths(config, num_train=33) == (7, 4)
