@@ -11,10 +11,10 @@ import importlib
 import os
 import sys
 
-from absl import app
+from absl import app, flags
 
 COMMANDS: dict[str, str] = {
-    "synth": "writes a synthetic ISIC-like dataset in an official release layout",
+    "synth": "writes a synthetic ISIC-like dataset in an official layout",
     "prepare": "builds the TFDS dataset from a manual ISIC download",
     "train": "trains (and resumes) a model from a config file",
     "evaluate": "writes metrics.json and plots for a split",
@@ -32,7 +32,7 @@ def _usage() -> str:
 
 
 def _make_configs_importable(args: list[str]) -> None:
-    """Presets do `from configs import default`: put the folder above each config file on the path."""
+    """Presets do `from configs import default`: put the folder above each config on sys.path."""
     roots = [os.getcwd()]
     for i, arg in enumerate(args):
         path = None
@@ -58,6 +58,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     _make_configs_importable(argv[2:])
     module = importlib.import_module(f"isic_jax.commands.{command}")
+    if any(arg in ("-h", "--help", "-help") for arg in argv[2:]):
+        # absl's --help lists only the flags of the __main__ module; ours live in `module`.
+        print(f"usage: isic-jax {command} [--flags]\n")
+        print((module.__doc__ or "").strip() + "\n")
+        print(flags.FLAGS.module_help(module))
+        sys.exit(0)
     app.run(module.main, argv=[f"isic-jax {command}", *argv[2:]])
 
 

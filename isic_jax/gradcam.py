@@ -75,6 +75,29 @@ def _logits_and_features(
     return logits.astype(jnp.float32), captured[0]
 
 
+def _upsample(cam: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """f32[B, h, w] -> f32[B, H, W], each feature cell placed over the pixel it is centred on.
+
+    With symmetric ("PyTorch") padding every stride-2 layer of the ResNet centres output cell i on
+    input 2i, so cell m of the last stage sits on pixel stride * m. `jax.image.resize` assumes
+    half-pixel cell centres instead and would shift the map by (stride - 1) / 2 px down and right
+    (15.5 px, 7 % of the image, for ResNet-50 at 224 px). Strides are powers of two (the
+    feature size is a rounded-up division of the input size). Linear interpolation stays within
+    the coarse map's range; past the outer cell centres the edge value is held.
+    """
+    h, w = cam.shape[1:]
+    strides = [2.0 ** round(math.log2(full / part)) for full, part in zip(size, (h, w), strict=True)]
+    return jax.image.scale_and_translate(
+        cam,
+        (cam.shape[0], *size),
+        spatial_dims=(1, 2),
+        scale=jnp.asarray(strides, jnp.float32),
+        translation=jnp.asarray([-(s - 1.0) / 2.0 for s in strides], jnp.float32),
+        method="linear",
+        antialias=False,
+    )
+
+
 def _grad_cam(
     model: nn.Module,
     variables: Mapping[str, Any],
@@ -98,8 +121,7 @@ def _grad_cam(
     alpha = grads.mean(axis=(1, 2), keepdims=True)  # [B, 1, 1, K]
     cam = jax.nn.relu((alpha * features).sum(axis=-1))  # [B, h, w]
     if resize:
-        # Linear interpolation stays within [min, max] of the coarse map (no cubic overshoot).
-        cam = jax.image.resize(cam, (cam.shape[0], *images.shape[1:3]), method="linear")
+        cam = _upsample(cam, images.shape[1:3])
     if normalize:
         peak = cam.max(axis=(1, 2), keepdims=True)
         cam = jnp.where(peak > 0, cam / jnp.where(peak > 0, peak, 1.0), 0.0)
@@ -128,7 +150,8 @@ def grad_cam(
       images: f32[B, H, W, 3], normalised as the model's input.
       class_index: the class whose logit is explained: an int for all images or int[B].
       layer: the module whose output is the feature map (default: the last residual block).
-      resize: upsample to [H, W] (linear); else the map stays at the feature map's [h, w].
+      resize: upsample to [H, W] (linear, cells aligned to their receptive-field centres); else
+        the map stays at the feature map's [h, w].
       normalize: divide each map by its maximum, so it lies in [0, 1] (an all-zero map, where no
         location raises the logit, stays zero).
 
