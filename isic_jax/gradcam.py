@@ -1,8 +1,10 @@
 """Grad-CAM (Selvaraju et al. 2017) for the Flax ResNet, and a figure of the worst mistakes.
 
     heat = grad_cam(model, variables, images, class_index=1)     # f32[B, H, W] in [0, 1]
-    idx = most_confident_mistakes(probs, labels, k=16)
-    mistakes_grid("mistakes.png", denormalize(images[idx]), heat, titles)
+    idx = most_confident_mistakes(probs, labels, k=16)             # over the whole split
+    rows = write_mistakes_figure("mistakes.png", model, variables, images_uint8_of(idx),
+                                 probs=probs[idx], labels=labels[idx], class_names=names)
+    # (or grad_cam + mistakes_grid(path, images_uint8, heat, titles) for another layout)
 
 The map of class c is ReLU(sum_k alpha_k A_k), where A [h, w, K] is the output of the last
 residual block (the highest `stage{i}_block{j}`) and alpha_k the spatial mean of d logit_c / d A_k.
@@ -16,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -24,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from isic_jax.image_ops import IMAGENET_MEAN, IMAGENET_STD
+from isic_jax import image_ops
 
 __all__ = [
     "denormalize",
@@ -32,6 +34,7 @@ __all__ = [
     "last_block_name",
     "mistakes_grid",
     "most_confident_mistakes",
+    "write_mistakes_figure",
 ]
 
 _BLOCK_RE = re.compile(r"^stage(\d+)_block(\d+)$")
@@ -86,7 +89,7 @@ def _upsample(cam: jax.Array, size: tuple[int, int]) -> jax.Array:
     the coarse map's range; past the outer cell centres the edge value is held.
     """
     h, w = cam.shape[1:]
-    strides = [2.0 ** round(math.log2(full / part)) for full, part in zip(size, (h, w), strict=True)]
+    strides = [2.0 ** round(math.log2(n / m)) for n, m in zip(size, (h, w), strict=True)]
     return jax.image.scale_and_translate(
         cam,
         (cam.shape[0], *size),
@@ -169,7 +172,7 @@ def grad_cam(
 
 def denormalize(images: Any) -> np.ndarray:
     """Model input f32[..., 3] (ImageNet mean/std normalised) -> displayable uint8[..., 3]."""
-    x = np.asarray(images, np.float32) * IMAGENET_STD + IMAGENET_MEAN
+    x = np.asarray(images, np.float32) * image_ops.IMAGENET_STD + image_ops.IMAGENET_MEAN
     return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
 
 
@@ -226,10 +229,7 @@ def mistakes_grid(
       suptitle: figure title.
       show_original: also draw each image without overlay, to its left.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # Agg canvas, no pyplot state (headless)
 
     images_uint8 = np.asarray(images_uint8)
     heatmaps = np.asarray(heatmaps, np.float32)
@@ -242,9 +242,8 @@ def mistakes_grid(
     per = 2 if show_original else 1
     ncols = max(1, min(ncols, k))
     nrows = max(1, math.ceil(k / ncols))
-    fig, axes = plt.subplots(
-        nrows, ncols * per, figsize=(2.3 * ncols * per, 2.7 * nrows + 0.6), squeeze=False
-    )
+    fig = Figure(figsize=(2.3 * ncols * per + 1.0, 2.7 * nrows + 0.6), layout="constrained")
+    axes = fig.subplots(nrows, ncols * per, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     if k == 0:
@@ -267,4 +266,88 @@ def mistakes_grid(
     if suptitle:
         fig.suptitle(suptitle, fontsize=12)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+
+
+def write_mistakes_figure(
+    path: str | os.PathLike,
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    images_uint8: np.ndarray,
+    *,
+    probs: Any,
+    labels: Any,
+    class_names: Sequence[str],
+    image_ids: Sequence[str] | None = None,
+    preprocess: Callable[[np.ndarray], Any] | None = None,
+    batch_size: int = 16,
+) -> list[dict[str, Any]]:
+    """Grad-CAM of the predicted (wrong) class over each mistake, drawn by `mistakes_grid`.
+
+    Pick the images first with `most_confident_mistakes(all_probs, all_labels, k)`, then pass
+    those K images and their rows of probs and labels.
+
+    Args:
+      path: the PNG to write.
+      model, variables: as for `grad_cam` ({"params", "batch_stats"}, unreplicated; EMA
+        parameters if those are what was evaluated).
+      images_uint8: uint8[K, S, S, 3], the model's eval input before normalisation
+        (`image_ops.eval_image` output).
+      probs: f[K, C] class probabilities of these images.
+      labels: int[K] their true classes.
+      class_names: the C class names.
+      image_ids: K ids (str or bytes) for the titles (default: the position).
+      preprocess: uint8[B, S, S, 3] -> the model input f32[B, S, S, 3], as evaluation does it,
+        e.g. `lambda x: device_augment.preprocess_eval(x, aug_config)` when colour constancy is
+        on (default: `image_ops.normalize`, ImageNet mean/std only). The figure shows the uint8
+        images as given.
+      batch_size: images per Grad-CAM call (bounds memory).
+
+    Returns:
+      JSON-ready [{image_id, label, predicted, probability}] in figure order.
+    """
+    images_uint8 = np.asarray(images_uint8, np.uint8)
+    p = np.asarray(probs, np.float64)
+    y = np.asarray(labels).reshape(-1).astype(np.int64)
+    k = images_uint8.shape[0]
+    if p.shape[0] != k or y.shape[0] != k:
+        raise ValueError(f"{k} images, {p.shape[0]} rows of probs, {y.shape[0]} labels")
+    ids = [
+        v.decode("utf-8", "replace") if isinstance(v, bytes | np.bytes_) else str(v)
+        for v in (range(k) if image_ids is None else image_ids)
+    ]
+    wrong = p.copy()
+    wrong[np.arange(k), y] = -np.inf
+    predicted = wrong.argmax(axis=1) if k else np.zeros((0,), np.int64)
+    maps = []
+    size = min(batch_size, k)
+    for start in range(0, k, size):
+        chunk = images_uint8[start : start + size]
+        # Pad the last chunk to the same batch, so the Grad-CAM step compiles once.
+        batch = np.zeros((size, *images_uint8.shape[1:]), np.uint8)
+        batch[: len(chunk)] = chunk
+        inputs = (preprocess or image_ops.normalize)(batch)
+        index = np.zeros(size, np.int64)
+        index[: len(chunk)] = predicted[start : start + size]
+        maps.append(grad_cam(model, variables, inputs, index)[: len(chunk)])
+    heat = np.concatenate(maps) if maps else np.zeros(images_uint8.shape[:3], np.float32)
+    rows = []
+    titles = []
+    for i in range(k):
+        c = int(predicted[i])
+        rows.append(
+            {
+                "image_id": ids[i],
+                "label": class_names[y[i]],
+                "predicted": class_names[c],
+                "probability": float(p[i, c]),
+            }
+        )
+        titles.append(f"{ids[i]}\ntrue {class_names[y[i]]}, pred {class_names[c]} {p[i, c]:.2f}")
+    mistakes_grid(
+        path,
+        images_uint8,
+        heat,
+        titles,
+        suptitle="Most confident mistakes: Grad-CAM of the predicted class",
+    )
+    return rows

@@ -1,25 +1,25 @@
-"""Decode, augment and normalise single images on the host (PIL + numpy).
+"""Host half of the image pipeline: decode, random resized crop, dihedral flip; uint8 out (PIL).
+
+The host does only what shrinks the data (or is free): JPEG decode at a reduced DCT scale where
+possible, the random resized crop and resize to the output size in one PIL call, and one of the 8
+flips/transposes. Rotation, colour jitter, colour constancy and float normalisation run batched on
+the accelerator inside the step (`isic_jax.device_augment`), on the uint8 [S, S, 3] images made
+here (4x less host->device traffic than float32).
 
 Every function is a pure function of its inputs (an image, a `np.random.Generator`, parameters):
 the Grain transforms in `input_pipeline` call them with the per-element generator Grain derives
-from the seed and the element index, so a pipeline is reproducible and resumable.
+from the seed and the element position, so a pipeline is reproducible and resumable.
 
-Cost model (why the code is shaped this way; CPU time per 224 px image on the 2-core dev machine,
-stored images 256 px, see scripts/bench_input.py):
-- JPEG decode ~0.6 ms; this is what a bare read+decode loop pays.
-- All geometry (random resized crop, rotation, the 8 dihedral flips/transposes, the JPEG draft
-  scale) is one affine map, so it is one `Image.transform(AFFINE)` call: PIL resamples each output
-  pixel once. PIL's bilinear affine is a generic per-pixel loop, ~1 ms at 224 px (~20 ns/pixel,
-  more than the decode); nearest is ~0.07 ms (`AugmentConfig.interpolation`). Separate resize +
-  rotate calls would each cost about as much.
-- All colour ops (Shades-of-Gray gains, brightness, contrast, saturation, hue) are affine maps of
-  RGB, so they compose into one 3x4 matrix applied by a single `Image.convert("RGB", matrix)` call
-  on uint8 (~0.15-0.2 ms, clamps to [0, 255] once), skipped when it is the identity.
-- Image statistics (Shades-of-Gray illuminant, mean grey for contrast) come from a 64x64 nearest
-  subsample of the decoded image (~10 us) instead of a full-image pass.
-- Normalisation (uint8 -> float32, ImageNet mean/std) is a cast copy and two in-place passes with
-  per-channel constants tiled along the row (`normalize_into`, ~0.1-0.2 ms), written straight
-  into the batch array, so no float32 image is copied again.
+Cost model (CPU time per image on the 2-core dev machine, stored images 256 px, output 224 px;
+scripts/bench_input.py):
+- JPEG decode ~0.55-0.65 ms: what a bare read+decode loop pays.
+- Crop + resize, one `Image.resize(size, resample, box=crop)` call: NEAREST ~0.02 ms, BOX
+  ~0.22-0.33 ms, BILINEAR ~0.29-0.45 ms (PIL's resampling is scalar C; for upscaling BOX gives
+  the same pixels as NEAREST). Only NEAREST keeps the whole host side within 25 % of the bare
+  decode, so it is the default (`AugmentConfig.interpolation`); it differs from antialiased
+  bilinear by ~1 grey level (mean absolute) on the sample at scale factors 0.7-1.33.
+- Dihedral element: `Image.transpose` ~0.03 ms (a numpy rot90 copy is ~8x slower).
+- `np.asarray` of the result ~0.03 ms; the batch is a plain uint8 stack.
 - JPEG decoding uses `Image.draft` (DCT scaling 1/2, 1/4, 1/8) when the crop needs at most half of
   the stored resolution; draft only reduces when both sides are >= 2x the requested size.
 """
@@ -35,44 +35,52 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-# ImageNet statistics on the [0, 1] scale, RGB.
+# ImageNet statistics on the [0, 1] scale, RGB (device_augment normalises with these).
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
-# Luma weights (ITU-R 601, as torchvision's rgb_to_grayscale) and the RGB -> YIQ matrix used for
-# hue rotation about the grey axis.
-_LUMA = np.array([0.299, 0.587, 0.114])
-_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
+RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "box": Image.Resampling.BOX,
+    "bilinear": Image.Resampling.BILINEAR,
+}
+DEFAULT_INTERPOLATION = "nearest"
 
-_STATS_SIZE = 64  # side of the nearest-neighbour subsample used for colour statistics
-_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST}
+# PIL transposes equal to `dihedral(array, k)` for k = 1..7 (checked in the tests).
+_TRANSPOSE = (
+    None,
+    Image.Transpose.ROTATE_90,
+    Image.Transpose.ROTATE_180,
+    Image.Transpose.ROTATE_270,
+    Image.Transpose.TRANSPOSE,
+    Image.Transpose.FLIP_TOP_BOTTOM,
+    Image.Transpose.TRANSVERSE,
+    Image.Transpose.FLIP_LEFT_RIGHT,
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-    """Training augmentation parameters (mirrors `config.data.augment`).
+    """Host augmentation parameters (the host half of `config.data.augment`).
 
     crop_scale: (min, max) fraction of the image area kept by the random resized crop.
     crop_ratio: (min, max) aspect ratio (width / height) of the crop.
     dihedral: draw one of the 8 flips/transposes uniformly.
-    rotation: max degrees, angle uniform in [-rotation, rotation]; 0 disables.
-    brightness, contrast, saturation: factor uniform in [max(0, 1 - v), 1 + v]; 0 disables.
-    hue: shift uniform in [-hue, hue] (fraction of a full turn); 0 disables.
-    color_constancy: apply Shades of Gray (p = 6) before the jitter.
-    interpolation: "bilinear" or "nearest" for the geometric resampling.
+    interpolation: "nearest" (default, fast), "box" or "bilinear" for the crop resize.
+    Rotation and colour keys of `config.data.augment` belong to `device_augment`.
     """
 
     crop_scale: tuple[float, float] = (0.4, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     dihedral: bool = True
-    rotation: float = 0.0
-    brightness: float = 0.0
-    contrast: float = 0.0
-    saturation: float = 0.0
-    hue: float = 0.0
-    color_constancy: bool = False
-    interpolation: str = "bilinear"
+    interpolation: str = DEFAULT_INTERPOLATION
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in RESAMPLE:
+            raise ValueError(
+                f"augment.interpolation must be one of {sorted(RESAMPLE)}, "
+                f"got {self.interpolation!r}"
+            )
 
     @classmethod
     def from_config(cls, augment: Mapping[str, Any]) -> AugmentConfig:
@@ -82,13 +90,7 @@ class AugmentConfig:
         for key in ("crop_scale", "crop_ratio"):
             if key in kwargs:
                 kwargs[key] = tuple(float(v) for v in kwargs[key])
-        config = cls(**kwargs)
-        if config.interpolation not in _RESAMPLE:
-            raise ValueError(
-                f"augment.interpolation must be one of {sorted(_RESAMPLE)}, "
-                f"got {config.interpolation!r}"
-            )
-        return config
+        return cls(**kwargs)
 
 
 # --------------------------------------------------------------------------- decoding
@@ -139,16 +141,9 @@ def dihedral(image: np.ndarray, k: int) -> np.ndarray:
     return np.rot90(image, k % 4)
 
 
-def _dihedral_matrix(k: int) -> tuple[float, float, float, float]:
-    """(m00, m01, m10, m11): centred output (x, y) -> centred input (x, y), equal to `dihedral`."""
-    # np.rot90 by 90 degrees CCW in array terms: out[r, c] = in[c, W-1-r] -> in (x, y) = (-y, x).
-    mat = np.linalg.matrix_power(np.array([[0.0, -1.0], [1.0, 0.0]]), k % 4)
-    if k >= 4:
-        mat = np.array([[0.0, 1.0], [1.0, 0.0]]) @ mat
-    return tuple(float(v) for v in mat.ravel())
-
-
-_DIHEDRAL = tuple(_dihedral_matrix(k) for k in range(8))
+def dihedral_pil(image: Image.Image, k: int) -> Image.Image:
+    """`dihedral` on a PIL image (one `Image.transpose`, ~8x cheaper than a numpy copy)."""
+    return image if k == 0 else image.transpose(_TRANSPOSE[k])
 
 
 def sample_crop(
@@ -183,119 +178,34 @@ def sample_crop(
     return width / 2, height / 2, w, h
 
 
-def affine_coefficients(
-    size: int,
+def crop_box(
+    image_size: tuple[int, int],
+    stored_size: tuple[int, int],
     center: tuple[float, float],
     crop_size: tuple[float, float],
-    angle_deg: float = 0.0,
-    k: int = 0,
-    factor: float = 1.0,
-) -> tuple[float, ...]:
-    """PIL AFFINE coefficients mapping an output square [0, size]^2 into the input image.
-
-    Output point q -> input = factor * (center + R(angle) @ diag(crop_w, crop_h)/size @ D_k @
-    (q - size/2)), in continuous pixel coordinates (PIL samples pixel centres at +0.5). `factor`
-    is the decoded/stored scale of a draft-decoded JPEG; center and crop_size are in stored pixels.
-    """
-    # Plain floats: this runs per image and 2x2 numpy calls would cost more than the maths.
-    theta = math.radians(angle_deg)
-    cos, sin = math.cos(theta), math.sin(theta)
-    sx, sy = factor * crop_size[0] / size, factor * crop_size[1] / size
-    d00, d01, d10, d11 = _DIHEDRAL[k]
-    # lin = factor * R @ diag(crop_w, crop_h) / size @ D
-    a, b = cos * sx * d00 - sin * sy * d10, cos * sx * d01 - sin * sy * d11
-    d, e = sin * sx * d00 + cos * sy * d10, sin * sx * d01 + cos * sy * d11
-    half = size / 2
-    c = factor * center[0] - (a + b) * half
-    f = factor * center[1] - (d + e) * half
-    return (a, b, c, d, e, f)
-
-
-# --------------------------------------------------------------------------- colour
-
-
-def color_stats(image: Image.Image) -> np.ndarray:
-    """A 64x64 nearest-neighbour subsample of an RGB image, float64 [4096, 3] on [0, 255]."""
-    small = image.resize((_STATS_SIZE, _STATS_SIZE), Image.Resampling.NEAREST)
-    return np.asarray(small, dtype=np.float64).reshape(-1, 3)
-
-
-def shades_of_gray_gains(pixels: np.ndarray, power: float = 6.0) -> np.ndarray:
-    """Shades-of-Gray colour constancy (Finlayson & Trezzi 2004) per-channel gains, float64 [3].
-
-    pixels: [N, 3] on [0, 255]. The illuminant estimate is the Minkowski p-norm of each channel;
-    gains make it neutral (gain 1 for a grey image), as in the ISIC 2018/2019 winning entries.
-    """
-    if power == 6:  # x**6 by multiplication: np.power's generic pow is ~5x slower
-        squared = pixels * pixels
-        powered = squared * squared * squared
-    else:
-        powered = np.power(pixels, power)
-    illuminant = np.power(np.mean(powered, axis=0), 1.0 / power)
-    norm = np.sqrt(np.sum(illuminant**2))
-    if norm <= 0:
-        return np.ones(3)
-    illuminant = np.maximum(illuminant / norm, 1e-6)
-    return 1.0 / (illuminant * math.sqrt(3.0))
-
-
-def color_matrix(
-    gains: np.ndarray | None = None,
-    brightness: float = 1.0,
-    contrast: float = 1.0,
-    saturation: float = 1.0,
-    hue: float = 0.0,
-    mean_gray: float = 0.0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Composes gains -> brightness -> contrast -> saturation -> hue into x -> A @ x + t (RGB).
-
-    Factors follow torchvision's adjust_* semantics (1 = identity; hue in turns). `mean_gray` is
-    the mean luma of the image after the gains, before brightness (contrast blends with it).
-    Returns (A float64 [3, 3], t float64 [3]) on the [0, 255] scale.
-    """
-    a = np.diag(gains) if gains is not None else np.eye(3)
-    a = brightness * a
-    a = contrast * a
-    t = np.full(3, (1.0 - contrast) * brightness * mean_gray)
-    sat = saturation * np.eye(3) + (1.0 - saturation) * np.outer(np.ones(3), _LUMA)
-    a, t = sat @ a, sat @ t
-    if hue:
-        c, s = math.cos(2 * math.pi * hue), math.sin(2 * math.pi * hue)
-        rot = np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
-        hue_mat = _YIQ_TO_RGB @ rot @ _RGB_TO_YIQ
-        a, t = hue_mat @ a, hue_mat @ t
-    return a, t
-
-
-def apply_color(image: Image.Image, a: np.ndarray, t: np.ndarray) -> Image.Image:
-    """Applies x -> clip(A @ x + t, 0, 255) to an RGB PIL image in one C pass (uint8)."""
-    matrix = tuple(float(v) for v in np.concatenate([a, t[:, None]], axis=1).ravel())
-    return image.convert("RGB", matrix)
+) -> tuple[float, float, float, float]:
+    """PIL box (left, upper, right, lower) of a crop given in stored pixels, in `image_size`
+    pixels (a draft-decoded image is smaller than the stored one), clipped to the image."""
+    sx, sy = image_size[0] / stored_size[0], image_size[1] / stored_size[1]
+    left = min(max(0.0, sx * (center[0] - crop_size[0] / 2)), image_size[0])
+    upper = min(max(0.0, sy * (center[1] - crop_size[1] / 2)), image_size[1])
+    right = min(max(left, sx * (center[0] + crop_size[0] / 2)), image_size[0])
+    lower = min(max(upper, sy * (center[1] + crop_size[1] / 2)), image_size[1])
+    return left, upper, right, lower
 
 
 # --------------------------------------------------------------------------- normalisation
 
 
-def normalize_into(out: np.ndarray, image: np.ndarray) -> np.ndarray:
-    """Writes (image / 255 - IMAGENET_MEAN) / IMAGENET_STD into `out`.
-
-    image: uint8 [H, W, 3]; out: float32 [H, W, 3] (e.g. a slice of the batch array). The
-    per-channel constants are tiled along the row so numpy runs long inner loops (a trailing axis
-    of 3 is ~5x slower).
-    """
-    height, width, _ = image.shape
-    scale = np.tile((1.0 / (255.0 * IMAGENET_STD)).astype(np.float32), width)
-    shift = np.tile((IMAGENET_MEAN / IMAGENET_STD).astype(np.float32), width)
-    rows = out.reshape(height, width * 3)
-    rows[...] = image.reshape(height, width * 3)  # cast copy, then two in-place passes (fastest)
-    rows *= scale
-    rows -= shift
-    return out
-
-
 def normalize(image: np.ndarray) -> np.ndarray:
-    """uint8 [H, W, 3] -> float32 [H, W, 3], ImageNet mean/std normalised."""
-    return normalize_into(np.empty(image.shape, np.float32), np.ascontiguousarray(image))
+    """uint8 [..., 3] -> float32, (image / 255 - IMAGENET_MEAN) / IMAGENET_STD (numpy).
+
+    The host reference of `device_augment.normalize` (training and evaluation normalise on the
+    device); for tools that feed a model without the device preprocessing.
+    """
+    scale = (1.0 / (255.0 * IMAGENET_STD)).astype(np.float32)
+    shift = (IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)
+    return np.asarray(image, np.float32) * scale - shift
 
 
 # --------------------------------------------------------------------------- full transforms
@@ -308,77 +218,39 @@ def train_image(
     config: AugmentConfig,
     draft: bool = True,
 ) -> np.ndarray:
-    """Decode + random augmentation of one encoded image; uint8 [size, size, 3].
+    """Decode + random resized crop + dihedral element of one encoded image; uint8 [S, S, 3].
 
-    Draws, in this order: crop box, dihedral element, angle, brightness, contrast, saturation,
-    hue. The geometry is one PIL affine resample of the (draft-)decoded JPEG; the colour ops one
-    3x4 matrix. Normalise with `normalize`/`normalize_into` afterwards. draft=False always
-    decodes at full size (for comparisons).
-
-    Differences from torchvision's RandomResizedCrop + ColorJitter, on purpose: crop boxes are
-    sub-pixel; the jitter order is fixed (brightness, contrast, saturation, hue) and clamps once
-    at the end; contrast blends with the mean grey of the whole image, not of the crop; hue is a
-    rotation about the grey axis in YIQ (a linear map) instead of an HSV shift. Rotated corners
-    are filled black, the colour of the dermoscope's vignette.
+    Draws, in this order: crop box (`sample_crop`), dihedral element k (if enabled). The JPEG is
+    decoded at the smallest DCT scale that keeps the crop >= `size` pixels per side (draft=False:
+    always full size, for comparisons); the crop is resized by one `Image.resize(box=...)` with
+    `config.interpolation`; then `Image.transpose` applies element k (= `dihedral(array, k)`).
+    Rotation, colour and normalisation happen later on the device (`device_augment`).
     """
     image = open_jpeg(data)
     width, height = image.size
     cx, cy, cw, ch = sample_crop(rng, width, height, config.crop_scale, config.crop_ratio)
     k = int(rng.integers(8)) if config.dihedral else 0
-    angle = float(rng.uniform(-config.rotation, config.rotation)) if config.rotation else 0.0
-    jitter = rng.random(4)
-
-    # Smallest decode size that keeps the crop at >= `size` pixels per side (the shorter crop
-    # side for both axes: rotation and transposes mix them).
-    short = min(cw, ch)
-    min_size = (width * size / short, height * size / short)
-    image, factor = decode(image, min_size if draft else None)
-    coeffs = affine_coefficients(size, (cx, cy), (cw, ch), angle, k, factor)
-    resample = _RESAMPLE[config.interpolation]
-    out = image.transform((size, size), Image.Transform.AFFINE, coeffs, resample=resample)
-
-    def factor_in(v: float, u: float) -> float:
-        return max(0.0, 1.0 - v) + (1.0 + v - max(0.0, 1.0 - v)) * u
-
-    brightness = factor_in(config.brightness, jitter[0]) if config.brightness else 1.0
-    contrast = factor_in(config.contrast, jitter[1]) if config.contrast else 1.0
-    saturation = factor_in(config.saturation, jitter[2]) if config.saturation else 1.0
-    hue = config.hue * (2.0 * jitter[3] - 1.0) if config.hue else 0.0
-    gains, mean_gray = None, 0.0
-    if config.color_constancy or contrast != 1.0:
-        pixels = color_stats(image)
-        if config.color_constancy:
-            gains = shades_of_gray_gains(pixels)
-            pixels = pixels * gains
-        mean_gray = float(np.mean(np.minimum(pixels, 255.0) @ _LUMA))
-    if gains is not None or (brightness, contrast, saturation, hue) != (1.0, 1.0, 1.0, 0.0):
-        out = apply_color(
-            out, *color_matrix(gains, brightness, contrast, saturation, hue, mean_gray)
-        )
-    return np.asarray(out)
+    min_size = (width * size / cw, height * size / ch)
+    image, _ = decode(image, min_size if draft else None)
+    box = crop_box(image.size, (width, height), (cx, cy), (cw, ch))
+    out = image.resize((size, size), RESAMPLE[config.interpolation], box=box)
+    return np.asarray(dihedral_pil(out, k))
 
 
-def eval_image(
-    data: bytes, size: int, color_constancy: bool = False, draft: bool = True
-) -> np.ndarray:
-    """Deterministic: shorter side to `size`, centre crop, optional Shades of Gray; uint8 [S, S, 3].
+def eval_image(data: bytes, size: int, draft: bool = True) -> np.ndarray:
+    """Deterministic: shorter side to `size`, centre crop; uint8 [size, size, 3].
 
     Uses JPEG draft decoding when the stored image is >= 2x `size`, and PIL's antialiased
-    bilinear resize of the centred square.
+    bilinear resize of the centred square (evaluation is not on the hot path). Colour constancy
+    and normalisation follow on the device (`device_augment.preprocess_eval`).
     """
     image = open_jpeg(data)
     width, height = image.size
     short = min(width, height)
     min_size = (width * size / short, height * size / short)
-    image, factor = decode(image, min_size if draft else None)
-    side = short * factor
-    cx, cy = width * factor / 2, height * factor / 2
-    box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
-    out = image.resize((size, size), Image.Resampling.BILINEAR, box=box)
-    if color_constancy:
-        a, t = color_matrix(shades_of_gray_gains(color_stats(image)))
-        out = apply_color(out, a, t)
-    return np.asarray(out)
+    image, _ = decode(image, min_size if draft else None)
+    box = crop_box(image.size, (width, height), (width / 2, height / 2), (short, short))
+    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, box=box))
 
 
 def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:

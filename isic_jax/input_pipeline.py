@@ -6,10 +6,17 @@ contracts.md (TFDS's `builder.as_data_source(split, decoders={"image": SkipDecod
 
 Batches (per JAX process, B = global_batch_size // process_count, S = data.image_size):
 
-    image        float32 [B, S, S, 3]  ImageNet mean/std normalised RGB
+    image        uint8   [B, S, S, 3]  RGB, cropped/resized/flipped; NOT normalised: the step
+                                       runs `device_augment.augment_batch` (train) or
+                                       `device_augment.preprocess_eval` (eval) to get the float32
+                                       ImageNet-normalised model input
     label        int32   [B]           task "binary": the `label` feature; "diagnosis": `diagnosis`
     mask         bool    [B]           False on evaluation padding; all True in training
     index        int64   [B]           record index in the source; -1 on padding
+    position     int64   [B]           train: position in the global example stream (unique over
+                                       the run, independent of process/device count: the
+                                       per-example augmentation key, see device_augment);
+                                       eval: position in the padded evaluation order
     image_id     bytes   [B] ('S')     b"" on padding
     patient_id   bytes   [B] ('S')     b"" when missing
     sex          int32   [B]           0 unknown, 1 female, 2 male
@@ -20,10 +27,10 @@ Training order (one global stream, identical on every process):
 
     source -> seeded shuffle + repeat, a new permutation each epoch   | or the balanced sampler
               (EpochSampler / BalancedSampler: an infinite source of (index, record))
-           -> random_map(decode + augment, seed)  keyed on the global position, so augmentation
-              does not depend on the process count
+           -> random_map(decode + crop + flip, seed)  keyed on the global position, so the host
+              augmentation does not depend on the process count
            -> [process_index::process_count]  disjoint slices that together cover the stream
-           -> batch(B, drop_remainder) with normalisation into the batch array
+           -> batch(B, drop_remainder) into one uint8 array
            -> to_iter_dataset -> mp_prefetch(num_workers)   (skipped when num_workers == 0)
 
 The iterator supports `get_state()` / `set_state()`; resuming replays exactly the batches the
@@ -47,7 +54,8 @@ import numpy as np
 from isic_jax import image_ops
 
 BATCH_KEYS = (
-    "image", "label", "mask", "index", "image_id", "patient_id", "sex", "age", "anatom_site",
+    "image", "label", "mask", "index", "position", "image_id", "patient_id", "sex", "age",
+    "anatom_site",
 )  # fmt: skip
 _TASK_LABEL_KEY = {"binary": "label", "diagnosis": "diagnosis"}
 _UINT32 = 2**32
@@ -151,7 +159,8 @@ class ListSource:
 
 
 class _PaddedSource:
-    """Length `padded_length`; positions past the source are padding, `(-1, None)`."""
+    """Length `padded_length`: position -> (position, index, record); past the source, padding
+    `(position, -1, None)`."""
 
     def __init__(self, source: RandomAccessSource, padded_length: int):
         self._source = source
@@ -161,10 +170,10 @@ class _PaddedSource:
     def __len__(self) -> int:
         return self._length
 
-    def __getitem__(self, index: int) -> tuple[int, Mapping[str, Any] | None]:
-        if index < self._num:
-            return index, self._source[index]
-        return -1, None
+    def __getitem__(self, position: int) -> tuple[int, int, Mapping[str, Any] | None]:
+        if position < self._num:
+            return position, position, self._source[position]
+        return position, -1, None
 
     def __repr__(self) -> str:
         return f"_PaddedSource({self._source!r}, padded_length={self._length})"
@@ -252,7 +261,8 @@ class BalancedSampler:
 
 
 class _SampledSource:
-    """Infinite source: position -> (record index, record), the index drawn by a sampler."""
+    """Infinite source: position -> (position, record index, record), the index drawn by a
+    sampler."""
 
     def __init__(self, source: RandomAccessSource, sampler: EpochSampler | BalancedSampler):
         self._source = source
@@ -261,9 +271,9 @@ class _SampledSource:
     def __len__(self) -> int:
         return sys.maxsize
 
-    def __getitem__(self, position: int) -> tuple[int, Mapping[str, Any]]:
+    def __getitem__(self, position: int) -> tuple[int, int, Mapping[str, Any]]:
         index = self._sampler[position]
-        return index, self._source[index]
+        return position, index, self._source[index]
 
     def __repr__(self) -> str:
         return f"_SampledSource({self._source!r}, {type(self._sampler).__name__})"
@@ -294,19 +304,24 @@ def read_labels(
 
 
 def _element(
-    image: np.ndarray, index: int, record: Mapping[str, Any] | None, label_key_: str
+    image: np.ndarray,
+    position: int,
+    index: int,
+    record: Mapping[str, Any] | None,
+    label_key_: str,
 ) -> dict[str, Any]:
     """One example before batching: uint8 image [S, S, 3] and python scalars/bytes."""
     if record is None:  # evaluation padding
         return {
-            "image": image, "label": 0, "mask": False, "index": -1, "image_id": b"",
-            "patient_id": b"", "sex": 0, "age": -1, "anatom_site": b"",
+            "image": image, "label": 0, "mask": False, "index": -1, "position": int(position),
+            "image_id": b"", "patient_id": b"", "sex": 0, "age": -1, "anatom_site": b"",
         }  # fmt: skip
     return {
         "image": image,
         "label": int(record[label_key_]),
         "mask": True,
         "index": int(index),
+        "position": int(position),
         "image_id": _as_bytes(record.get("image_id", b"")),
         "patient_id": _as_bytes(record.get("patient_id", b"")),
         "sex": int(record.get("sex", 0)),
@@ -316,56 +331,51 @@ def _element(
 
 
 class TrainPreprocess(grain.transforms.RandomMap):
-    """(index, record) -> example with a decoded, randomly augmented uint8 image [S, S, 3]."""
+    """(position, index, record) -> example with a decoded, randomly cropped and flipped uint8
+    image [S, S, 3] (the host half of the augmentation; see `image_ops.train_image`)."""
 
     def __init__(self, image_size: int, augment: image_ops.AugmentConfig, label_key_: str):
         self.image_size = int(image_size)
         self.augment = augment
         self.label_key = label_key_
 
-    def random_map(self, element: tuple[int, Mapping[str, Any]], rng: np.random.Generator):
-        index, record = element
+    def random_map(
+        self, element: tuple[int, int, Mapping[str, Any]], rng: np.random.Generator
+    ) -> dict[str, Any]:
+        position, index, record = element
         image = image_ops.train_image(
             _as_bytes(record["image"]), rng, self.image_size, self.augment
         )
-        return _element(image, index, record, self.label_key)
+        return _element(image, position, index, record, self.label_key)
 
 
 class EvalPreprocess(grain.transforms.Map):
-    """(index, record | None) -> example with the deterministic uint8 image [S, S, 3]."""
+    """(position, index, record | None) -> example with the deterministic uint8 image [S, S, 3]
+    (zeros on padding). Colour constancy, if configured, runs on the device."""
 
-    def __init__(self, image_size: int, color_constancy: bool, label_key_: str):
+    def __init__(self, image_size: int, label_key_: str):
         self.image_size = int(image_size)
-        self.color_constancy = bool(color_constancy)
         self.label_key = label_key_
 
-    def map(self, element: tuple[int, Mapping[str, Any] | None]):
-        index, record = element
+    def map(self, element: tuple[int, int, Mapping[str, Any] | None]) -> dict[str, Any]:
+        position, index, record = element
         if record is None:
             image = np.zeros((self.image_size, self.image_size, 3), np.uint8)
         else:
-            image = image_ops.eval_image(
-                _as_bytes(record["image"]), self.image_size, self.color_constancy
-            )
-        return _element(image, index, record, self.label_key)
+            image = image_ops.eval_image(_as_bytes(record["image"]), self.image_size)
+        return _element(image, position, index, record, self.label_key)
 
 
 class CollateBatch:
-    """batch_fn: a list of examples -> the batch dict of contracts.md (see module docstring).
-
-    Normalises each uint8 image straight into the float32 batch array (no float copy per image).
-    """
+    """batch_fn: a list of examples -> the batch dict (see module docstring); images uint8."""
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
-        first = examples[0]["image"]
-        images = np.empty((len(examples), *first.shape), np.float32)
-        for i, example in enumerate(examples):
-            image_ops.normalize_into(images[i], example["image"])
         return {
-            "image": images,
+            "image": np.stack([e["image"] for e in examples]),
             "label": np.array([e["label"] for e in examples], np.int32),
             "mask": np.array([e["mask"] for e in examples], np.bool_),
             "index": np.array([e["index"] for e in examples], np.int64),
+            "position": np.array([e["position"] for e in examples], np.int64),
             "image_id": np.array([e["image_id"] for e in examples], np.bytes_),
             "patient_id": np.array([e["patient_id"] for e in examples], np.bytes_),
             "sex": np.array([e["sex"] for e in examples], np.int32),
@@ -391,7 +401,8 @@ def train_map_dataset(
 
     Args:
       source: random-access records (see module docstring).
-      data_config: `config.data` (image_size, task, balanced_sampling, augment.*).
+      data_config: `config.data` (image_size, task, balanced_sampling, augment.crop_scale,
+        crop_ratio, dihedral, interpolation; the other augment keys are `device_augment`'s).
       global_batch_size: batch over all processes; must divide by process_count.
       seed: the run's seed; same seed -> same batches.
       process_index, process_count: default to jax.process_index()/process_count().
@@ -460,15 +471,14 @@ def create_eval_dataset(
     The record order is padded with -1 to num_eval_batches * global_batch_size positions and
     process p takes positions p, p + P, ... ; so every process yields `num_eval_batches(...)`
     full batches of global_batch_size // P, padding (mask False, index -1) at the end.
+    Images are uint8: run `device_augment.preprocess_eval` on them (colour constancy, normalise).
     """
     process_index, process_count = _process_info(process_index, process_count)
     batch_size = per_process_batch_size(global_batch_size, process_count)
     num_batches = num_eval_batches(len(source), global_batch_size, process_count)
     padded = _PaddedSource(source, num_batches * global_batch_size)
     key = label_key(data_config.task)
-    preprocess = EvalPreprocess(
-        data_config.image_size, data_config.augment.get("color_constancy", False), key
-    )
+    preprocess = EvalPreprocess(data_config.image_size, key)
     ds = grain.MapDataset.source(padded)[process_index::process_count].map(preprocess)
     ds = ds.batch(batch_size, drop_remainder=True, batch_fn=CollateBatch())
     return _to_iter(ds, data_config, read_options)

@@ -24,6 +24,7 @@ from typing import Any
 
 import matplotlib
 import numpy as np
+from matplotlib import ticker
 from matplotlib.figure import Figure
 from sklearn import metrics as skm
 from sklearn.calibration import CalibrationDisplay
@@ -206,8 +207,9 @@ def _save(fig: Figure, path: pathlib.Path) -> None:
 
 
 def _no_data(ax, message: str) -> None:
-    ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=11, wrap=True,
-            transform=ax.transAxes)
+    ax.text(
+        0.5, 0.5, message, ha="center", va="center", fontsize=11, wrap=True, transform=ax.transAxes
+    )
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -230,35 +232,50 @@ def plot_roc(
     labels: np.ndarray,
     class_names: Sequence[str],
 ) -> None:
-    """ROC of malignant vs benign with the TPR >= 0.8 region shaded; multi-class adds one-vs-rest."""
+    """ROC of malignant vs benign, TPR >= 0.8 region shaded; multi-class adds one-vs-rest."""
     multi = len(class_names) > 2
     fig, axes = _figure(1, 2 if multi else 1, size=(12.4, 6.0) if multi else (6.6, 6.0))
     ax = axes[0, 0]
     n_pos, n = int(y_bin.sum()), y_bin.size
     ax.set_title(f"ROC: malignant vs benign (n={n}, {n_pos} malignant)")
     if _both(y_bin):
-        disp = skm.RocCurveDisplay.from_predictions(
-            y_bin, score, name="malignant score", ax=ax
-        )
+        disp = skm.RocCurveDisplay.from_predictions(y_bin, score, name="malignant score", ax=ax)
         auc = isic_metrics.roc_auc(y_bin, score)
         _line(disp).set(color="tab:blue", linewidth=2, label=f"malignant score (AUC = {auc:.4f})")
         fpr, tpr, _ = skm.roc_curve(y_bin, score)
         pauc = isic_metrics.partial_auc_above_tpr(y_bin, score, MIN_TPR)
         # The area between the curve and TPR = 0.8 is exactly the Kaggle pAUC (see metrics).
         ax.fill_between(
-            fpr, MIN_TPR, tpr, where=tpr >= MIN_TPR, interpolate=True, color="tab:orange",
-            alpha=0.35, label=f"pAUC above {MIN_TPR:.0%} TPR = {pauc:.4f} (max {1 - MIN_TPR:.1f})",
+            fpr,
+            MIN_TPR,
+            tpr,
+            where=tpr >= MIN_TPR,
+            interpolate=True,
+            color="tab:orange",
+            alpha=0.35,
+            label=f"pAUC above {MIN_TPR:.0%} TPR = {pauc:.4f} (max {1 - MIN_TPR:.1f})",
         )
         ax.axhline(MIN_TPR, color="tab:orange", linestyle=":", linewidth=1)
         sens, spec = isic_metrics.sensitivity_specificity(y_bin, score, threshold)
-        ax.plot(1 - spec, sens, "o", color="k", markersize=7,
-                label=f"threshold {threshold:g}: sens {sens:.2f}, spec {spec:.2f}")
+        ax.plot(
+            1 - spec,
+            sens,
+            "o",
+            color="k",
+            markersize=7,
+            label=f"threshold {threshold:g}: sens {sens:.2f}, spec {spec:.2f}",
+        )
         ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=1, label="chance (AUC = 0.5)")
         ax.legend(loc="lower right", fontsize=9)
     else:
         _no_data(ax, "ROC undefined: only one class in the labels")
-    ax.set(xlabel="False positive rate (1 - specificity)", ylabel="True positive rate "
-           "(sensitivity)", xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), aspect="equal")
+    ax.set(
+        xlabel="False positive rate (1 - specificity)",
+        ylabel="True positive rate (sensitivity)",
+        xlim=(-0.01, 1.01),
+        ylim=(-0.01, 1.01),
+        aspect="equal",
+    )
     if multi:
         ax = axes[0, 1]
         ax.set_title("ROC: each class vs the rest")
@@ -276,8 +293,13 @@ def plot_roc(
             ax.legend(loc="lower right", fontsize=8)
         else:
             _no_data(ax, "no class with both positives and negatives")
-        ax.set(xlabel="False positive rate", ylabel="True positive rate", xlim=(-0.01, 1.01),
-               ylim=(-0.01, 1.01), aspect="equal")
+        ax.set(
+            xlabel="False positive rate",
+            ylabel="True positive rate",
+            xlim=(-0.01, 1.01),
+            ylim=(-0.01, 1.01),
+            aspect="equal",
+        )
     _save(fig, path)
 
 
@@ -294,20 +316,34 @@ def plot_pr(path: pathlib.Path, y_bin: np.ndarray, score: np.ndarray, threshold:
         ap = skm.average_precision_score(y_bin, score)
         _line(disp).set(color="tab:blue", linewidth=2, label=f"malignant score (AP = {ap:.4f})")
         prevalence = n_pos / n
-        ax.axhline(prevalence, linestyle="--", color="grey", linewidth=1,
-                   label=f"chance (prevalence {prevalence:.3f})")
+        ax.axhline(
+            prevalence,
+            linestyle="--",
+            color="grey",
+            linewidth=1,
+            label=f"chance (prevalence {prevalence:.3f})",
+        )
         pred = score >= threshold
         tp = int(np.sum(pred & (y_bin == 1)))
         if pred.any():
             precision, recall = tp / int(pred.sum()), tp / n_pos
-            ax.plot(recall, precision, "o", color="k", markersize=7,
-                    label=f"threshold {threshold:g}: recall {recall:.2f}, precision "
-                    f"{precision:.2f}")
+            ax.plot(
+                recall,
+                precision,
+                "o",
+                color="k",
+                markersize=7,
+                label=f"threshold {threshold:g}: recall {recall:.2f}, precision {precision:.2f}",
+            )
         ax.legend(loc="upper right", fontsize=9)
     else:
         _no_data(ax, "precision-recall undefined: only one class in the labels")
-    ax.set(xlabel="Recall (sensitivity)", ylabel="Precision (PPV)", xlim=(-0.01, 1.01),
-           ylim=(-0.01, 1.05))
+    ax.set(
+        xlabel="Recall (sensitivity)",
+        ylabel="Precision (PPV)",
+        xlim=(-0.01, 1.01),
+        ylim=(-0.01, 1.05),
+    )
     _save(fig, path)
 
 
@@ -340,13 +376,22 @@ def plot_confusion(
     rotation = 45 if k > 2 else "horizontal"
     small = {"fontsize": 8} if k > 5 else {}
     skm.ConfusionMatrixDisplay(cm, display_labels=names).plot(
-        ax=axes[0, 0], cmap="Blues", values_format="d", colorbar=False,
-        xticks_rotation=rotation, text_kw=small,
+        ax=axes[0, 0],
+        cmap="Blues",
+        values_format="d",
+        colorbar=False,
+        xticks_rotation=rotation,
+        text_kw=small,
     )
     axes[0, 0].set_title(f"Counts (n={int(cm.sum())})")
     skm.ConfusionMatrixDisplay(norm, display_labels=names).plot(
-        ax=axes[0, 1], cmap="Blues", values_format=".2f", colorbar=False,
-        xticks_rotation=rotation, text_kw=small, im_kw={"vmin": 0.0, "vmax": 1.0},
+        ax=axes[0, 1],
+        cmap="Blues",
+        values_format=".2f",
+        colorbar=False,
+        xticks_rotation=rotation,
+        text_kw=small,
+        im_kw={"vmin": 0.0, "vmax": 1.0},
     )
     axes[0, 1].set_title("Normalised by true class (row = recall)")
     for ax in axes.flat:
@@ -364,19 +409,26 @@ def plot_calibration(path: pathlib.Path, y_bin: np.ndarray, score: np.ndarray) -
     if _both(y_bin):
         brier = skm.brier_score_loss(y_bin, np.clip(score, 0.0, 1.0))
         CalibrationDisplay.from_predictions(
-            y_bin, np.clip(score, 0.0, 1.0), n_bins=10, strategy="uniform",
-            name=f"malignant score (Brier {brier:.4f})", ax=ax,
+            y_bin,
+            np.clip(score, 0.0, 1.0),
+            n_bins=10,
+            strategy="uniform",
+            name=f"malignant score (Brier {brier:.4f})",
+            ax=ax,
         )
         ax.legend(loc="upper left", fontsize=9)
     else:
         _no_data(ax, "calibration undefined: only one class in the labels")
-    ax.set(xlabel="", ylabel="Fraction malignant (per bin)", xlim=(-0.01, 1.01),
-           ylim=(-0.01, 1.01))
+    ax.set(xlabel="", ylabel="Fraction malignant (per bin)", xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
     bins = np.linspace(0.0, 1.0, 21)
     ax_hist.hist(np.clip(score, 0, 1), bins=bins, color="grey", edgecolor="white")
-    ax_hist.set(xlabel="Mean predicted malignant probability (bin)", ylabel="Images")
+    ax_hist.set(xlabel="Predicted malignant probability", ylabel="Images (log)")
     if n:
         ax_hist.set_yscale("log")
+        # Plain numbers (40, 100) rather than 4x10^1: LogFormatter labels minor ticks only when
+        # the range spans few decades, as the default does.
+        ax_hist.yaxis.set_major_formatter(ticker.LogFormatter())
+        ax_hist.yaxis.set_minor_formatter(ticker.LogFormatter(minor_thresholds=(2, 0.5)))
     _save(fig, path)
 
 
@@ -398,32 +450,58 @@ def plot_score_distribution(
         sel = y_bin == value
         if not sel.any():
             continue
-        ax.hist(np.clip(score[sel], 0, 1), bins=bins, density=True, histtype="stepfilled",
-                alpha=0.35, color=color, label=f"{name} (n={int(sel.sum())})")
-        ax.hist(np.clip(score[sel], 0, 1), bins=bins, density=True, histtype="step",
-                color=color, linewidth=1.5)
+        ax.hist(
+            np.clip(score[sel], 0, 1),
+            bins=bins,
+            density=True,
+            histtype="stepfilled",
+            alpha=0.35,
+            color=color,
+            label=f"{name} (n={int(sel.sum())})",
+        )
+        ax.hist(
+            np.clip(score[sel], 0, 1),
+            bins=bins,
+            density=True,
+            histtype="step",
+            color=color,
+            linewidth=1.5,
+        )
     ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
-    ax.set(title="Malignant score by true class (each normalised to area 1)",
-           xlabel="Malignant score (sum of malignant class probabilities)", ylabel="Density",
-           xlim=(0, 1))
+    ax.set(
+        title="Malignant score by true class (each normalised to area 1)",
+        xlabel="Malignant score (sum of malignant class probabilities)",
+        ylabel="Density",
+        xlim=(0, 1),
+    )
     ax.legend(fontsize=9)
     if multi:
         ax = axes[0, 1]
         present = [c for c in range(len(class_names)) if np.any(labels == c)]
         data = [np.clip(score[labels == c], 0, 1) for c in present]
         if data:
-            box = ax.boxplot(data, patch_artist=True, showfliers=True,
-                             flierprops={"markersize": 2}, **_HORIZONTAL)
+            box = ax.boxplot(
+                data,
+                patch_artist=True,
+                showfliers=True,
+                flierprops={"markersize": 2},
+                **_HORIZONTAL,
+            )
             mal = {int(c) for c in malignant_classes}
             for patch, c in zip(box["boxes"], present, strict=True):
                 patch.set_facecolor(_MALIGNANT_COLOR if c in mal else _BENIGN_COLOR)
                 patch.set_alpha(0.5)
-            ax.set_yticks(range(1, len(present) + 1),
-                          [f"{class_names[c]} (n={int(np.sum(labels == c))})" for c in present])
+            ax.set_yticks(
+                range(1, len(present) + 1),
+                [f"{class_names[c]} (n={int(np.sum(labels == c))})" for c in present],
+            )
             ax.invert_yaxis()
         ax.axvline(threshold, color="k", linestyle="--", linewidth=1)
-        ax.set(title="Malignant score per true class (red: malignant classes)",
-               xlabel="Malignant score", xlim=(0, 1))
+        ax.set(
+            title="Malignant score per true class (red: malignant classes)",
+            xlabel="Malignant score",
+            xlim=(0, 1),
+        )
     _save(fig, path)
 
 
@@ -455,25 +533,47 @@ def plot_subgroups(
         ses = np.array([np.nan if g["auc_se"] is None else g["auc_se"] for g in groups.values()])
         ok = np.isfinite(aucs)
         half = 1.96 * np.nan_to_num(ses[ok])
-        xerr = np.stack([aucs[ok] - np.clip(aucs[ok] - half, 0, 1),
-                         np.clip(aucs[ok] + half, 0, 1) - aucs[ok]])
-        ax.barh(ypos[ok], aucs[ok] - 0.5, left=0.5, color="tab:blue", alpha=0.7, height=0.6,
-                xerr=xerr, error_kw={"capsize": 3, "linewidth": 1})
+        xerr = np.stack(
+            [aucs[ok] - np.clip(aucs[ok] - half, 0, 1), np.clip(aucs[ok] + half, 0, 1) - aucs[ok]]
+        )
+        ax.barh(
+            ypos[ok],
+            aucs[ok] - 0.5,
+            left=0.5,
+            color="tab:blue",
+            alpha=0.7,
+            height=0.6,
+            xerr=xerr,
+            error_kw={"capsize": 3, "linewidth": 1},
+        )
         for y, a in zip(ypos, aucs, strict=True):
             text = f"{a:.3f}" if np.isfinite(a) else "n/a (one class)"
-            ax.text(1.01, y, text, va="center", ha="left", fontsize=8,
-                    transform=ax.get_yaxis_transform())
-        ax.set_yticks(ypos, [f"{k} (n={g['n']}, {g['num_malignant']} mal.)"
-                             for k, g in groups.items()], fontsize=8)
+            ax.text(
+                1.01,
+                y,
+                text,
+                va="center",
+                ha="left",
+                fontsize=8,
+                transform=ax.get_yaxis_transform(),
+            )
+        ax.set_yticks(
+            ypos,
+            [f"{k} (n={g['n']}, {g['num_malignant']} mal.)" for k, g in groups.items()],
+            fontsize=8,
+        )
         ax.invert_yaxis()
         ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
         if math.isfinite(overall_auc):
             ax.axvline(overall_auc, color="tab:red", linestyle=":", linewidth=1.5)
         ax.set(xlim=(x_min, 1.0), title=titles.get(variable, variable))
-    axes[-1, 0].set_xlabel("ROC AUC, malignant vs benign (bars from 0.5; whiskers 1.96 SE, "
-                           "Hanley-McNeil)")
-    overall = f"{overall_auc:.3f}" if math.isfinite(overall_auc) else "n/a"
-    fig.suptitle(f"AUC by subgroup (red dotted line: all images, AUC = {overall})")
+    axes[-1, 0].set_xlabel(
+        "ROC AUC, malignant vs benign (bars from 0.5; whiskers 1.96 SE, Hanley-McNeil)"
+    )
+    if math.isfinite(overall_auc):
+        fig.suptitle(f"AUC by subgroup (red dotted line: all images, AUC = {overall_auc:.3f})")
+    else:
+        fig.suptitle("AUC by subgroup (all images: AUC undefined, one class only)")
     _save(fig, path)
 
 
@@ -520,8 +620,9 @@ def write_report(
     plot_pr(out / "pr.png", y_bin, score, threshold)
     plot_confusion(out / "confusion_matrix.png", p, y, class_names, y_bin, score, threshold)
     plot_calibration(out / "calibration.png", y_bin, score)
-    plot_score_distribution(out / "score_distribution.png", y_bin, score, threshold, y,
-                            class_names, mal)
+    plot_score_distribution(
+        out / "score_distribution.png", y_bin, score, threshold, y, class_names, mal
+    )
     breakdown = subgroup_auc(y_bin, score, metadata)
     written = list(FIGURES[:-1])
     if breakdown:

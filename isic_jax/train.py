@@ -305,6 +305,7 @@ def predict(
         drain()
     finally:
         prefetcher.close()
+        _close(it)
     if not probs:
         raise ValueError("the evaluation split yielded no batches")
     return Predictions(
@@ -538,6 +539,7 @@ def train_and_evaluate(
     prefetcher: parallel.DevicePrefetcher | None = None
     stop_signal: list[int] = []
     previous_handler = _install_sigterm(stop_signal)
+    train_iter = None
     try:
         train_iter = data.train_iterator()
         start_step = ckpt.latest_step() or 0
@@ -631,8 +633,8 @@ def train_and_evaluate(
                 {
                     "loss": scalars["loss"],
                     "lr": scalars["learning_rate"],
-                    "img/s": round(scalars["images_per_sec"], 1),
-                    "s/step": round(scalars["step_time"], 4),
+                    "img/s": f"{scalars['images_per_sec']:.1f}",
+                    "s/step": f"{scalars['step_time']:.4f}",
                 },
             )
             pending.metrics.clear()
@@ -709,11 +711,19 @@ def train_and_evaluate(
     finally:
         if prefetcher is not None:
             prefetcher.close()
+        _close(train_iter)  # stops Grain worker processes
         if progress is not None:
             progress.close()
         ckpt.close()  # waits for the asynchronous saves
         writer.close()
         _restore_sigterm(previous_handler)
+
+
+def _close(iterator: Any) -> None:
+    """Closes a Grain iterator that has worker processes (others have no close)."""
+    close = getattr(iterator, "close", None)
+    if callable(close):
+        close()
 
 
 def _print(enabled: bool, message: str) -> None:

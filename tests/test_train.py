@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import pathlib
+import signal
 
 import numpy as np
 import pytest
@@ -18,40 +21,121 @@ from test_train_lib import (  # noqa: F401
 pytestmark = pytest.mark.usefixtures("compile_cache")
 
 
-def test_interrupted_run_resumes_bit_exactly(tmp_path: pathlib.Path, capsys) -> None:
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, request) -> tuple[pathlib.Path, dict]:
+    """The uninterrupted reference run (6 steps, checkpoints at 3 and 6)."""
     from isic_jax import train
 
+    request.getfixturevalue("compile_cache")
+
+    workdir = tmp_path_factory.mktemp("full")
     config = standard_config()
-    data = make_data(config)
-    full = train.train_and_evaluate(config, tmp_path / "full", data=data)
-    assert full["step"] == 6
+    result = train.train_and_evaluate(config, workdir, data=make_data(config))
+    assert result["step"] == 6
+    return workdir, result
 
-    # "Killed" after step 4: the latest checkpoint is step 3, step 4 is lost and redone.
-    part = train.train_and_evaluate(config, tmp_path / "resumed", data=data, stop_after_step=4)
-    assert part["step"] == 4
-    capsys.readouterr()
-    resumed = train.train_and_evaluate(config, tmp_path / "resumed", data=data)
-    assert "Resuming from" in capsys.readouterr().out
-    assert resumed["step"] == 6
 
-    a = restore_params(tmp_path / "full")
-    b = restore_params(tmp_path / "resumed")
+def _assert_same_final_state(full: pathlib.Path, other: pathlib.Path) -> None:
+    a = restore_params(full)
+    b = restore_params(other)
     assert a.keys() == b.keys()
     assert any("ema" in k for k in a) and any("mini_step" in k for k in a)
     different = [k for k in a if not np.array_equal(a[k], b[k])]
     assert not different, f"not bit-identical after resume: {different[:5]}"
     # Not trivially equal: training moved the parameters.
-    first = restore_params(tmp_path / "full", 3)
+    first = restore_params(full, 3)
     assert any(not np.array_equal(first[k], a[k]) for k in a if "params" in k)
+
+
+def test_interrupted_run_resumes_bit_exactly(full_run, tmp_path: pathlib.Path, capsys) -> None:
+    from isic_jax import train
+
+    full_dir, full = full_run
+    config = standard_config()
+    data = make_data(config)
+    # "Killed" after step 4: the latest checkpoint is step 3, step 4 is lost and redone.
+    part = train.train_and_evaluate(config, tmp_path, data=data, stop_after_step=4)
+    assert part["step"] == 4
+    capsys.readouterr()
+    resumed = train.train_and_evaluate(config, tmp_path, data=data)
+    assert "checkpoints/3 (3/6)" in capsys.readouterr().out
+    assert resumed["step"] == 6
+    _assert_same_final_state(full_dir, tmp_path)
     # The same validation figures at the end.
     assert resumed["val"]["loss"] == full["val"]["loss"]
 
     # Logs: TensorBoard events, the validation history and the resolved config.
-    assert list((tmp_path / "full" / "tensorboard").glob("events.out.tfevents.*"))
-    history = [json.loads(x) for x in (tmp_path / "full" / "eval_history.jsonl").open()]
+    assert list((full_dir / "tensorboard").glob("events.out.tfevents.*"))
+    history = [json.loads(x) for x in (full_dir / "eval_history.jsonl").open()]
     assert [h["step"] for h in history] == [3, 6]
-    saved = json.loads((tmp_path / "full" / "config.json").read_text())
+    saved = json.loads((full_dir / "config.json").read_text())
     assert saved["optim"]["accumulation_steps"] == 2
+
+
+class _SigtermAt:
+    """Sends this process SIGTERM when batch `at` is drawn (as a preemption would)."""
+
+    def __init__(self, it, at: int):
+        self._it, self._at, self._n = it, at, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self._n += 1
+        if self._n == self._at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return next(self._it)
+
+    def get_state(self):
+        return self._it.get_state()
+
+    def set_state(self, state):
+        self._it.set_state(state)
+
+
+def test_sigterm_saves_and_resumes_bit_exactly(full_run, tmp_path: pathlib.Path, capsys) -> None:
+    from isic_jax import checkpointing, train
+
+    full_dir, _ = full_run
+    config = standard_config()
+    data = make_data(config)
+    original = data.train_iterator
+    data.train_iterator = lambda: _SigtermAt(original(), at=2)
+    stopped = train.train_and_evaluate(config, tmp_path, data=data)
+    assert "Stopped by signal" in capsys.readouterr().out
+    assert stopped["step"] < 6
+    with checkpointing.Checkpointer(tmp_path / "checkpoints", read_only=True) as ckpt:
+        assert ckpt.latest_step() == stopped["step"]  # saved right where it stopped
+    data.train_iterator = original
+    assert train.train_and_evaluate(config, tmp_path, data=data)["step"] == 6
+    _assert_same_final_state(full_dir, tmp_path)
+
+
+def test_progress_display_modes(monkeypatch, tmp_path: pathlib.Path, capsys) -> None:
+    from isic_jax import logging_utils
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("CI", raising=False)
+    assert logging_utils.use_progress_bar(True, Tty())
+    assert not logging_utils.use_progress_bar(True, io.StringIO())  # not a terminal
+    assert not logging_utils.use_progress_bar(False, Tty())
+    monkeypatch.setenv("CI", "true")
+    assert not logging_utils.use_progress_bar(True, Tty())
+    progress = logging_utils.Progress(10, initial=2, bar=False)
+    progress.update(4)
+    progress.log(4, {"loss": 0.5, "img/s": "12.0"})
+    assert capsys.readouterr().out == "[train step  4/10] loss 0.5000  img/s 12.0\n"
+    silent = logging_utils.Progress(10, enabled=False)
+    silent.log(1, {"loss": 1.0})
+    assert capsys.readouterr().out == ""
+    writer = logging_utils.MetricWriter(tmp_path / "tb", enabled=False)
+    writer.write_scalars(1, {"a": 1.0})
+    writer.close()
+    assert not (tmp_path / "tb").exists()  # only process 0 writes
 
 
 class _NaNAt:

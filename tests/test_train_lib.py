@@ -163,7 +163,9 @@ def make_data(config, n_train: int = 32, n_val: int = 12):
     return train.InputData(config, sources=sources)
 
 
-def restore_params(workdir: pathlib.Path, checkpoint: str | int = "latest") -> dict[str, np.ndarray]:
+def restore_params(
+    workdir: pathlib.Path, checkpoint: str | int = "latest"
+) -> dict[str, np.ndarray]:
     """The whole train state of a checkpoint (params, batch_stats, opt_state, ema) as flat numpy,
     restored the way `isic-jax evaluate` does it, onto this process's first device."""
     import jax

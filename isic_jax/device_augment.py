@@ -1,0 +1,368 @@
+"""Training augmentation and normalisation on the accelerator, inside the jitted step (pure jax).
+
+The host pipeline (`input_pipeline`, `image_ops`) only does what shrinks the data: JPEG decode,
+random resized crop + resize to S, and the dihedral flip/transpose, and ships uint8 [B, S, S, 3].
+Everything that keeps the size of the image or needs float maths runs here, batched:
+
+    augment_batch(images, rng, aug_config, example_ids=...)   train: rotation, colour, normalise
+    preprocess_eval(images, aug_config)                        eval/predict: constancy, normalise
+
+Both take uint8 [B, H, W, 3] and return float32 [B, H, W, 3], ImageNet mean/std normalised: the
+model input of contracts.md. They are jit / pmap / vmap / shard_map friendly: no Python control
+flow on traced values (the config is static Python), every per-example draw comes from that
+example's own key, and each example is processed independently of the others.
+
+Per-example randomness (what the train step must pass)
+------------------------------------------------------
+The batches carry `position` int64 [B]: the example's position in the global training stream,
+unique over the whole run and the same whatever the process or device count (see
+`input_pipeline`). Pass it as `example_ids` with ONE key that is the same on every device and not
+folded with the device index:
+
+    def train_step(state, batch, rng, ...):                   # rng: the run's key, replicated
+        aug_rng = jax.random.fold_in(rng, device_augment.AUGMENT_STREAM)
+        images = device_augment.augment_batch(
+            batch["image"], aug_rng, aug_config, example_ids=batch["position"])
+        ...  # dropout etc. keep their own fold_in(rng, step) [+ axis_index] keys
+
+Example i then gets `fold_in(aug_rng, position_i)`: its augmentation depends only on the run's key
+and its stream position, so 1 device or 8, pmap or jit over a Mesh, one process or several, and
+an interrupted-and-resumed run all augment every example identically (there is no need to fold
+in the step: positions never repeat). `batch["index"]` (the record index) is NOT a good key: a
+record drawn twice in one step (balanced sampling, tiny datasets) would get the same augmentation.
+Without `example_ids` the keys are `jax.random.split(rng, B)` over the local batch: then the
+result depends on how the global batch is split, and under pmap rng must differ per device.
+
+Cost on the 2-core dev CPU (scripts/bench_input.py): see the module README line in the benchmark
+output; on an accelerator this is a few elementwise passes and one gather per pixel, a small
+fraction of a ResNet step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy import ndimage
+
+from isic_jax.image_ops import IMAGENET_MEAN, IMAGENET_STD
+
+# Luma weights (ITU-R 601, as torchvision's rgb_to_grayscale) and RGB <-> YIQ for hue rotation
+# about the grey axis (a linear map, so it folds into the colour matrix).
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
+
+# fold_in constant that derives the augmentation stream from a run key (any fixed uint32; the
+# ASCII of "aug" keeps it apart from small step numbers used with fold_in elsewhere).
+AUGMENT_STREAM = 0x00617567
+
+_FILL_MODES = {"reflect": "reflect", "edge": "nearest"}
+_NUM_DRAWS = 5  # angle, brightness, contrast, saturation, hue
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceAugmentConfig:
+    """The device half of `config.data.augment` (frozen, hashable: usable as a static arg).
+
+    rotation: (min, max) degrees, angle uniform in it; positive turns the content
+      counter-clockwise (as np.rot90). `from_config` maps a number r to (-r, r).
+    brightness, contrast, saturation: factor uniform in [max(0, 1 - v), 1 + v]; 0 disables.
+    hue: shift uniform in [-hue, hue] turns, a rotation about the grey axis in YIQ; 0 disables.
+    color_constancy: Shades of Gray (p = 6) per image before the jitter (and in eval).
+    fill: how rotation fills the corners: "reflect" (mirror at the border; skin continues past
+      it) or "edge" (repeat the border pixel).
+    """
+
+    rotation: tuple[float, float] = (0.0, 0.0)
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+    color_constancy: bool = False
+    fill: str = "reflect"
+
+    def __post_init__(self) -> None:
+        if self.fill not in _FILL_MODES:
+            raise ValueError(f"fill must be one of {sorted(_FILL_MODES)}, got {self.fill!r}")
+        lo, hi = self.rotation
+        if lo > hi:
+            raise ValueError(f"rotation range {self.rotation} has min > max")
+
+    @classmethod
+    def from_config(cls, augment: Mapping[str, Any] | DeviceAugmentConfig) -> DeviceAugmentConfig:
+        """From `config.data.augment` (ConfigDict or dict); missing keys keep the defaults.
+
+        `rotation` may be a number r (angle in [-r, r]) or a (min, max) pair; host-only keys
+        (crop_scale, crop_ratio, dihedral, interpolation) are ignored.
+        """
+        if isinstance(augment, DeviceAugmentConfig):
+            return augment
+        kwargs: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            if field.name in augment:
+                kwargs[field.name] = augment[field.name]
+        if "rotation" in kwargs:
+            rotation = kwargs["rotation"]
+            if isinstance(rotation, int | float):
+                rotation = (-abs(float(rotation)), abs(float(rotation)))
+            kwargs["rotation"] = tuple(float(v) for v in rotation)
+        for key in ("brightness", "contrast", "saturation", "hue"):
+            if key in kwargs:
+                kwargs[key] = float(kwargs[key])
+        if "color_constancy" in kwargs:
+            kwargs["color_constancy"] = bool(kwargs["color_constancy"])
+        return cls(**kwargs)
+
+    @property
+    def has_rotation(self) -> bool:
+        return self.rotation != (0.0, 0.0)
+
+    @property
+    def has_jitter(self) -> bool:
+        return any((self.brightness, self.contrast, self.saturation, self.hue))
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def example_keys(
+    rng: jax.Array, batch_size: int, example_ids: jax.Array | None = None
+) -> jax.Array:
+    """One PRNG key per example: fold_in(rng, example_ids[i]), or split(rng, batch_size).
+
+    rng: a key (raw uint32 [2] or typed). example_ids: int [B] (e.g. `batch["position"]`).
+    Returns keys [B, ...] of rng's kind.
+    """
+    if example_ids is None:
+        return jax.random.split(rng, batch_size)
+    ids = jnp.asarray(example_ids)
+    # fold_in takes uint32 data; positions stay far below 2**32 (and wrap harmlessly above it).
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, ids.astype(jnp.uint32))
+
+
+def _factor(u: jax.Array, strength: float) -> jax.Array:
+    """Uniform in [max(0, 1 - v), 1 + v] from u ~ U[0, 1); exactly 1 when v == 0."""
+    if not strength:
+        return jnp.ones_like(u)
+    lo = max(0.0, 1.0 - strength)
+    return lo + (1.0 + strength - lo) * u
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def rotate(images: jax.Array, angles_deg: jax.Array, fill: str = "reflect") -> jax.Array:
+    """Rotates each image about its centre by its angle (bilinear); float32 [B, H, W, C].
+
+    images: [B, H, W, C] (any real dtype; sampled as float32). angles_deg: float [B], positive =
+    counter-clockwise as displayed (np.rot90 for 90). Output pixel (r, c) samples the input at
+    the centre + R(angle)^T-rotated offset; corners outside the input are filled per `fill`.
+    An angle of exactly 0 returns the input values (the sample points are the pixel centres).
+    """
+    mode = _FILL_MODES[fill]
+
+    def one(image: jax.Array, angle: jax.Array) -> jax.Array:
+        height, width = image.shape[0], image.shape[1]
+        cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
+        dy = jnp.arange(height, dtype=jnp.float32)[:, None] - cy
+        dx = jnp.arange(width, dtype=jnp.float32)[None, :] - cx
+        theta = jnp.deg2rad(angle.astype(jnp.float32))
+        cos, sin = jnp.cos(theta), jnp.sin(theta)
+        # Rows grow downwards, so this inverse map turns the content counter-clockwise.
+        src_y = sin * dx + cos * dy + cy
+        src_x = cos * dx - sin * dy + cx
+        image = image.astype(jnp.float32)
+        # map_coordinates per channel was the fastest of the variants tried on CPU (a hand-written
+        # 4-corner gather of RGB rows was ~1.4x slower, a 3-D map_coordinates ~5x).
+        return jax.vmap(
+            lambda plane: ndimage.map_coordinates(plane, [src_y, src_x], order=1, mode=mode),
+            in_axes=-1,
+            out_axes=-1,
+        )(image)
+
+    return jax.vmap(one)(images, angles_deg)
+
+
+# --------------------------------------------------------------------------- colour
+
+
+def shades_of_gray_gains(images: jax.Array, power: float = 6.0) -> jax.Array:
+    """Shades-of-Gray colour constancy gains per image (Finlayson & Trezzi 2004); float32 [B, 3].
+
+    images: [B, H, W, 3] on [0, 255]. The illuminant is the Minkowski p-norm mean of each channel;
+    gains make it neutral (1 for a grey image), as in the ISIC 2018/2019 winning entries. An
+    all-black image gets gains 1.
+    """
+    x = images.astype(jnp.float32) * (1.0 / 255.0)  # keeps x**6 far from float32's range limits
+    if power == 6:  # by multiplication: a float pow is several times slower on CPU
+        squared = x * x
+        powered = squared * squared * squared
+    else:
+        powered = x**power
+    illuminant = jnp.mean(powered, axis=(1, 2)) ** (1.0 / power)  # [B, 3]
+    norm = jnp.sqrt(jnp.sum(illuminant**2, axis=-1, keepdims=True))
+    unit = jnp.maximum(illuminant / jnp.maximum(norm, 1e-12), 1e-6)
+    gains = 1.0 / (unit * math.sqrt(3.0))
+    return jnp.where(norm > 0, gains, 1.0)
+
+
+def hue_matrices(hue: jax.Array) -> jax.Array:
+    """RGB hue rotation by `hue` turns about the grey axis (YIQ); float32 [B, 3, 3]."""
+    theta = 2.0 * jnp.pi * hue.astype(jnp.float32)
+    cos, sin = jnp.cos(theta), jnp.sin(theta)
+    zero, one = jnp.zeros_like(cos), jnp.ones_like(cos)
+    rot = jnp.stack(
+        [
+            jnp.stack([one, zero, zero], -1),
+            jnp.stack([zero, cos, -sin], -1),
+            jnp.stack([zero, sin, cos], -1),
+        ],
+        -2,
+    )
+    to_rgb = jnp.asarray(_YIQ_TO_RGB, jnp.float32)
+    to_yiq = jnp.asarray(_RGB_TO_YIQ, jnp.float32)
+    return jnp.einsum("ij,bjk,kl->bil", to_rgb, rot, to_yiq)
+
+
+def color_matrices(
+    mean_rgb: jax.Array,
+    gains: jax.Array | None = None,
+    brightness: jax.Array | None = None,
+    contrast: jax.Array | None = None,
+    saturation: jax.Array | None = None,
+    hue: jax.Array | None = None,
+) -> jax.Array:
+    """Composes gains -> brightness -> contrast -> saturation -> hue into x -> A x + t.
+
+    Factors follow torchvision's adjust_* (1 = identity; hue in turns), all float32 [B]; None =
+    identity. mean_rgb: float32 [B, 3], the image's mean colour before any op (contrast blends
+    with the mean luma of the image after gains and brightness). gains: float32 [B, 3].
+    Returns float32 [B, 3, 4]: [A | t] on the [0, 255] scale.
+    """
+    batch = mean_rgb.shape[0]
+    ones = jnp.ones((batch,), jnp.float32)
+    gains = jnp.ones((batch, 3), jnp.float32) if gains is None else gains
+    brightness = ones if brightness is None else brightness
+    contrast = ones if contrast is None else contrast
+    saturation = ones if saturation is None else saturation
+    # Linear part before saturation/hue: contrast * brightness * diag(gains).
+    scale = (contrast * brightness)[:, None] * gains  # [B, 3]
+    mean_gray = brightness * jnp.einsum("bc,c->b", gains * mean_rgb, jnp.asarray(LUMA))
+    offset = ((1.0 - contrast) * mean_gray)[:, None] * jnp.ones((1, 3))  # grey, [B, 3]
+    eye = jnp.eye(3, dtype=jnp.float32)
+    grey = jnp.outer(jnp.ones(3), jnp.asarray(LUMA))  # x -> luma(x) in every channel
+    sat = saturation[:, None, None] * eye + (1.0 - saturation)[:, None, None] * grey
+    mat = sat * scale[:, None, :]  # sat @ diag(scale)
+    offset = jnp.einsum("bij,bj->bi", sat, offset)
+    if hue is not None:
+        rot = hue_matrices(hue)
+        mat = jnp.einsum("bij,bjk->bik", rot, mat)
+        offset = jnp.einsum("bij,bj->bi", rot, offset)
+    return jnp.concatenate([mat, offset[:, :, None]], axis=-1)
+
+
+def apply_color(images: jax.Array, affine: jax.Array) -> jax.Array:
+    """clip(A x + t, 0, 255) per image; float32 [B, H, W, 3].
+
+    images: [B, H, W, 3] on [0, 255] (uint8 or float). affine: float32 [B, 3, 4] = [A | t].
+    Written as three multiply-adds per channel (not a K=3 dot, which XLA:CPU lowers to a slow
+    batched matmul): XLA fuses it, the cast and the clip into one elementwise pass.
+    """
+    x = images.astype(jnp.float32)
+    a = affine[:, None, None, :, :]  # [B, 1, 1, 3, 4]
+    y = x[..., 0:1] * a[..., 0] + x[..., 1:2] * a[..., 1] + x[..., 2:3] * a[..., 2] + a[..., 3]
+    return jnp.clip(y, 0.0, 255.0)
+
+
+def normalize(images: jax.Array) -> jax.Array:
+    """uint8 [B, H, W, 3] (or [H, W, 3]) -> float32, (x / 255 - ImageNet mean) / std."""
+    x = jnp.asarray(images).astype(jnp.float32)
+    return x * jnp.asarray(1.0 / (255.0 * IMAGENET_STD)) - jnp.asarray(IMAGENET_MEAN / IMAGENET_STD)
+
+
+# --------------------------------------------------------------------------- public entry points
+
+
+def augment_batch(
+    images: jax.Array,
+    rng: jax.Array,
+    aug_config: Mapping[str, Any] | DeviceAugmentConfig,
+    *,
+    example_ids: jax.Array | None = None,
+) -> jax.Array:
+    """Random rotation + colour jitter (+ colour constancy) + normalisation of a batch.
+
+    Args:
+      images: uint8 [B, H, W, 3] from the host pipeline (`batch["image"]`).
+      rng: one PRNG key. With `example_ids`, the same key on every device (see module docstring).
+      aug_config: `config.data.augment` or a `DeviceAugmentConfig` (static Python values).
+      example_ids: int [B], `batch["position"]`: example i uses fold_in(rng, example_ids[i]), so
+        results do not depend on the sharding. None: split(rng, B) over this (local) batch.
+
+    Returns:
+      float32 [B, H, W, 3], ImageNet mean/std normalised.
+
+    Per example, from its key: one uniform vector u [5] -> angle = lo + (hi - lo) u0 degrees,
+    brightness / contrast / saturation factors from u1..u3, hue = hue * (2 u4 - 1) turns. Then:
+    rotate about the centre (bilinear, corners per `fill`), colour matrix [A | t] built from
+    the image's mean colour (and Shades-of-Gray gains), one fused pass clip(A x + t) and
+    normalise. Differences from torchvision's ColorJitter, on purpose: fixed order, one clamp at
+    the end, contrast uses the mean of the whole (unrotated) image, hue is a YIQ rotation.
+    """
+    config = DeviceAugmentConfig.from_config(aug_config)
+    images = jnp.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be [B, H, W, 3], got {images.shape}")
+    batch = images.shape[0]
+    keys = example_keys(rng, batch, example_ids)
+    u = jax.vmap(lambda k: jax.random.uniform(k, (_NUM_DRAWS,), jnp.float32))(keys)  # [B, 5]
+
+    need_stats = config.color_constancy or config.contrast
+    mean_rgb = (
+        jnp.mean(images.astype(jnp.float32), axis=(1, 2))
+        if need_stats
+        else jnp.zeros((batch, 3), jnp.float32)
+    )
+    gains = shades_of_gray_gains(images) if config.color_constancy else None
+
+    x = images
+    if config.has_jitter or config.color_constancy:
+        affine = color_matrices(
+            mean_rgb,
+            gains=gains,
+            brightness=_factor(u[:, 1], config.brightness) if config.brightness else None,
+            contrast=_factor(u[:, 2], config.contrast) if config.contrast else None,
+            saturation=_factor(u[:, 3], config.saturation) if config.saturation else None,
+            hue=config.hue * (2.0 * u[:, 4] - 1.0) if config.hue else None,
+        )
+        x = jax.lax.optimization_barrier(apply_color(x, affine))
+    # Colour before rotation: the colour map mixes channels, and fused after the gather it made
+    # XLA recompute the gather per output channel (5x slower on CPU). Bilinear sampling of the
+    # clipped image stays in [0, 255]; only the clamp order differs from rotate-then-colour.
+    if config.has_rotation:
+        lo, hi = config.rotation
+        x = rotate(x, lo + (hi - lo) * u[:, 0], config.fill)
+    return normalize(x)
+
+
+def preprocess_eval(
+    images: jax.Array, aug_config: Mapping[str, Any] | DeviceAugmentConfig
+) -> jax.Array:
+    """Deterministic model input: Shades of Gray (if `color_constancy`) + normalisation.
+
+    images: uint8 [B, H, W, 3] (`batch["image"]` of the eval pipeline, or `image_ops.eval_image`
+    outputs stacked). Returns float32 [B, H, W, 3]. Padding rows (zeros) stay finite.
+    """
+    config = DeviceAugmentConfig.from_config(aug_config)
+    images = jnp.asarray(images)
+    if not config.color_constancy:
+        return normalize(images)
+    batch = images.shape[0]
+    affine = color_matrices(jnp.zeros((batch, 3), jnp.float32), gains=shades_of_gray_gains(images))
+    return normalize(apply_color(images, affine))

@@ -1,0 +1,387 @@
+"""Training-loop benchmarks, printed side by side.
+
+    python scripts/bench_train.py            # (a) (b) (c) on this CPU, ~3-5 minutes on 2 cores
+    python scripts/bench_train.py --only a,c # a subset
+    python scripts/bench_train.py --gpu      # (d) ResNet-50 on the GPU (needs a GPU jaxlib)
+
+(a) loop overhead: steps/s of the real training loop (`train.train_and_evaluate`: Grain input
+    pipeline on in-memory JPEGs, device prefetch, metric pulls every `log_every` steps, progress)
+    vs a bare Python loop calling the same compiled step on one batch already on the device, for
+    a tiny model. The ratio is the share of the step rate the loop keeps (goal >= 0.9).
+(b) ResNet-50 training at 224 px on this CPU (float32, small batch, a few steps): images/s, and
+    the achieved FLOP/s (XLA's cost analysis of the compiled step / step time) as a fraction of a
+    float32 matmul peak measured on the same machine.
+(c) pmap vs jit over a Mesh: step time of the same step on 2 (fake) CPU devices.
+(d) --gpu: ResNet-50 at 224 px, bfloat16 compute, the real train step on batches already on the
+    GPU: images/s and the fraction of the GPU's dense bf16 peak (H200/H100: ~989 TFLOP/s; A100:
+    312), next to the published anchor of ~2,470 img/s on one A100 with mixed precision.
+
+CPU runs set XLA_FLAGS (before jax is imported) to the YNN fusion flags `isic-jax train` uses and
+to 2 fake host devices for (c), unless XLA_FLAGS is already set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+A100_ANCHOR_IMG_S = 2470.0  # ResNet-50 training, 1x A100, mixed precision (NVIDIA DLE results)
+BF16_DENSE_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+
+
+def _set_cpu_flags() -> None:
+    if "XLA_FLAGS" in os.environ:
+        return
+    from isic_jax import config_utils
+
+    flags = config_utils.set_default_xla_flags() or ""
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=2".strip()
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _config(**overrides):
+    from configs import smoke
+
+    config = smoke.get_config()
+    config.optim.name = "sgd"
+    config.optim.learning_rate = 0.05
+    config.optim.weight_decay = 0.0
+    config.train.progress = False
+    for key, value in overrides.items():
+        node = config
+        *parents, name = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[name] = value
+    return config
+
+
+def _records(n: int, size: int, seed: int = 0) -> list[dict]:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        pixels = np.clip(rng.normal(90 + 60 * (i % 2), 30, (size, size, 3)), 0, 255)
+        buf = io.BytesIO()
+        Image.fromarray(pixels.astype(np.uint8)).save(buf, format="JPEG", quality=90)
+        out.append({"image": buf.getvalue(), "label": i % 2, "diagnosis": i % 2,
+                    "image_id": f"ISIC_{i:07d}".encode(), "patient_id": b"", "lesion_id": b"",
+                    "age": -1, "sex": 0, "anatom_site": b"unknown", "fold": 0})
+    return out
+
+
+def _data(config, n_train: int, n_val: int, size: int):
+    import numpy as np
+
+    from isic_jax import input_pipeline, train
+
+    tr, va = _records(n_train, size, 1), _records(n_val, size, 2)
+    labels = np.array([r["label"] for r in tr], np.int32)
+    info = input_pipeline.SourceInfo(
+        release="isic2020", task="binary", class_names=["benign", "malignant"],
+        num_train=n_train, num_val=n_val, train_class_counts=np.bincount(labels, minlength=2),
+        val_class_counts=np.array([n_val // 2, n_val - n_val // 2]), train_labels=labels,
+        train_split="train", val_split="val", label_read_seconds=0.0,
+    )  # fmt: skip
+    sources = (input_pipeline.ListSource(tr), input_pipeline.ListSource(va), info)
+    return train.InputData(config, sources=sources)
+
+
+class _ReadyBatches:
+    """Infinite iterator over a few pre-made host batches (no decoding), with grain-like state."""
+
+    def __init__(self, batches: list[dict]):
+        self._batches, self._i = batches, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = self._batches[self._i % len(self._batches)]
+        self._i += 1
+        return dict(batch)
+
+    def get_state(self) -> dict:
+        return {"i": self._i}
+
+    def set_state(self, state: dict) -> None:
+        self._i = int(state["i"])
+
+
+def _ready_data(data, n: int = 8):
+    """`data` whose training batches are decoded once up front: the loop without the decode."""
+    it = data.train_iterator()
+    batches = [next(it) for _ in range(n)]
+    data.train_iterator = lambda: _ReadyBatches(batches)
+    return data
+
+
+def _step_setup(config, par, batch_size: int, image_size: int, dtype=None):
+    """(compiled step, replicated state, device batch, rng) for `config` on `par`."""
+    import jax
+    import numpy as np
+
+    from isic_jax import train
+    from isic_jax.models import create_model
+    from isic_jax.optim import create_optimizer
+
+    tx, _ = create_optimizer(config.optim, total_steps=1000, steps_per_epoch=100)
+    model = create_model(config.model, 2, axis_name=par.axis_name)
+    init_model = create_model(config.model, 2)
+    state = train.create_train_state(init_model, tx, jax.random.PRNGKey(0), image_size)
+    step = functools.partial(train.train_step, model=model, tx=tx, loss_config=config.loss,
+                             axis_name=par.axis_name)
+    rs = np.random.RandomState(0)
+    host = {"image": rs.randn(batch_size, image_size, image_size, 3).astype(np.float32),
+            "label": (np.arange(batch_size) % 2).astype(np.int32),
+            "mask": np.ones(batch_size, bool)}
+    return (par.compile_train_step(step), par.replicate(state), par.shard_batch(host),
+            par.replicate(jax.random.PRNGKey(1)), step)
+
+
+def _time_steps(p_step, state, batch, rng, n: int, repeats: int = 1) -> tuple[float, object]:
+    """Seconds per step over n steps (after one warm-up/compile step), blocking at the end of
+    each of `repeats` rounds; the fastest round counts (the machine is shared)."""
+    import jax
+
+    state, m = p_step(state, batch, rng)
+    jax.block_until_ready(m)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(n):
+            state, m = p_step(state, batch, rng)
+        jax.block_until_ready((state, m))
+        best = min(best, (time.perf_counter() - start) / n)
+    return best, state
+
+
+def _compile_with_flops(p_step, state, batch, rng):
+    """(compiled jit step, XLA's FLOP count of one step from its cost analysis)."""
+    compiled = p_step.lower(state, batch, rng).compile()
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):
+        cost = cost[0]
+    return compiled, float(cost.get("flops", float("nan")))
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """Measured float32 matmul FLOP/s on the default device (median of `repeats`)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    f = jax.jit(jnp.dot)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times)
+
+
+# ------------------------------------------------------------------------------ benchmarks
+
+
+def bench_loop(steps: int = 400, log_every: int = 100) -> dict:
+    """(a) the real loop vs a bare loop of the same compiled step, tiny model, one device."""
+    import jax
+
+    from isic_jax import logging_utils, parallel, train
+
+    config = _config(**{
+        "model.width": 8, "data.image_size": 32, "data.stored_size": 40,
+        "train.batch_size": 8, "train.num_steps": steps, "train.log_every": log_every,
+        "train.eval_every": steps, "train.checkpoint_every": steps,
+        "train.parallelism": "jit", "data.device_prefetch": 2,
+    })  # fmt: skip
+    devices = jax.devices()[:1]
+    intervals: list[tuple[int, float]] = []
+    original = logging_utils.MetricWriter.write_scalars
+
+    def record(self, step, scalars):
+        if "train/step_time" in scalars:
+            intervals.append((step, scalars["train/step_time"]))
+        return original(self, step, scalars)
+
+    def run_loop(data) -> tuple[float, list]:
+        intervals.clear()
+        with tempfile.TemporaryDirectory() as tmp:
+            train.train_and_evaluate(config, tmp, devices=devices, data=data)
+        # The first interval holds the compilation; like the bare loop, the fastest of the
+        # other intervals (of `log_every` steps each) counts.
+        return min(t for _, t in intervals[1:]), list(intervals)
+
+    logging_utils.MetricWriter.write_scalars = record
+    try:
+        ready_step, ready_intervals = run_loop(_ready_data(_data(config, 256, 16, 40)))
+        grain_step, grain_intervals = run_loop(_data(config, 256, 16, 40))
+    finally:
+        logging_utils.MetricWriter.write_scalars = original
+    # The input pipeline alone, for reference.
+    it = _data(config, 256, 16, 40).train_iterator()
+    for _ in range(10):
+        next(it)
+    start = time.perf_counter()
+    for _ in range(200):
+        next(it)
+    pipeline_batch_s = (time.perf_counter() - start) / 200
+
+    par = parallel.DataParallel.create("jit", devices)
+    p_step, state, batch, rng, _ = _step_setup(config, par, 8, 32)
+    bare_step, _ = _time_steps(p_step, state, batch, rng, log_every, repeats=3)
+    return {
+        "loop_steps_per_s": 1 / ready_step,
+        "bare_steps_per_s": 1 / bare_step,
+        "ratio": bare_step / ready_step,
+        "grain_loop_steps_per_s": 1 / grain_step,
+        "grain_ratio": bare_step / grain_step,
+        "pipeline_batches_per_s": 1 / pipeline_batch_s,
+        "intervals_ms": [(s, round(t * 1e3, 3)) for s, t in ready_intervals],
+        "grain_intervals_ms": [(s, round(t * 1e3, 3)) for s, t in grain_intervals],
+    }
+
+
+def bench_resnet50_cpu(batch_size: int = 8, steps: int = 3) -> dict:
+    """(b) ResNet-50 at 224 px, float32, on one CPU device."""
+    import jax
+
+    from isic_jax import parallel
+
+    config = _config(**{"model.name": "resnet50", "model.width": 64, "model.dtype": "float32"})
+    par = parallel.DataParallel.create("jit", jax.devices()[:1])
+    t0 = time.perf_counter()
+    p_step, state, batch, rng, _ = _step_setup(config, par, batch_size, 224)
+    init_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    compiled, flops = _compile_with_flops(p_step, state, batch, rng)
+    sec, _ = _time_steps(compiled, state, batch, rng, steps)
+    compile_and_run_s = time.perf_counter() - t0
+    peak = matmul_peak()
+    achieved = flops / sec
+    return {
+        "batch": batch_size, "steps": steps, "step_s": sec, "images_per_s": batch_size / sec,
+        "step_gflop": flops / 1e9, "achieved_gflop_s": achieved / 1e9,
+        "matmul_peak_gflop_s": peak / 1e9, "fraction_of_peak": achieved / peak,
+        "init_s": init_s, "compile_and_run_s": compile_and_run_s,
+    }  # fmt: skip
+
+
+def bench_pmap_vs_jit(steps: int = 10, batch_size: int = 16, image_size: int = 80) -> dict:
+    """(c) the same step under pmap and under jit over a Mesh, on all (2 fake) devices."""
+    import jax
+
+    from isic_jax import parallel
+
+    config = _config(**{"model.name": "resnet18", "model.width": 16, "model.dtype": "float32"})
+    out = {"devices": jax.device_count(), "batch": batch_size, "image_size": image_size}
+    for mode, devices in (("pmap", jax.devices()), ("jit", jax.devices()),
+                          ("jit_1_device", jax.devices()[:1])):
+        par = parallel.DataParallel.create("jit" if mode.startswith("jit") else mode, devices)
+        p_step, state, batch, rng, _ = _step_setup(config, par, batch_size, image_size)
+        sec, _ = _time_steps(p_step, state, batch, rng, steps, repeats=3)
+        out[f"{mode}_step_ms"] = sec * 1e3
+    return out
+
+
+def bench_gpu(batch_size: int = 256, steps: int = 20) -> dict:
+    """(d) ResNet-50 at 224 px, bfloat16 compute, on one GPU, batches already on the GPU."""
+    import jax
+
+    from isic_jax import parallel
+
+    gpus = [d for d in jax.devices() if d.platform == "gpu"]
+    if not gpus:
+        raise SystemExit("--gpu: no GPU visible to jax (install a CUDA jaxlib)")
+    kind = gpus[0].device_kind
+    peak = next((v for k, v in BF16_DENSE_PEAK.items() if k in kind), BF16_DENSE_PEAK["H200"])
+    config = _config(**{"model.name": "resnet50", "model.width": 64, "model.dtype": "bfloat16",
+                        "optim.name": "adamw", "optim.learning_rate": 1e-3})
+    par = parallel.DataParallel.create("jit", gpus[:1])
+    p_step, state, batch, rng, _ = _step_setup(config, par, batch_size, 224)
+    compiled, flops = _compile_with_flops(p_step, state, batch, rng)
+    sec, _ = _time_steps(compiled, state, batch, rng, steps, repeats=3)
+    return {
+        "device": kind, "batch": batch_size, "step_ms": sec * 1e3,
+        "images_per_s": batch_size / sec, "vs_a100_anchor": batch_size / sec / A100_ANCHOR_IMG_S,
+        "achieved_tflop_s": flops / sec / 1e12, "bf16_dense_peak_tflop_s": peak / 1e12,
+        "fraction_of_peak": flops / sec / peak,
+    }  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--gpu", action="store_true", help="run (d) on the GPU instead")
+    parser.add_argument("--only", default="a,b,c", help="comma list of a,b,c (CPU mode)")
+    parser.add_argument("--gpu-batch", type=int, default=256)
+    args = parser.parse_args()
+    if not args.gpu:
+        _set_cpu_flags()
+    import jax
+
+    from isic_jax.checkpointing import quiet_orbax_logging
+
+    quiet_orbax_logging()
+    print(f"jax {jax.__version__}, devices: {jax.devices()}, "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS')}")
+    if args.gpu:
+        r = bench_gpu(args.gpu_batch)
+        print(f"(d) GPU {r['device']} ResNet-50 224px bf16 batch {r['batch']}: "
+              f"{r['images_per_s']:.0f} img/s ({r['step_ms']:.1f} ms/step), "
+              f"{r['vs_a100_anchor']:.2f}x the A100 anchor ({A100_ANCHOR_IMG_S:.0f} img/s); "
+              f"{r['achieved_tflop_s']:.0f} TFLOP/s = {100 * r['fraction_of_peak']:.1f} % of the "
+              f"{r['bf16_dense_peak_tflop_s']:.0f} TFLOP/s dense bf16 peak")
+        return
+    rows = []
+    chosen = set(args.only.split(","))
+    if "a" in chosen:
+        r = bench_loop()
+        rows.append(("(a) loop vs bare step, resnet_tiny w8 32px b8",
+                     f"loop {r['loop_steps_per_s']:.0f} steps/s | bare {r['bare_steps_per_s']:.0f}"
+                     f" steps/s | ratio {r['ratio']:.2f} (goal >= 0.9; batches decoded up front)"))
+        rows.append(("    same loop, Grain JPEG pipeline in-process",
+                     f"loop {r['grain_loop_steps_per_s']:.0f} steps/s | ratio "
+                     f"{r['grain_ratio']:.2f} | the pipeline alone makes "
+                     f"{r['pipeline_batches_per_s']:.0f} batches/s"))
+        print(rows[-2][0], "interval ms/step:", r["intervals_ms"], "grain:",
+              r["grain_intervals_ms"], flush=True)
+    if "b" in chosen:
+        r = bench_resnet50_cpu()
+        rows.append(("(b) ResNet-50 224px f32 b8, 1 CPU device",
+                     f"{r['images_per_s']:.2f} img/s ({r['step_s']:.2f} s/step) | "
+                     f"{r['achieved_gflop_s']:.1f} GFLOP/s of {r['step_gflop']:.0f} GFLOP/step = "
+                     f"{100 * r['fraction_of_peak']:.1f} % of the {r['matmul_peak_gflop_s']:.0f} "
+                     f"GFLOP/s f32 matmul peak"))
+        print(rows[-1][0], f"(init {r['init_s']:.0f} s, compile+run "
+              f"{r['compile_and_run_s']:.0f} s)", flush=True)
+    if "c" in chosen:
+        r = bench_pmap_vs_jit()
+        rows.append((f"(c) pmap vs jit, resnet18 w16 {r['image_size']}px b{r['batch']}, "
+                     f"{r['devices']} devices",
+                     f"pmap {r['pmap_step_ms']:.1f} ms/step | jit {r['jit_step_ms']:.1f} ms/step |"
+                     f" jit on 1 device {r['jit_1_device_step_ms']:.1f} ms/step"))
+    print("\n" + "\n".join(f"{name:<52} {text}" for name, text in rows))
+    print("(d) GPU: not run (pass --gpu on a machine with a GPU)")
+
+
+if __name__ == "__main__":
+    main()
