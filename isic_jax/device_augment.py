@@ -310,10 +310,10 @@ def augment_batch(
 
     Per example, from its key: one uniform vector u [5] -> angle = lo + (hi - lo) u0 degrees,
     brightness / contrast / saturation factors from u1..u3, hue = hue * (2 u4 - 1) turns. Then:
-    rotate about the centre (bilinear, corners per `fill`), colour matrix [A | t] built from
-    the image's mean colour (and Shades-of-Gray gains), one fused pass clip(A x + t) and
+    rotate about the centre (bilinear, corners per `fill`); colour matrix [A | t] built from
+    the rotated image's mean colour (and Shades-of-Gray gains); one fused pass clip(A x + t) and
     normalise. Differences from torchvision's ColorJitter, on purpose: fixed order, one clamp at
-    the end, contrast uses the mean of the whole (unrotated) image, hue is a YIQ rotation.
+    the end, hue is a rotation about the grey axis in YIQ (a linear map) instead of an HSV shift.
     """
     config = DeviceAugmentConfig.from_config(aug_config)
     images = jnp.asarray(images)
@@ -323,31 +323,25 @@ def augment_batch(
     keys = example_keys(rng, batch, example_ids)
     u = jax.vmap(lambda k: jax.random.uniform(k, (_NUM_DRAWS,), jnp.float32))(keys)  # [B, 5]
 
-    need_stats = config.color_constancy or config.contrast
-    mean_rgb = (
-        jnp.mean(images.astype(jnp.float32), axis=(1, 2))
-        if need_stats
-        else jnp.zeros((batch, 3), jnp.float32)
-    )
-    gains = shades_of_gray_gains(images) if config.color_constancy else None
-
     x = images
+    if config.has_rotation:
+        lo, hi = config.rotation
+        x = rotate(x, lo + (hi - lo) * u[:, 0], config.fill)
     if config.has_jitter or config.color_constancy:
+        # Statistics of the image being recoloured (after rotation, as torchvision's ColorJitter
+        # after RandomRotation). Reading the rotated image twice (here and in apply_color) also
+        # makes XLA materialise it once instead of fusing the bilinear gather into the
+        # channel-mixing colour map, which recomputed it per channel: 3x slower on CPU at 224 px.
+        mean_rgb = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         affine = color_matrices(
             mean_rgb,
-            gains=gains,
+            gains=shades_of_gray_gains(x) if config.color_constancy else None,
             brightness=_factor(u[:, 1], config.brightness) if config.brightness else None,
             contrast=_factor(u[:, 2], config.contrast) if config.contrast else None,
             saturation=_factor(u[:, 3], config.saturation) if config.saturation else None,
             hue=config.hue * (2.0 * u[:, 4] - 1.0) if config.hue else None,
         )
-        x = jax.lax.optimization_barrier(apply_color(x, affine))
-    # Colour before rotation: the colour map mixes channels, and fused after the gather it made
-    # XLA recompute the gather per output channel (5x slower on CPU). Bilinear sampling of the
-    # clipped image stays in [0, 255]; only the clamp order differs from rotate-then-colour.
-    if config.has_rotation:
-        lo, hi = config.rotation
-        x = rotate(x, lo + (hi - lo) * u[:, 0], config.fill)
+        x = apply_color(x, affine)
     return normalize(x)
 
 

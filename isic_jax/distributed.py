@@ -194,11 +194,12 @@ def maybe_initialize(
             override_coordinator_port=os.environ.get("JAX_COORDINATOR_PORT"),
         )
         pid = int(env.get_process_id())
+        hint = ("JAX_COORDINATOR_ADDRESS" if os.environ.get("JAX_COORDINATOR_ADDRESS")
+                else "JAX_COORDINATOR_PORT")
         if pid == 0:
             host, port = parse_address(address, "the coordinator address")
-            check_coordinator_port(host, port, hint="JAX_COORDINATOR_PORT")
-        _initialize(address, n, pid, initialization_timeout, source=name,
-                    hint="JAX_COORDINATOR_PORT")
+            check_coordinator_port(host, port, hint=hint)
+        _initialize(address, n, pid, initialization_timeout, source=name, hint=hint)
         return _remember(DistributedInfo(name, pid, n, address))
 
     print(f"isic-jax: {name} cluster detected ({n} processes); joining it through "
@@ -288,17 +289,22 @@ def check_coordinator_port(host: str, port: int, hint: str = "--coordinator_addr
     error = _bind_error(port)
     if error is None:
         return
-    if hint == "--coordinator_address":
-        fix = (f"pass --coordinator_address={_join(host, 'OTHERPORT')} with a free port (the same "
-               f"on every process)")
-    else:
-        fix = "export JAX_COORDINATOR_PORT=OTHERPORT (a free port) for every process"
     reason = ("already in use" if error.errno == errno.EADDRINUSE
               else f"not available ({error.strerror})")
     raise DistributedError(
         f"coordinator port {port} on {host} is {reason}: another run (or program) holds it. "
-        f"Stop it, or {fix}."
+        f"Stop it, or {_fix(hint, host)}."
     )
+
+
+def _fix(hint: str, host: str | None) -> str:
+    """How to move the coordinator to another port, for the setting named by `hint`."""
+    where = _join(host, "OTHERPORT") if host else "HOST:OTHERPORT"
+    if hint == "--coordinator_address":
+        return f"pass --coordinator_address={where} with a free port (the same on every process)"
+    if hint == "JAX_COORDINATOR_ADDRESS":
+        return f"export JAX_COORDINATOR_ADDRESS={where} (a free port) for every process"
+    return "export JAX_COORDINATOR_PORT=OTHERPORT (a free port) for every process"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,11 +386,12 @@ def _detect_cluster(cluster: str) -> type | None:
         if present:
             return env
         if cluster != "auto":
+            needs = (" (it needs an indexed Job and the `kubernetes` package)"
+                     if name == "k8s" else "")
             raise DistributedError(
                 f"--cluster_detection={cluster}: JAX does not detect a {cluster} environment in "
-                f"this process (for k8s: an indexed Job with the `kubernetes` package installed)."
-                f" Use --cluster_detection=auto, or the explicit --coordinator_address "
-                f"--num_processes --process_id flags."
+                f"this process{needs}. Use --cluster_detection=auto, or the explicit "
+                f"--coordinator_address --num_processes --process_id flags."
             )
     return None
 
@@ -392,13 +399,14 @@ def _detect_cluster(cluster: str) -> type | None:
 def _one_process_per_node(name: str) -> bool:
     if name == "ompi":
         return os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") == "1"
-    # SLURM: --ntasks-per-node=1, or as many tasks as nodes in this step (every node of a step
-    # runs at least one task).
-    if os.environ.get("SLURM_NTASKS_PER_NODE") == "1":
-        return True
-    tasks = os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS")
-    nodes = os.environ.get("SLURM_STEP_NUM_NODES") or os.environ.get("SLURM_NNODES")
-    return tasks is not None and tasks == nodes
+    # SLURM: as many tasks as nodes in this step (every node of a step runs at least one task).
+    tasks, nodes = os.environ.get("SLURM_STEP_NUM_TASKS"), os.environ.get("SLURM_STEP_NUM_NODES")
+    if tasks is not None and nodes is not None:
+        return tasks == nodes
+    return os.environ.get("SLURM_NTASKS_PER_NODE") == "1" or (
+        os.environ.get("SLURM_NTASKS") is not None
+        and os.environ.get("SLURM_NTASKS") == os.environ.get("SLURM_NNODES")
+    )
 
 
 def _initialize(address: str, n: int, pid: int, timeout: int, *, source: str, hint: str) -> None:
@@ -418,12 +426,11 @@ def _call_jax(fn: Any, *, address: str | None, hint: str) -> None:
         fn()
     except Exception as e:  # jax raises its own JaxRuntimeError (XlaRuntimeError before)
         if "Failed to start RPC server" in str(e):
+            host = parse_address(address)[0] if address else None
             where = f" ({address})" if address else ""
-            fix = ("pass --coordinator_address=HOST:OTHERPORT" if hint == "--coordinator_address"
-                   else "export JAX_COORDINATOR_PORT=OTHERPORT")
             raise DistributedError(
                 f"the JAX coordinator could not listen on its port{where}: it is in use. Stop the "
-                f"other run, or {fix} (a free port, the same for every process)."
+                f"other run, or {_fix(hint, host)}."
             ) from e
         raise
 

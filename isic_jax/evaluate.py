@@ -125,7 +125,9 @@ def evaluate_checkpoint(
     from isic_jax.models import create_model
 
     model = create_model(config.model, data.num_classes)
-    p_eval = par.compile_eval_step(functools.partial(train.eval_step, model=model))
+    p_eval = par.compile_eval_step(
+        functools.partial(train.eval_step, model=model, augment=train.augment_config(config))
+    )
     preds = train.predict(p_eval, state, data.eval_batches(split), par,
                           prefetch=max(1, int(config.data.device_prefetch)))
     metrics = train.summarize(preds, data.class_names, data.malignant_classes,

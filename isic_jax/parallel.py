@@ -265,7 +265,8 @@ class DevicePrefetcher:
 
     Args:
       iterator: yields dicts of numpy arrays.
-      shard_fn: host numeric batch -> device batch (e.g. `DataParallel.shard_batch`).
+      shard_fn: host batch -> device batch, e.g. `lambda b: par.shard_batch(device_arrays(b))`
+        (it picks what goes to the devices).
       size: batches kept ready (0: no thread, no look-ahead).
       get_state: iterator -> state, called after each batch (None: do not record).
     """
@@ -291,7 +292,7 @@ class DevicePrefetcher:
     def _produce(self) -> PrefetchedBatch:
         host = next(self._it)
         state = self._get_state(self._it) if self._get_state is not None else None
-        return PrefetchedBatch(self._shard(device_arrays(host)), host, state)
+        return PrefetchedBatch(self._shard(host), host, state)
 
     def _run(self) -> None:
         try:

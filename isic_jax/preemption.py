@@ -38,6 +38,7 @@ How processes agree on the step to stop at (`mode`):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -50,14 +51,18 @@ logger = logging.getLogger(__name__)
 MODES = ("auto", "local", "jax", "allgather")
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
+# Suggested exit status of `isic-jax train` after a signal-triggered checkpoint (EX_TEMPFAIL:
+# "try again"). Not 0, so that schedulers start the run again instead of marking it complete
+# (a Kubernetes Job counts a pod that exits 0 as done; scripts/launch/k8s_jobset.yaml restarts on
+# 75); not 1, so that it is not mistaken for a crash.
+EXIT_PREEMPTED = 75
+
 
 def _say(text: str) -> None:
     # os.write, not print: a handler runs between two bytecodes of the main thread, which may be
     # inside a print to the same stream (a buffered write would raise "reentrant call").
-    try:
+    with contextlib.suppress(OSError):
         os.write(2, (text.rstrip("\n") + "\n").encode())
-    except OSError:
-        pass
 
 
 class PreemptionGuard:
@@ -179,6 +184,20 @@ class PreemptionGuard:
 
         flags = multihost_utils.process_allgather(np.int32(self.signal_received is not None))
         return bool(np.any(np.asarray(flags)))
+
+
+def ignore_stop_signals(worker_index: int = 0, worker_count: int = 1) -> None:
+    """For data-loading worker processes: ignore SIGTERM and SIGINT (their parent stops them).
+
+    SLURM signals every process of a job step and Ctrl-C every process of the terminal's group, so
+    Grain's worker processes get the stop signal too; by default they die at once and the training
+    process fails on its next batch before it reaches the checkpoint. Pass this function as
+    `worker_init_fn` of Grain's `mp_prefetch`; Grain still stops its workers itself on close
+    (stop event, then SIGKILL after 25 s).
+    """
+    del worker_index, worker_count
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _jax_preemption_service() -> Any:

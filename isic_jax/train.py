@@ -112,14 +112,20 @@ def train_step(
     class_weights: np.ndarray | None = None,
     axis_name: str | None = None,
     ema_decay: float = 0.0,
+    augment: Any = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser micro-step. Pure; collectives only when `axis_name` is given (pmap).
 
     Args:
       state: TrainState (pmap: this device's copy).
-      batch: image float32 [B, H, W, 3], label int32 [B], mask bool [B] (B: this device's
-        share under pmap, the global batch under jit).
-      rng: PRNG key (uint32 [2]); folded with the step (and the pmap device index) for dropout.
+      batch: image uint8 [B, H, W, 3] (host-cropped; augmented and normalised here by
+        `device_augment.augment_batch`) or float32 (already normalised, used as is), label
+        int32 [B], mask bool [B], position uint32 [B] (the example's place in the training
+        stream: its augmentation key). B: this device's share under pmap, the global batch
+        under jit.
+      rng: the run's PRNG key (uint32 [2]), the same on every device. Augmentation uses
+        fold_in(rng, AUGMENT_STREAM) and the positions (identical whatever the device count);
+        dropout uses fold_in(rng, step) (and the pmap device index).
       model: from `create_model(..., axis_name=axis_name)`.
       tx: from `optim.create_optimizer`.
       loss_config: `config.loss`.
@@ -127,6 +133,8 @@ def train_step(
       axis_name: pmap axis: gradients and metrics are `lax.pmean`-ed over it. None under jit
         (the batch is global; XLA reduces across devices itself).
       ema_decay: > 0 updates `state.ema` after each applied optimiser update.
+      augment: `device_augment.DeviceAugmentConfig` (from config.data.augment); None: no
+        rotation/colour jitter, only normalisation.
 
     Returns:
       (new state, metrics) with metrics float32 scalars: loss (mean over the global batch),
@@ -136,6 +144,7 @@ def train_step(
     if axis_name is not None:
         # Different dropout masks per device, as one global draw would give.
         step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
+    images = train_inputs(batch, rng, augment, axis_name)
     weights = batch["mask"].astype(jnp.float32)
     labels = batch["label"].astype(jnp.int32)
 
@@ -144,7 +153,7 @@ def train_step(
     def loss_fn(params):
         logits, updates = model.apply(
             {"params": params, "batch_stats": state.batch_stats},
-            batch["image"],
+            images,
             train=True,
             mutable=["batch_stats"],
             rngs={"dropout": step_rng},
@@ -193,18 +202,75 @@ def train_step(
     return new_state, metrics
 
 
+def _no_augment() -> Any:
+    from isic_jax import device_augment
+
+    return device_augment.DeviceAugmentConfig()
+
+
+def augment_config(config: ml_collections.ConfigDict) -> Any:
+    """The device half of config.data.augment (static, hashable)."""
+    from isic_jax import device_augment
+
+    return device_augment.DeviceAugmentConfig.from_config(config.data.augment)
+
+
+def train_inputs(
+    batch: dict[str, jax.Array], rng: jax.Array, augment: Any, axis_name: str | None
+) -> jax.Array:
+    """Model input float32 [B, H, W, 3] from a train batch (see `train_step`)."""
+    images = batch["image"]
+    if images.dtype != jnp.uint8:
+        return images.astype(jnp.float32)
+    from isic_jax import device_augment
+
+    aug_rng = jax.random.fold_in(rng, device_augment.AUGMENT_STREAM)
+    positions = batch.get("position")
+    if positions is None and axis_name is not None:
+        # Without positions the keys are split over the local batch: differ per device.
+        aug_rng = jax.random.fold_in(aug_rng, jax.lax.axis_index(axis_name))
+    return device_augment.augment_batch(
+        images, aug_rng, augment or _no_augment(), example_ids=positions
+    )
+
+
+# What the steps read from a batch; only these go to the devices (ids stay on the host).
+TRAIN_KEYS = ("image", "label", "mask", "position")
+EVAL_KEYS = ("image",)
+
+
+def device_batch(batch: dict[str, np.ndarray], keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The entries of a host batch a step needs; positions as uint32 (what fold_in takes; JAX
+    has no int64 without x64)."""
+    out = {k: batch[k] for k in keys if k in batch}
+    if "position" in out:
+        out["position"] = (np.asarray(out["position"]) % 2**32).astype(np.uint32)
+    return out
+
+
 def eval_step(
-    state: TrainState, batch: dict[str, jax.Array], *, model: flax.linen.Module
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    model: flax.linen.Module,
+    augment: Any = None,
 ) -> jax.Array:
     """Class probabilities (EMA weights when kept). Pure, no collectives.
 
     Args:
-      batch: image float32 [B, H, W, 3] (other entries ignored).
+      batch: image uint8 [B, H, W, 3] (normalised here by `device_augment.preprocess_eval`,
+        with colour constancy if `augment` asks for it) or float32 already normalised.
+      augment: `device_augment.DeviceAugmentConfig` or None.
 
     Returns:
       float32 [B, C] softmax probabilities.
     """
-    logits = model.apply(state.eval_variables(), batch["image"], train=False)
+    images = batch["image"]
+    if images.dtype == jnp.uint8:
+        from isic_jax import device_augment
+
+        images = device_augment.preprocess_eval(images, augment or _no_augment())
+    logits = model.apply(state.eval_variables(), images, train=False)
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
@@ -269,11 +335,10 @@ def predict(
         optionally index, image_id, patient_id.
     """
     probs, labels, index, image_id, patient_id = [], [], [], [], []
-    keys = ("image",)
     it = iter(batches)
 
     def shard(b: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return par.shard_batch({k: b[k] for k in keys})
+        return par.shard_batch(device_batch(b, EVAL_KEYS))
 
     prefetcher = parallel.DevicePrefetcher(it, shard, size=prefetch)
     pending: list[tuple[jax.Array, dict[str, np.ndarray]]] = []
@@ -544,17 +609,23 @@ def train_and_evaluate(
         train_iter = data.train_iterator()
         start_step = ckpt.latest_step() or 0
         if start_step:
-            target = checkpointing.abstract_target(jax.eval_shape(init_state), par.state_sharding())
-            restored = ckpt.restore(
-                start_step, target, data_iter=checkpointing.IteratorState(iterator=train_iter)
-            )
-            state = restored.state
-            train_rng = jnp.asarray(restored.rng, jnp.uint32)
-            changed = config_utils.config_differences(restored.config or {}, config_dict)
+            # The config first (cheap): a change that alters the state's structure (EMA on/off,
+            # another model) then fails the restore below with the reason already printed.
+            saved = ckpt.restore(start_step, None, with_rng=False).config or {}
+            changed = config_utils.config_differences(saved, config_dict)
             message = f"Resuming from {ckpt.directory}/{start_step} ({start_step}/{total_steps})."
             if changed:
                 message += " Config changed since that checkpoint:\n  " + "\n  ".join(changed)
             _print(is_main, message)
+            target = checkpointing.abstract_target(jax.eval_shape(init_state), par.state_sharding())
+            restored = ckpt.restore(
+                start_step,
+                target,
+                data_iter=checkpointing.IteratorState(iterator=train_iter),
+                with_config=False,
+            )
+            state = restored.state
+            train_rng = jnp.asarray(restored.rng, jnp.uint32)
         else:
             state = init_state()
         if is_main:
@@ -571,9 +642,12 @@ def train_and_evaluate(
                 class_weights=class_weights,
                 axis_name=par.axis_name,
                 ema_decay=float(config.optim.ema_decay),
+                augment=augment_config(config),
             )
         )
-        p_eval = par.compile_eval_step(functools.partial(eval_step, model=model))
+        p_eval = par.compile_eval_step(
+            functools.partial(eval_step, model=model, augment=augment_config(config))
+        )
         batch = int(config.train.batch_size)
         _print(
             is_main,
@@ -589,7 +663,7 @@ def train_and_evaluate(
         )
         prefetcher = parallel.DevicePrefetcher(
             train_iter,
-            par.shard_batch,
+            lambda b: par.shard_batch(device_batch(b, TRAIN_KEYS)),
             size=int(config.data.device_prefetch),
             get_state=checkpointing.iterator_state,
         )
@@ -665,6 +739,8 @@ def train_and_evaluate(
                     f"Non-finite parameters at step {step}: stopping without saving. The latest "
                     f"checkpoint (step {ckpt.latest_step()}) is the last good one."
                 )
+            # Orbax copies device arrays to the host before save() returns (its default,
+            # synchronous D2H transfer), so the next step may donate these buffers.
             ckpt.save(
                 step,
                 single,

@@ -144,11 +144,13 @@ def _step_setup(config, par, batch_size: int, image_size: int, dtype=None):
     init_model = create_model(config.model, 2)
     state = train.create_train_state(init_model, tx, jax.random.PRNGKey(0), image_size)
     step = functools.partial(train.train_step, model=model, tx=tx, loss_config=config.loss,
-                             axis_name=par.axis_name)
+                             axis_name=par.axis_name, augment=train.augment_config(config))
     rs = np.random.RandomState(0)
-    host = {"image": rs.randn(batch_size, image_size, image_size, 3).astype(np.float32),
+    # As the input pipeline ships them: uint8 crops (augmented + normalised in the step).
+    host = {"image": rs.randint(0, 256, (batch_size, image_size, image_size, 3)).astype(np.uint8),
             "label": (np.arange(batch_size) % 2).astype(np.int32),
-            "mask": np.ones(batch_size, bool)}
+            "mask": np.ones(batch_size, bool),
+            "position": np.arange(batch_size, dtype=np.uint32)}
     return (par.compile_train_step(step), par.replicate(state), par.shard_batch(host),
             par.replicate(jax.random.PRNGKey(1)), step)
 

@@ -78,10 +78,11 @@ def source() -> ip.ListSource:
 def test_batch_shapes_and_dtypes(source):
     batch = next(train_iter(source, data_config(), batch=4))
     expected = {
-        "image": (np.float32, (4, SIZE, SIZE, 3)),
+        "image": (np.uint8, (4, SIZE, SIZE, 3)),
         "label": (np.int32, (4,)),
         "mask": (np.bool_, (4,)),
         "index": (np.int64, (4,)),
+        "position": (np.int64, (4,)),
         "sex": (np.int32, (4,)),
         "age": (np.int32, (4,)),
     }
@@ -97,7 +98,16 @@ def test_batch_shapes_and_dtypes(source):
         assert batch["label"][i] == record["label"]
         assert batch["patient_id"][i] == record["patient_id"].encode()
         assert batch["age"][i] == record["age"] and batch["sex"][i] == record["sex"]
-    assert abs(float(batch["image"].mean())) < 1.5  # normalised, not [0, 255]
+    # uint8 RGB crops of the (random-noise) records, not normalised: the device does that.
+    assert batch["image"].std() > 20 and batch["image"].max() > 200
+    np.testing.assert_array_equal(batch["position"], np.arange(4))
+
+
+def test_positions_number_the_global_stream(source):
+    batches = take(train_iter(source, data_config(), batch=4), 5)
+    positions = np.concatenate([b["position"] for b in batches])
+    np.testing.assert_array_equal(positions, np.arange(20))  # unique, past the 12-record epoch
+    assert sorted(np.concatenate([b["index"] for b in batches])[:12]) == list(range(12))
 
 
 def test_diagnosis_task_uses_the_diagnosis_feature(source):
@@ -144,6 +154,7 @@ def test_process_slices_are_disjoint_and_complete(source, count):
         for p in range(count)
     ]
     indices = [np.concatenate([b["index"] for b in s]) for s in slices]
+    positions = [np.concatenate([b["position"] for b in s]) for s in slices]
     everything = np.concatenate(indices)
     assert sorted(everything) == list(range(12))
     # Process p holds positions p, p + count, ... of the single-process stream, images included.
@@ -151,6 +162,7 @@ def test_process_slices_are_disjoint_and_complete(source, count):
     for p in range(count):
         images = np.concatenate([b["image"] for b in slices[p]])
         np.testing.assert_array_equal(indices[p], [s["index"][0] for s in single[p::count]])
+        np.testing.assert_array_equal(positions[p], np.arange(p, 12, count))
         np.testing.assert_array_equal(images, np.stack([s["image"][0] for s in single[p::count]]))
 
 
@@ -166,7 +178,7 @@ def test_eval_covers_each_example_exactly_once(count):
     source = make_source(10)
     global_batch = 6
     expected_batches = ip.num_eval_batches(len(source), global_batch, count)
-    seen = []
+    seen, positions = [], []
     for p in range(count):
         ds = ip.create_eval_dataset(
             source, data_config(), global_batch, process_index=p, process_count=count
@@ -175,10 +187,15 @@ def test_eval_covers_each_example_exactly_once(count):
         assert len(batches) == expected_batches == 2
         for b in batches:
             assert b["image"].shape == (global_batch // count, SIZE, SIZE, 3)
+            assert b["image"].dtype == np.uint8
             np.testing.assert_array_equal(b["mask"], b["index"] >= 0)
             assert (b["image_id"][~b["mask"]] == b"").all()
+            assert (b["image"][~b["mask"]] == 0).all()
+            np.testing.assert_array_equal(b["position"][b["mask"]], b["index"][b["mask"]])
             seen.extend(b["index"][b["mask"]].tolist())
+            positions.extend(b["position"].tolist())
     assert sorted(seen) == list(range(10))
+    assert sorted(positions) == list(range(expected_batches * global_batch))
 
 
 def test_eval_is_deterministic(source):

@@ -118,3 +118,19 @@ def test_guard_in_process_flags_and_restores_handlers():
 def test_guard_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         PreemptionGuard(**kwargs)
+
+
+def test_worker_processes_can_ignore_stop_signals():
+    code = (
+        "import os, signal\n"
+        "from isic_jax.preemption import ignore_stop_signals\n"
+        "ignore_stop_signals(0, 1)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "print('alive')\n"
+    )
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO), env.get("PYTHONPATH", "")] if p)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "alive", proc.stderr

@@ -138,30 +138,12 @@ def test_progress_display_modes(monkeypatch, tmp_path: pathlib.Path, capsys) -> 
     assert not (tmp_path / "tb").exists()  # only process 0 writes
 
 
-class _NaNAt:
-    """Wraps a training iterator; batch number `at` (1-based) gets NaN images."""
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(
+    tmp_path: pathlib.Path, monkeypatch
+) -> None:
+    import jax
+    import jax.numpy as jnp
 
-    def __init__(self, it, at: int):
-        self._it, self._at, self._n = it, at, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        batch = dict(next(self._it))
-        self._n += 1
-        if self._n == self._at:
-            batch["image"] = np.full_like(batch["image"], np.nan)
-        return batch
-
-    def get_state(self):
-        return self._it.get_state()
-
-    def set_state(self, state):
-        self._it.set_state(state)
-
-
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: pathlib.Path) -> None:
     from isic_jax import checkpointing, train
 
     # Metrics are pulled every 5 steps, checkpoints every 2: the NaN at step 3 must still be
@@ -169,8 +151,17 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: pathlib.Path) -
     config = standard_config(**{"train.log_every": 5, "train.checkpoint_every": 2,
                                 "train.eval_every": 100})
     data = make_data(config)
-    original = data.train_iterator
-    data.train_iterator = lambda: _NaNAt(original(), at=3)
+    real_step = train.train_step
+
+    def poisoned_step(state, batch, rng, **kwargs):
+        # Step 3 diverges: NaN loss and NaN parameters from then on.
+        new_state, metrics = real_step(state, batch, rng, **kwargs)
+        bad = new_state.step == 3
+        params = jax.tree.map(lambda p: jnp.where(bad, jnp.nan, p), new_state.params)
+        metrics = {**metrics, "loss": jnp.where(bad, jnp.nan, metrics["loss"])}
+        return new_state.replace(params=params), metrics
+
+    monkeypatch.setattr(train, "train_step", poisoned_step)
     with pytest.raises(train.NonFiniteError) as info:
         train.train_and_evaluate(config, tmp_path, data=data)
     message = str(info.value)

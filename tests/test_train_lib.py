@@ -232,13 +232,17 @@ def worker_equivalence(steps: int = 3, optimizer: str = "sgd") -> dict:
         config.optim.learning_rate = 1e-3
     rs = np.random.RandomState(0)
     batch, size = 8, 32
+    # uint8 images and stream positions, as the input pipeline ships them: the step's device
+    # augmentation (colour jitter + rotation here) must also agree across layouts.
+    config.data.augment.rotation = 15.0
     batches = [
         {
-            "image": rs.randn(batch, size, size, 3).astype(np.float32),
+            "image": rs.randint(0, 256, (batch, size, size, 3)).astype(np.uint8),
             "label": rs.randint(0, 2, batch).astype(np.int32),
             "mask": np.ones(batch, bool),
+            "position": np.arange(i * batch, (i + 1) * batch, dtype=np.uint32),
         }
-        for _ in range(steps)
+        for i in range(steps)
     ]
     tx, _ = create_optimizer(config.optim, 10, 10)
     init_model = create_model(config.model, 2)
@@ -254,7 +258,8 @@ def worker_equivalence(steps: int = 3, optimizer: str = "sgd") -> dict:
 
         def train_step(state, b, rng, par=par, model=model):
             return train.train_step(state, b, rng, model=model, tx=tx, loss_config=config.loss,
-                                    axis_name=par.axis_name)
+                                    axis_name=par.axis_name,
+                                    augment=train.augment_config(config))
 
         p_step = par.compile_train_step(functools.partial(train_step))
         state = par.replicate(state)
