@@ -1,25 +1,30 @@
-"""Host half of the image pipeline: decode, random resized crop, dihedral flip; uint8 out (PIL).
+"""Host half of the image pipeline: decode, random resized crop, resize; uint8 out (PIL + numpy).
 
-The host does only what shrinks the data (or is free): JPEG decode at a reduced DCT scale where
-possible, the random resized crop and resize to the output size in one PIL call, and one of the 8
-flips/transposes. Rotation, colour jitter, colour constancy and float normalisation run batched on
-the accelerator inside the step (`isic_jax.device_augment`), on the uint8 [S, S, 3] images made
-here (4x less host->device traffic than float32).
+The host does only what shrinks the data: JPEG decode (at a reduced DCT scale where possible) and
+the random resized crop + resize to the output size in one PIL call per image, into one uint8
+[B, S, S, 3] batch. The dihedral flips, rotation, colour jitter, colour constancy and float
+normalisation run batched on the accelerator inside the step (`isic_jax.device_augment`), which
+also makes host->device traffic 4x smaller than float32.
 
-Every function is a pure function of its inputs (an image, a `np.random.Generator`, parameters):
-the Grain transforms in `input_pipeline` call them with the per-element generator Grain derives
-from the seed and the element position, so a pipeline is reproducible and resumable.
+Randomness is a pure function of (seed, example position): `position_uniforms` hashes them
+(splitmix64, vectorised over the batch), so a batch is reproducible, resumable and the same
+whatever the process count, without a numpy Generator per image.
 
 Cost model (CPU time per image on the 2-core dev machine, stored images 256 px, output 224 px;
-scripts/bench_input.py):
-- JPEG decode ~0.55-0.65 ms: what a bare read+decode loop pays.
-- Crop + resize, one `Image.resize(size, resample, box=crop)` call: NEAREST ~0.02 ms, BOX
-  ~0.22-0.33 ms, BILINEAR ~0.29-0.45 ms (PIL's resampling is scalar C; for upscaling BOX gives
-  the same pixels as NEAREST). Only NEAREST keeps the whole host side within 25 % of the bare
-  decode, so it is the default (`AugmentConfig.interpolation`); it differs from antialiased
-  bilinear by ~1 grey level (mean absolute) on the sample at scale factors 0.7-1.33.
-- Dihedral element: `Image.transpose` ~0.03 ms (a numpy rot90 copy is ~8x slower).
-- `np.asarray` of the result ~0.03 ms; the batch is a plain uint8 stack.
+scripts/bench_input.py). Per-image Python work between two JPEG decodes runs cache-cold (a new
+Generator ~50 us, a Python crop sampler ~20 us, Grain's per-element random_map ~20-50 us), so the
+batch functions here keep the per-image work to the PIL calls:
+- JPEG decode ~0.45-0.6 ms: what a bare read+decode loop pays.
+- Crop + resize, one `Image.resize(size, resample, box=crop)` call: NEAREST ~0.03 ms, BOX
+  ~0.22-0.33 ms, BILINEAR ~0.3-0.45 ms (PIL resamples with scalar C; for upscaling BOX gives the
+  same pixels as NEAREST). Only NEAREST keeps the host within 25 % of the bare decode, so it is
+  the default (`AugmentConfig.interpolation`); it differs from antialiased bilinear by ~1 grey
+  level (mean absolute) on the sample at scale factors 0.7-1.33.
+- `tobytes` of the result ~0.05 ms (PIL keeps RGB as 4 bytes per pixel and packs it); the batch
+  is one join of those bytes. A dihedral `Image.transpose` would cost another ~0.03 ms, so the
+  flips run on the device instead, inside the rotation's bilinear gather, for free.
+- Each decoded image is freed before the next is decoded: keeping a batch of them alive made
+  every decode write to fresh, page-faulting memory (+~0.1 ms per image).
 - JPEG decoding uses `Image.draft` (DCT scaling 1/2, 1/4, 1/8) when the crop needs at most half of
   the stored resolution; draft only reduces when both sides are >= 2x the requested size.
 """
@@ -45,18 +50,9 @@ RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
 }
 DEFAULT_INTERPOLATION = "nearest"
-
-# PIL transposes equal to `dihedral(array, k)` for k = 1..7 (checked in the tests).
-_TRANSPOSE = (
-    None,
-    Image.Transpose.ROTATE_90,
-    Image.Transpose.ROTATE_180,
-    Image.Transpose.ROTATE_270,
-    Image.Transpose.TRANSPOSE,
-    Image.Transpose.FLIP_TOP_BOTTOM,
-    Image.Transpose.TRANSVERSE,
-    Image.Transpose.FLIP_LEFT_RIGHT,
-)
+CROP_TRIES = 10  # torchvision's RandomResizedCrop attempts before its fallback
+CROP_DRAWS = 4 * CROP_TRIES  # uniforms per example: (area, log-ratio, x, y) per try
+_MASK64 = (1 << 64) - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,14 +61,12 @@ class AugmentConfig:
 
     crop_scale: (min, max) fraction of the image area kept by the random resized crop.
     crop_ratio: (min, max) aspect ratio (width / height) of the crop.
-    dihedral: draw one of the 8 flips/transposes uniformly.
     interpolation: "nearest" (default, fast), "box" or "bilinear" for the crop resize.
-    Rotation and colour keys of `config.data.augment` belong to `device_augment`.
+    The other keys of `config.data.augment` (dihedral, rotation, colour) are `device_augment`'s.
     """
 
     crop_scale: tuple[float, float] = (0.4, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    dihedral: bool = True
     interpolation: str = DEFAULT_INTERPOLATION
 
     def __post_init__(self) -> None:
@@ -128,6 +122,32 @@ def decode(
     return image, factor
 
 
+# --------------------------------------------------------------------------- randomness
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser on uint64 arrays (wrapping arithmetic): a strong bit mixer."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def position_uniforms(seed: int, positions: np.ndarray | Sequence[int], n: int) -> np.ndarray:
+    """n uniforms in [0, 1) per position, float64 [B, n]: a pure function of (seed, position).
+
+    Counter-based (splitmix64 of the seed, the position and the draw number), vectorised over the
+    batch: no Generator per example, and the same numbers whatever batch or process an example
+    lands in.
+    """
+    positions = np.asarray(positions, np.int64).reshape(-1).astype(np.uint64)
+    key = _splitmix64(np.array([int(seed) & _MASK64], np.uint64))
+    per_example = _splitmix64(_splitmix64(positions ^ key))
+    draws = np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0xD1B54A32D192ED03)
+    bits = _splitmix64(per_example[:, None] ^ draws[None, :])
+    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
 # --------------------------------------------------------------------------- geometry
 
 
@@ -135,47 +155,59 @@ def dihedral(image: np.ndarray, k: int) -> np.ndarray:
     """Element k (0..7) of the dihedral group of the square on an array [H, W, ...].
 
     k % 4 = number of 90-degree counter-clockwise rotations; k >= 4 transposes first.
+    (`device_augment` applies the same elements on the device.)
     """
     if k >= 4:
         image = np.swapaxes(image, 0, 1)
     return np.rot90(image, k % 4)
 
 
-def dihedral_pil(image: Image.Image, k: int) -> Image.Image:
-    """`dihedral` on a PIL image (one `Image.transpose`, ~8x cheaper than a numpy copy)."""
-    return image if k == 0 else image.transpose(_TRANSPOSE[k])
+def dihedral_variants(image: np.ndarray) -> Sequence[np.ndarray]:
+    """All 8 dihedral transforms of an array [H, W, C] (for tests and test-time augmentation)."""
+    return [dihedral(image, k) for k in range(8)]
 
 
-def sample_crop(
-    rng: np.random.Generator,
-    width: int,
-    height: int,
+def sample_crops(
+    uniforms: np.ndarray,
+    widths: np.ndarray | Sequence[float],
+    heights: np.ndarray | Sequence[float],
     scale: tuple[float, float],
     ratio: tuple[float, float],
-) -> tuple[float, float, float, float]:
-    """torchvision's RandomResizedCrop box: (centre x, centre y, width, height), stored pixels.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """torchvision's RandomResizedCrop boxes, vectorised: (centre x, centre y, width, height).
 
-    Up to 10 tries of area fraction ~ U(scale) and log-uniform aspect ratio ~ ratio; falls back to
-    the largest centred box whose aspect ratio lies in `ratio`. Boxes are continuous (sub-pixel).
+    uniforms: float [B, >= CROP_DRAWS] in [0, 1) (`position_uniforms`); widths, heights: [B]
+    stored image sizes. Try t (of CROP_TRIES) draws an area fraction ~ U(scale) and a log-uniform
+    aspect ratio ~ ratio; the first try that fits is used, placed uniformly; when none fits, the
+    largest centred box whose aspect ratio lies in `ratio`. Boxes are continuous (sub-pixel),
+    float64 [B] each, in stored pixels.
     """
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        u = rng.random(4)
-        target_area = area * (scale[0] + (scale[1] - scale[0]) * u[0])
-        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1])
-        w = math.sqrt(target_area * aspect)
-        h = math.sqrt(target_area / aspect)
-        if 0 < w <= width and 0 < h <= height:
-            return w / 2 + u[2] * (width - w), h / 2 + u[3] * (height - h), w, h
+    u = np.asarray(uniforms, np.float64)[:, :CROP_DRAWS].reshape(-1, CROP_TRIES, 4)
+    width = np.asarray(widths, np.float64)
+    height = np.asarray(heights, np.float64)
+    area = (width * height)[:, None]
+    target = area * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = np.exp(log_lo + (log_hi - log_lo) * u[..., 1])
+    w = np.sqrt(target * aspect)
+    h = np.sqrt(target / aspect)
+    fits = (w <= width[:, None]) & (h <= height[:, None])
+    rows = np.arange(len(width))
+    first = np.argmax(fits, axis=1)  # the first try that fits (0 when none does: masked below)
+    w, h = w[rows, first], h[rows, first]
+    cx = w / 2 + u[rows, first, 2] * (width - w)
+    cy = h / 2 + u[rows, first, 3] * (height - h)
+    # Fallback: the whole image, trimmed to the nearest allowed aspect ratio, centred.
     in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = float(width), width / min(ratio)
-    elif in_ratio > max(ratio):
-        w, h = height * max(ratio), float(height)
-    else:
-        w, h = float(width), float(height)
-    return width / 2, height / 2, w, h
+    fallback_w = np.where(in_ratio > max(ratio), height * max(ratio), width)
+    fallback_h = np.where(in_ratio < min(ratio), width / min(ratio), height)
+    ok = fits.any(axis=1)
+    return (
+        np.where(ok, cx, width / 2),
+        np.where(ok, cy, height / 2),
+        np.where(ok, w, fallback_w),
+        np.where(ok, h, fallback_h),
+    )
 
 
 def crop_box(
@@ -192,6 +224,25 @@ def crop_box(
     right = min(max(left, sx * (center[0] + crop_size[0] / 2)), image_size[0])
     lower = min(max(upper, sy * (center[1] + crop_size[1] / 2)), image_size[1])
     return left, upper, right, lower
+
+
+def _crop_resize(
+    image: Image.Image,
+    box: tuple[float, float, float, float],
+    size: int,
+    resample: Image.Resampling,
+    draft: bool,
+) -> Image.Image:
+    """Decodes a lazily opened image at the DCT scale the crop allows, crops and resizes it.
+
+    box: (centre x, centre y, width, height) in stored pixels. Returns an RGB image [size, size].
+    """
+    width, height = image.size
+    cx, cy, cw, ch = box
+    min_size = (width * size / cw, height * size / ch)
+    image, _ = decode(image, min_size if draft else None)
+    pil_box = crop_box(image.size, (width, height), (cx, cy), (cw, ch))
+    return image.resize((size, size), resample, box=pil_box)
 
 
 # --------------------------------------------------------------------------- normalisation
@@ -211,30 +262,69 @@ def normalize(image: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- full transforms
 
 
-def train_image(
-    data: bytes,
-    rng: np.random.Generator,
+def _stack(chunks: Sequence[bytes], size: int) -> np.ndarray:
+    """Packed RGB images (`Image.tobytes`) -> one writable uint8 [B, size, size, 3] array.
+
+    One copy: bytearray.join, which numpy wraps without copying (bytes would be read-only).
+    """
+    return np.frombuffer(bytearray().join(chunks), np.uint8).reshape(len(chunks), size, size, 3)
+
+
+def train_batch(
+    datas: Sequence[bytes],
+    positions: np.ndarray | Sequence[int],
+    seed: int,
     size: int,
     config: AugmentConfig,
     draft: bool = True,
 ) -> np.ndarray:
-    """Decode + random resized crop + dihedral element of one encoded image; uint8 [S, S, 3].
+    """Decode + random resized crop of each encoded image; uint8 [B, size, size, 3].
 
-    Draws, in this order: crop box (`sample_crop`), dihedral element k (if enabled). The JPEG is
-    decoded at the smallest DCT scale that keeps the crop >= `size` pixels per side (draft=False:
-    always full size, for comparisons); the crop is resized by one `Image.resize(box=...)` with
-    `config.interpolation`; then `Image.transpose` applies element k (= `dihedral(array, k)`).
-    Rotation, colour and normalisation happen later on the device (`device_augment`).
+    Example i's crop comes from `position_uniforms(seed, positions)[i]` via `sample_crops`, so it
+    depends only on (seed, position). Headers are read first (sizes for the vectorised crop
+    sampling); then each image is decoded at the smallest DCT scale that keeps its crop >= `size`
+    pixels per side (draft=False: full size), cropped and resized by one PIL call with
+    `config.interpolation`, packed and freed before the next decode. No flips or rotation: the
+    device does those (`device_augment`).
     """
+    images: list[Image.Image | None] = [open_jpeg(data) for data in datas]
+    widths = [im.size[0] for im in images]
+    heights = [im.size[1] for im in images]
+    uniforms = position_uniforms(seed, positions, CROP_DRAWS)
+    boxes = np.stack(
+        sample_crops(uniforms, widths, heights, config.crop_scale, config.crop_ratio), axis=1
+    )
+    resample = RESAMPLE[config.interpolation]
+    chunks = []
+    for i, box in enumerate(boxes.tolist()):
+        image, images[i] = images[i], None
+        chunks.append(_crop_resize(image, tuple(box), size, resample, draft).tobytes())
+        image.close()
+    return _stack(chunks, size)
+
+
+def train_image(
+    data: bytes, position: int, seed: int, size: int, config: AugmentConfig, draft: bool = True
+) -> np.ndarray:
+    """`train_batch` of one image: uint8 [size, size, 3], the same pixels as within a batch."""
+    return train_batch([data], [position], seed, size, config, draft)[0]
+
+
+def _eval_resize(data: bytes, size: int, draft: bool) -> Image.Image:
     image = open_jpeg(data)
     width, height = image.size
-    cx, cy, cw, ch = sample_crop(rng, width, height, config.crop_scale, config.crop_ratio)
-    k = int(rng.integers(8)) if config.dihedral else 0
-    min_size = (width * size / cw, height * size / ch)
+    short = min(width, height)
+    min_size = (width * size / short, height * size / short)
     image, _ = decode(image, min_size if draft else None)
-    box = crop_box(image.size, (width, height), (cx, cy), (cw, ch))
-    out = image.resize((size, size), RESAMPLE[config.interpolation], box=box)
-    return np.asarray(dihedral_pil(out, k))
+    box = crop_box(image.size, (width, height), (width / 2, height / 2), (short, short))
+    return image.resize((size, size), Image.Resampling.BILINEAR, box=box)
+
+
+def eval_batch(datas: Sequence[bytes | None], size: int, draft: bool = True) -> np.ndarray:
+    """`eval_image` of each encoded image (None: a black padding image); uint8 [B, S, S, 3]."""
+    blank = bytes(size * size * 3)
+    chunks = [blank if d is None else _eval_resize(d, size, draft).tobytes() for d in datas]
+    return _stack(chunks, size)
 
 
 def eval_image(data: bytes, size: int, draft: bool = True) -> np.ndarray:
@@ -244,13 +334,7 @@ def eval_image(data: bytes, size: int, draft: bool = True) -> np.ndarray:
     bilinear resize of the centred square (evaluation is not on the hot path). Colour constancy
     and normalisation follow on the device (`device_augment.preprocess_eval`).
     """
-    image = open_jpeg(data)
-    width, height = image.size
-    short = min(width, height)
-    min_size = (width * size / short, height * size / short)
-    image, _ = decode(image, min_size if draft else None)
-    box = crop_box(image.size, (width, height), (width / 2, height / 2), (short, short))
-    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, box=box))
+    return np.asarray(_eval_resize(data, size, draft))
 
 
 def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
@@ -259,8 +343,3 @@ def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
     scale = size / min(width, height)
     new = (max(1, round(width * scale)), max(1, round(height * scale)))
     return image.resize(new, Image.Resampling.BILINEAR, reducing_gap=3.0)
-
-
-def dihedral_variants(image: np.ndarray) -> Sequence[np.ndarray]:
-    """All 8 dihedral transforms of an array [H, W, C] (for tests and test-time augmentation)."""
-    return [dihedral(image, k) for k in range(8)]

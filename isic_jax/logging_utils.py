@@ -43,6 +43,15 @@ def format_scalars(scalars: Mapping[str, Any]) -> str:
     return "  ".join(parts)
 
 
+def _terminal_size(fd: int) -> bool:
+    """Whether `fd` is a terminal that reports a usable size."""
+    try:
+        size = os.get_terminal_size(fd)
+    except OSError:
+        return False
+    return size.columns > 0 and size.lines > 0
+
+
 class MetricWriter:
     """Scalars to TensorBoard event files (tensorboardX). A no-op when not enabled."""
 
@@ -105,11 +114,16 @@ class Progress:
         if enabled and bar:
             from tqdm import tqdm
 
+            # A pty that reports a 0x0 size (e.g. under `script`, some CI runners) makes tqdm
+            # hide the bar: fall back to a fixed size there.
+            sized = _terminal_size(2)
             self._bar = tqdm(
                 total=self.total,
                 initial=self._step,
                 file=stream or sys.stderr,
-                dynamic_ncols=True,
+                dynamic_ncols=sized,
+                ncols=None if sized else 100,
+                nrows=None if sized else 24,
                 unit="step",
                 mininterval=0.5,
             )
@@ -126,8 +140,9 @@ class Progress:
             return
         text = format_scalars(scalars)
         if self._bar is not None:
-            self._bar.set_postfix_str(text, refresh=False)
-            if prefix != "train":
+            if prefix == "train":
+                self._bar.set_postfix_str(text, refresh=False)
+            else:
                 self._bar.write(f"[{prefix} step {step}/{self.total}] {text}")
         else:
             width = len(str(self.total))

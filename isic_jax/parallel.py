@@ -145,7 +145,11 @@ class DataParallel:
         if self.mode == "jit":
             return tree
         # One compiled program for the whole tree (x[0] leaf by leaf would compile per shape).
-        return _take_first(tree)
+        first = _take_first(tree)
+        if jax.process_count() > 1:
+            # pmap arrays are host-local; Orbax only saves global arrays or numpy in multi-host.
+            return jax.device_get(first)
+        return first
 
     def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """Sends this process's part of a global batch to its devices (asynchronously).
@@ -175,20 +179,18 @@ class DataParallel:
                                     self.batch_sharding)
         return out
 
-    def gather(self, x: jax.Array) -> np.ndarray:
-        """Per-example outputs of a step back on the host, in global batch order [B_global, ...].
+    def local_rows(self, x: jax.Array) -> np.ndarray:
+        """This process's rows of a per-example step output, in batch order [B_local, ...].
 
-        pmap outputs [n_dev, B/n_dev, ...] are flattened; jit outputs are already global. With
-        several processes, every process gets every example.
+        pmap outputs [n_local_devices, B / n, ...] and jit outputs [B_global, ...] sharded on
+        "data" alike: the addressable shards, ordered by their offset, concatenated (no
+        cross-process transfer; with one process this is the whole batch).
         """
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            x = multihost_utils.process_allgather(x, tiled=self.mode == "jit")
-        x = np.asarray(jax.device_get(x))
+        shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+        rows = np.concatenate([np.asarray(s.data) for s in shards])
         if self.mode == "pmap":
-            x = x.reshape(-1, *x.shape[2:])
-        return x
+            rows = rows.reshape(-1, *rows.shape[2:])
+        return rows
 
     # --- compilation -------------------------------------------------------------------------
 

@@ -310,13 +310,36 @@ class Predictions:
     patient_id: np.ndarray
 
 
-def _as_str(values: np.ndarray | None, n: int) -> np.ndarray:
-    if values is None:
-        return np.array([""] * n, dtype=object)
+def _as_str(values: np.ndarray) -> np.ndarray:
+    """bytes/str [N] -> object array of str."""
     return np.array(
         [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in values],
         dtype=object,
     )
+
+
+def _gather_processes(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Concatenates every process's rows (process-major, the order of the global batch).
+
+    Byte strings travel as fixed-width uint8 matrices (collectives carry numbers only).
+    """
+    from jax.experimental import multihost_utils
+
+    out = {}
+    for key, value in rows.items():
+        if value.dtype.kind == "S":
+            # Same width everywhere: the widest string of any process.
+            widths = multihost_utils.process_allgather(np.int32(max(1, value.dtype.itemsize)))
+            width = int(np.max(widths))
+            raw = np.frombuffer(value.astype(f"S{width}").tobytes(), np.uint8)
+            raw = raw.reshape(len(value), width)
+            gathered = np.asarray(multihost_utils.process_allgather(raw))
+            gathered = gathered.reshape(-1, width)
+            out[key] = np.frombuffer(gathered.tobytes(), f"S{width}")
+        else:
+            gathered = np.asarray(multihost_utils.process_allgather(value))
+            out[key] = gathered.reshape(-1, *value.shape[1:])
+    return out
 
 
 def predict(
@@ -345,21 +368,24 @@ def predict(
 
     def drain() -> None:
         for out, host in pending:
-            p = par.gather(out)
-            mask = np.asarray(host["mask"], bool)
-            # With several processes the gathered outputs hold every process's batch; each
-            # process's host arrays hold its own part: this keeps only the local part.
-            if p.shape[0] != mask.shape[0]:
-                start = jax.process_index() * mask.shape[0]
-                p = p[start : start + mask.shape[0]]
-            probs.append(p[mask])
-            labels.append(np.asarray(host["label"])[mask])
-            n = int(mask.sum())
-            index.append(np.asarray(host.get("index", np.full(mask.shape, -1)))[mask])
-            image_id.append(_as_str(host.get("image_id"), mask.shape[0])[mask] if n else
-                            np.array([], dtype=object))
-            patient_id.append(_as_str(host.get("patient_id"), mask.shape[0])[mask] if n else
-                              np.array([], dtype=object))
+            rows = {
+                "probs": par.local_rows(out),
+                "mask": np.asarray(host["mask"], bool),
+                "label": np.asarray(host["label"]),
+                "index": np.asarray(host.get("index", np.full(host["mask"].shape, -1))),
+                "image_id": np.asarray(host.get("image_id", np.zeros(host["mask"].shape, "S1"))),
+                "patient_id": np.asarray(
+                    host.get("patient_id", np.zeros(host["mask"].shape, "S1"))
+                ),
+            }
+            if jax.process_count() > 1:
+                rows = _gather_processes(rows)  # every process computes metrics on all
+            mask = rows["mask"]
+            probs.append(rows["probs"][mask])
+            labels.append(rows["label"][mask])
+            index.append(rows["index"][mask])
+            image_id.append(_as_str(rows["image_id"][mask]))
+            patient_id.append(_as_str(rows["patient_id"][mask]))
         pending.clear()
 
     try:

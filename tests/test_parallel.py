@@ -9,7 +9,7 @@ import threading
 
 import numpy as np
 import pytest
-from test_train_lib import compile_cache, run_worker  # noqa: F401
+from test_train_lib import compile_cache, run_two_processes, run_worker  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("compile_cache")
 
@@ -53,6 +53,20 @@ def test_batch_not_divisible_fails_before_compiling(tmp_path) -> None:
     assert "config.train.batch_size=6" in message
     assert "4 devices" in message
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_two_processes_train_evaluate_and_checkpoint(tmp_path) -> None:
+    # jax.distributed on localhost, 1 CPU device per process (gloo collectives), pmap: each
+    # process feeds its half of the global batch; gradients are averaged over both processes,
+    # evaluation gathers every example on every process, process 0 writes the logs.
+    outs = run_two_processes(str(tmp_path / "w"), "pmap")
+    assert [o["process"] for o in outs] == [0, 1]
+    assert all(o["devices"] == 2 and o["step"] == 6 for o in outs)
+    assert outs[0]["val_examples"] == outs[1]["val_examples"] == 12  # all of val, on both
+    assert outs[0]["val_loss"] == outs[1]["val_loss"]
+    assert outs[0]["param_sum"] == outs[1]["param_sum"]  # the replicas stayed in sync
+    assert (tmp_path / "w" / "checkpoints" / "6").is_dir()
+    assert (tmp_path / "w" / "config.json").exists()
 
 
 # ------------------------------------------------------------------------------ prefetch

@@ -313,6 +313,59 @@ def worker_train(workdir: str, overrides: dict[str, Any] | None = None,
     return {"step": result["step"], "val_auc": val.get("auc"), "val_loss": val.get("loss")}
 
 
+def worker_process(process_id: int, port: int, workdir: str, mode: str) -> dict:
+    """One of 2 JAX processes (1 CPU device each) training together on localhost."""
+    import jax
+
+    jax.distributed.initialize(f"127.0.0.1:{port}", 2, process_id)
+    from isic_jax import train
+
+    config = standard_config(**{"train.parallelism": mode, "model.dropout": 0.0})
+    result = train.train_and_evaluate(config, workdir, data=make_data(config))
+    flat = jax.tree.leaves(jax.device_get(result["state"].params))
+    return {
+        "process": jax.process_index(),
+        "devices": jax.device_count(),
+        "step": result["step"],
+        "val_loss": result["val"]["loss"],
+        "val_examples": result["val"]["num_examples"],
+        "param_sum": float(sum(np.sum(np.abs(x), dtype=np.float64) for x in flat)),
+    }
+
+
+def run_two_processes(workdir: str, mode: str, timeout: int = 240) -> list[dict]:
+    """Runs `worker_process` as processes 0 and 1 (a missing peer aborts: hence the timeout)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = cache_env(os.environ)
+    env["JAX_PLATFORMS"] = "cpu"
+    env.pop("XLA_FLAGS", None)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "process",
+             json.dumps({"process_id": i, "port": port, "workdir": workdir, "mode": mode})],
+            env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(2)
+    ]
+    outs = []
+    for p in procs:
+        try:
+            stdout, stderr = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        if p.returncode != 0:
+            raise AssertionError(f"process failed ({p.returncode}):\n{stdout[-2000:]}\n"
+                                 f"{stderr[-4000:]}")
+        outs.append(json.loads(stdout.strip().splitlines()[-1]))
+    return outs
+
+
 if __name__ == "__main__":
     name, raw = sys.argv[1], sys.argv[2]
     out = globals()[f"worker_{name}"](**json.loads(raw))
