@@ -1,7 +1,9 @@
-"""Run a checkpoint of a training run over a split and write its metrics and predictions.
+"""Run a checkpoint of a training run over a split and write its metrics, predictions and report.
 
     result = evaluate_checkpoint("runs/r50", split="val", checkpoint="best")
-    # -> runs/r50/eval/val/metrics.json, runs/r50/eval/val/predictions.csv
+    # -> runs/r50/eval/val/metrics.json, predictions.csv and the report's PNG figures:
+    #    roc, pr, confusion_matrix, calibration, score_distribution, auc_by_subgroup (report.py)
+    #    and mistakes.png (the most confident mistakes with Grad-CAM, gradcam.py)
 
 The run's saved config (`workdir/config.json`) defines the data, the model and the evaluation
 batch; the devices are whatever this process has (a checkpoint written on 4 devices evaluates on
@@ -21,6 +23,10 @@ import jax
 import numpy as np
 
 from isic_jax import checkpointing, config_utils, parallel, train
+
+# Images in the mistakes figure (a 4 x 4 grid of image + Grad-CAM pairs).
+NUM_MISTAKES = 16
+MISTAKES_FIGURE = "mistakes.png"
 
 
 def restore_for_eval(
@@ -81,6 +87,120 @@ def write_predictions(path: pathlib.Path, preds: train.Predictions, class_names:
             )
 
 
+def _as_bytes(value: Any) -> bytes:
+    """A record's bytes feature (bytes, np.bytes_, str or a 0-d array of them) as bytes."""
+    if isinstance(value, np.ndarray):
+        value = value.item()
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    return bytes(value)
+
+
+def mistake_images(
+    source: Any, preds: train.Predictions, rows: np.ndarray, image_size: int
+) -> np.ndarray:
+    """The evaluation pipeline's images of some predictions, re-read from the split's source.
+
+    Args:
+      source: the split's random-access records (`InputData.source(split)`), which
+        `preds.index` indexes.
+      preds: predictions over that split.
+      rows: int[K] rows of `preds`.
+      image_size: config.data.image_size.
+
+    Returns:
+      uint8 [K, S, S, 3], `image_ops.eval_image` of each record (what the model was given).
+
+    Raises:
+      ValueError: a record's image_id is not the prediction's (source and predictions disagree).
+    """
+    from isic_jax import image_ops
+
+    images = np.zeros((len(rows), image_size, image_size, 3), np.uint8)
+    for k, row in enumerate(np.asarray(rows, np.int64)):
+        record = source[int(preds.index[row])]
+        if "image_id" in record and preds.image_id[row]:
+            found = _as_bytes(record["image_id"]).decode("utf-8", "replace")
+            if found != preds.image_id[row]:
+                raise ValueError(
+                    f"record {int(preds.index[row])} of the split is {found!r}, but the "
+                    f"prediction is for {preds.image_id[row]!r}"
+                )
+        images[k] = image_ops.eval_image(_as_bytes(record["image"]), image_size)
+    return images
+
+
+def write_report(
+    out_dir: pathlib.Path,
+    preds: train.Predictions,
+    *,
+    class_names: list[str],
+    malignant_classes: list[int],
+    threshold: float,
+    source: Any,
+    image_size: int,
+    model: Any,
+    variables: dict[str, Any],
+    preprocess: Any,
+    num_mistakes: int = NUM_MISTAKES,
+) -> dict[str, Any]:
+    """The evaluation report: `report.write_report`'s figures and the mistakes' Grad-CAM grid.
+
+    Args:
+      out_dir: folder for the PNGs (beside metrics.json).
+      preds: the split's predictions (with sex, age, anatom_site, patient_id for the subgroups).
+      class_names, malignant_classes, threshold: as for `train.summarize`.
+      source: the split's records (`InputData.source(split)`), for the mistakes' images.
+      image_size: config.data.image_size (the evaluation crop).
+      model: the evaluated `flax.linen.Module` (no axis_name).
+      variables: {"params", "batch_stats"} the evaluation used (EMA ones when kept), one copy,
+        on the host or this process's default device.
+      preprocess: uint8 [B, S, S, 3] -> model input float32, as the eval step does it.
+      num_mistakes: images in mistakes.png.
+
+    Returns:
+      JSON-ready {"subgroup_auc": {variable: {group: {n, num_malignant, num_patients, auc,
+      auc_se}}}, "figures": [PNG file names written], "most_confident_mistakes": [{image_id,
+      label, predicted, probability, index}] in figure order}.
+    """
+    from isic_jax import gradcam, report
+
+    n = len(preds.labels)
+    metadata: dict[str, Any] = {}
+    for key in ("sex", "age", "anatom_site", "patient_id"):
+        value = getattr(preds, key, None)
+        if value is not None and len(value) == n:  # not collected -> that breakdown is left out
+            metadata[key] = value
+    rep = report.write_report(
+        out_dir,
+        probs=preds.probs,
+        labels=preds.labels,
+        class_names=class_names,
+        malignant_classes=malignant_classes,
+        threshold=threshold,
+        metadata=metadata,
+    )
+    rows = gradcam.most_confident_mistakes(preds.probs, preds.labels, num_mistakes)
+    mistakes = gradcam.write_mistakes_figure(
+        out_dir / MISTAKES_FIGURE,
+        model,
+        variables,
+        mistake_images(source, preds, rows, image_size),
+        probs=preds.probs[rows],
+        labels=preds.labels[rows],
+        class_names=class_names,
+        image_ids=list(preds.image_id[rows]),
+        preprocess=preprocess,
+    )
+    for entry, row in zip(mistakes, rows, strict=True):
+        entry["index"] = int(preds.index[row])  # record index in the split's source
+    return {
+        "subgroup_auc": rep["subgroup_auc"],
+        "figures": [*rep["figures"], MISTAKES_FIGURE],
+        "most_confident_mistakes": mistakes,
+    }
+
+
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
@@ -102,8 +222,10 @@ def evaluate_checkpoint(
     *,
     devices: list[jax.Device] | None = None,
     data: train.InputData | None = None,
+    report: bool = True,
 ) -> dict[str, Any]:
-    """Evaluates one checkpoint of a run on a split; writes metrics.json and predictions.csv.
+    """Evaluates one checkpoint of a run on a split; writes metrics.json, predictions.csv and
+    (with `report`) the report's figures (see `write_report`).
 
     Args:
       workdir: the `isic-jax train` run folder.
@@ -111,6 +233,8 @@ def evaluate_checkpoint(
       checkpoint: "latest", "best" or a step number.
       devices: devices to run on (default all of this process's).
       data: an `train.InputData` (default: opened from the saved config); for tests.
+      report: also write the PNG figures, and add "subgroup_auc", "figures" and
+        "most_confident_mistakes" to the metrics (process 0 only).
 
     Returns:
       The metrics dict written to `workdir/eval/<split>/metrics.json`.
@@ -125,9 +249,8 @@ def evaluate_checkpoint(
     from isic_jax.models import create_model
 
     model = create_model(config.model, data.num_classes)
-    p_eval = par.compile_eval_step(
-        functools.partial(train.eval_step, model=model, augment=train.augment_config(config))
-    )
+    aug = train.augment_config(config)
+    p_eval = par.compile_eval_step(functools.partial(train.eval_step, model=model, augment=aug))
     preds = train.predict(p_eval, state, data.eval_batches(split), par,
                           prefetch=max(1, int(config.data.device_prefetch)))
     metrics = train.summarize(preds, data.class_names, data.malignant_classes,
@@ -141,9 +264,37 @@ def evaluate_checkpoint(
         **metrics,
     }
     result = _jsonable(result)
-    if jax.process_index() == 0:
-        out_dir = workdir / "eval" / split
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-        write_predictions(out_dir / "predictions.csv", preds, data.class_names)
+    if jax.process_index() != 0:
+        return result
+    out_dir = workdir / "eval" / split
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Metrics and predictions first: they stay even if drawing the report fails.
+    _write_json(out_dir / "metrics.json", result)
+    write_predictions(out_dir / "predictions.csv", preds, data.class_names)
+    if report:
+        from isic_jax import device_augment
+
+        # One host copy of what was evaluated (EMA when kept): Grad-CAM then runs on this
+        # process's default device alone, whatever the sharding of the restored state.
+        variables = jax.device_get(par.unreplicate(state).eval_variables())
+        result.update(
+            write_report(
+                out_dir,
+                preds,
+                class_names=data.class_names,
+                malignant_classes=data.malignant_classes,
+                threshold=float(config.eval.threshold),
+                source=data.source(split),
+                image_size=int(config.data.image_size),
+                model=model,
+                variables=variables,
+                preprocess=lambda x: device_augment.preprocess_eval(x, aug),
+            )
+        )
+        result = _jsonable(result)
+        _write_json(out_dir / "metrics.json", result)
     return result
+
+
+def _write_json(path: pathlib.Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

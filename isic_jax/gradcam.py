@@ -319,7 +319,7 @@ def write_mistakes_figure(
     wrong[np.arange(k), y] = -np.inf
     predicted = wrong.argmax(axis=1) if k else np.zeros((0,), np.int64)
     maps = []
-    size = min(batch_size, k)
+    size = max(1, min(batch_size, k))  # k = 0 (no mistakes): no chunk, an empty grid
     for start in range(0, k, size):
         chunk = images_uint8[start : start + size]
         # Pad the last chunk to the same batch, so the Grad-CAM step compiles once.

@@ -300,7 +300,9 @@ class Predictions:
     """Per-example outputs over a split (padding removed), in the order the pipeline gave them.
 
     probs float32 [N, C], labels int32 [N], index int64 [N] (record index), image_id / patient_id
-    str [N] (empty strings when the pipeline has no such field).
+    str [N] (empty strings when the pipeline has no such field); the subgroup metadata of the
+    evaluation report: sex int32 [N] (0 unknown, 1 female, 2 male), age int32 [N] (-1 missing),
+    anatom_site str [N] ("unknown" when missing). Empty arrays when not collected.
     """
 
     probs: np.ndarray
@@ -308,6 +310,11 @@ class Predictions:
     index: np.ndarray
     image_id: np.ndarray
     patient_id: np.ndarray
+    sex: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0,), np.int32))
+    age: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0,), np.int32))
+    anatom_site: np.ndarray = dataclasses.field(
+        default_factory=lambda: np.zeros((0,), object)
+    )
 
 
 def _as_str(values: np.ndarray) -> np.ndarray:
@@ -355,9 +362,10 @@ def predict(
       p_eval: `par.compile_eval_step(partial(eval_step, model=...))`.
       state: replicated as for `p_eval`.
       batches: dicts with image float32 [B, H, W, 3], label int32 [B], mask bool [B] and
-        optionally index, image_id, patient_id.
+        optionally index, image_id, patient_id, sex, age, anatom_site (kept on the host).
     """
     probs, labels, index, image_id, patient_id = [], [], [], [], []
+    sex, age, anatom_site = [], [], []
     it = iter(batches)
 
     def shard(b: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -377,6 +385,11 @@ def predict(
                 "patient_id": np.asarray(
                     host.get("patient_id", np.zeros(host["mask"].shape, "S1"))
                 ),
+                "sex": np.asarray(host.get("sex", np.zeros(host["mask"].shape)), np.int32),
+                "age": np.asarray(host.get("age", np.full(host["mask"].shape, -1)), np.int32),
+                "anatom_site": np.asarray(
+                    host.get("anatom_site", np.full(host["mask"].shape, b"unknown"))
+                ),
             }
             if jax.process_count() > 1:
                 rows = _gather_processes(rows)  # every process computes metrics on all
@@ -386,6 +399,9 @@ def predict(
             index.append(rows["index"][mask])
             image_id.append(_as_str(rows["image_id"][mask]))
             patient_id.append(_as_str(rows["patient_id"][mask]))
+            sex.append(rows["sex"][mask])
+            age.append(rows["age"][mask])
+            anatom_site.append(_as_str(rows["anatom_site"][mask]))
         pending.clear()
 
     try:
@@ -405,6 +421,9 @@ def predict(
         index=np.concatenate(index).astype(np.int64),
         image_id=np.concatenate(image_id),
         patient_id=np.concatenate(patient_id),
+        sex=np.concatenate(sex).astype(np.int32),
+        age=np.concatenate(age).astype(np.int32),
+        anatom_site=np.concatenate(anatom_site),
     )
 
 

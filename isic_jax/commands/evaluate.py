@@ -1,13 +1,16 @@
-"""`isic-jax evaluate --workdir DIR [--split S] [--checkpoint latest|best|STEP]`.
+"""`isic-jax evaluate --workdir DIR [--split S] [--checkpoint latest|best|STEP] [--noreport]`.
 
 Loads the config the run saved in DIR, restores the checkpoint on this machine's devices (any
-count), runs the evaluation pipeline over the split and writes DIR/eval/<split>/metrics.json and
-predictions.csv. Exit status 2 when there is no such run, checkpoint or split.
+count), runs the evaluation pipeline over the split and writes DIR/eval/<split>/metrics.json,
+predictions.csv and the report's PNG figures (ROC, precision-recall, confusion matrix,
+calibration, score distributions, AUC by subgroup, the most confident mistakes with Grad-CAM).
+Exit status 2 when there is no such run, checkpoint or split.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from isic_jax import config_utils
@@ -23,6 +26,11 @@ _SPLIT = flags.DEFINE_string(
     "prepared dataset, e.g. fold3."
 )
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "latest, best, or a step number.")
+_REPORT = flags.DEFINE_boolean(
+    "report", True, "Also write the report's PNG figures (ROC, PR, confusion matrix, calibration, "
+    "score distributions, AUC by subgroup, most confident mistakes with Grad-CAM); --noreport: "
+    "metrics.json and predictions.csv only."
+)
 flags.mark_flags_as_required(["workdir"])
 
 EXIT_USAGE = 2
@@ -39,7 +47,9 @@ def main(argv: list[str]) -> None:
 
     quiet_orbax_logging()
     try:
-        result = evaluate.evaluate_checkpoint(_WORKDIR.value, _SPLIT.value, which)
+        result = evaluate.evaluate_checkpoint(
+            _WORKDIR.value, _SPLIT.value, which, report=_REPORT.value
+        )
     except (FileNotFoundError, config_utils.ConfigError, train.UnknownSplitError) as e:
         print(f"isic-jax evaluate: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USAGE)
@@ -47,7 +57,11 @@ def main(argv: list[str]) -> None:
                                     "balanced_accuracy", "sensitivity", "specificity")
              if k in result}
     print(json.dumps(shown, indent=1))
-    print(f"wrote {_WORKDIR.value}/eval/{_SPLIT.value}/metrics.json and predictions.csv")
+    out_dir = os.path.join(_WORKDIR.value, "eval", _SPLIT.value)
+    print(f"wrote {out_dir}/metrics.json and predictions.csv")
+    figures = result.get("figures") or []
+    if figures:
+        print(f"figures in {out_dir}/: {', '.join(figures)}")
 
 
 if __name__ == "__main__":

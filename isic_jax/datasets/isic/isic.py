@@ -403,8 +403,12 @@ def make_builder(
     writing, `options` (if given) overrides `num_folds`.
     """
     options = options or BuildOptions(num_folds=num_folds)
+    config = config_for(release, image_size)
+    # A predefined config goes by name: TFDS re-creates a pickled builder (Grain workers) from
+    # its constructor arguments and refuses a config object that is not the class's own.
+    predefined = any(c is config for c in Isic.BUILDER_CONFIGS)
     return Isic(
-        config=config_for(release, image_size),
+        config=config.name if predefined else config,
         data_dir=os.fspath(os.path.expanduser(data_dir)),
         file_format="array_record",
         options=options,
