@@ -10,6 +10,28 @@ Layout: `<dir>/<step>/{state,rng,data_iter,config}` (ocp.args.Composite). Retent
 `keep` checkpoints AND, separately, the best one by `best_metric` (AnyPreservationPolicy of
 LatestN and BestN), so the newest checkpoint is never deleted for being worse than the best and
 resuming always continues from the newest step.
+
+Safety (what `train.py` builds on):
+- A save is atomic: Orbax writes `<step>.orbax-checkpoint-tmp` and renames it when every item and
+  every process is done. A process killed mid-save leaves only the tmp folder, which Orbax never
+  lists as a step; `incomplete_saves()` names them and the next writable `Checkpointer` deletes
+  them.
+- `saved_state_signature(step)` reads a checkpoint's array names, shapes and dtypes from its
+  metadata (nothing else), so that a workdir holding another model is refused before anything
+  is restored or written (`signature_differences`).
+- `set_aside(step)` renames a finalized but unreadable step to `<step>.corrupt` (Orbax ignores
+  it; nothing is deleted), so that a run can fall back to the previous step and later save that
+  step number again.
+- The input-pipeline state is one file per process (`data_iter/process_<i>-of-<n>.json`, grain's
+  handler). Restoring on another process count uses the saved state of process 0 for every
+  process: with this project's pipeline, the state counts global batches and is the same on every
+  process (see `Checkpointer.restore`).
+
+Test hook: the environment variable `ISIC_JAX_TEST_KILL_AT=<point>:<step>` makes the process
+SIGKILL itself at a named point (`kill_point`), so that tests can kill a run at an exact place:
+`during_save:<step>` inside the background commit of that step's asynchronous save (its tmp folder
+exists, the checkpoint is not finalized), `after_step:<step>` right after that training step
+(see train.py). Never set it outside tests.
 """
 
 from __future__ import annotations
@@ -20,6 +42,8 @@ import logging
 import math
 import os
 import pathlib
+import signal
+import sys
 from typing import Any
 
 import jax
@@ -32,6 +56,26 @@ PyTree = Any
 
 # Composite item names.
 STATE, RNG, DATA_ITER, CONFIG = "state", "rng", "data_iter", "config"
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's suffix of a save in progress
+CORRUPT_SUFFIX = ".corrupt"  # a finalized step that could not be restored, set aside
+TEST_KILL_ENV = "ISIC_JAX_TEST_KILL_AT"
+
+
+class CheckpointError(RuntimeError):
+    """The workdir's checkpoints cannot be used (another model, or none readable); the message
+    says what to do. Raised before anything in the checkpoint folder is changed."""
+
+
+def kill_point(point: str, step: int) -> None:
+    """Test hook: SIGKILL this process if `ISIC_JAX_TEST_KILL_AT` is `<point>:<step>`.
+
+    A no-op (one dict lookup) unless the variable is set; see the module docstring.
+    """
+    wanted = os.environ.get(TEST_KILL_ENV)
+    if wanted and wanted == f"{point}:{int(step)}":
+        print(f"isic-jax: test hook {TEST_KILL_ENV}={wanted}: SIGKILL", file=sys.stderr,
+              flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # Orbax warnings that are expected here: checkpoints between evaluations carry no metrics, and
@@ -98,6 +142,19 @@ class IteratorState:
         """Called by grain's handler after restore; the live iterator starts on first next()."""
 
 
+class _KillDuringCommit(IteratorState):
+    """Test hook: grain's handler calls `get_state` in Orbax's background commit, while the
+    step's tmp folder exists and before it is finalized: the place to die for `during_save`."""
+
+    def __init__(self, inner: IteratorState, step: int):
+        super().__init__(inner._state, inner._iterator)
+        self._step = step
+
+    def get_state(self) -> bytes:
+        kill_point("during_save", self._step)
+        return super().get_state()
+
+
 def iterator_state(iterator: Any) -> Any:
     """The state to record after each batch (a JSON-able dict or bytes)."""
     return iterator.get_state()
@@ -126,6 +183,10 @@ class Restored:
     state: PyTree | None
     rng: np.ndarray | None
     config: dict[str, Any] | None
+    # Set when the input-pipeline state was written by another number of processes.
+    data_note: str | None = None
+    # {"processes", "devices", "parallelism"} of the run that wrote it (None: not recorded).
+    topology: dict[str, Any] | None = None
 
 
 class Checkpointer:
@@ -151,6 +212,8 @@ class Checkpointer:
     ):
         quiet_orbax_logging()
         self.directory = pathlib.Path(directory).absolute()
+        # Listed before Orbax deletes them (writable managers), so that the trainer can say so.
+        self.found_incomplete = [] if read_only else self.incomplete_saves()
         self.best_metric = best_metric
         best_fn = _best_fn(best_metric, best_mode)
         # BestN sorts ascending and keeps the tail: reverse for "min".
@@ -175,6 +238,8 @@ class Checkpointer:
             read_only=read_only,
             # The loop decides when to save (0 when read-only, which Orbax requires).
             save_interval_steps=0 if read_only else 1,
+            # Saves cut short by a kill (`<step>.orbax-checkpoint-tmp`): never restorable.
+            cleanup_tmp_directories=not read_only,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -195,6 +260,50 @@ class Checkpointer:
 
     def metrics(self, step: int) -> dict[str, Any] | None:
         return self._manager.metrics(step)
+
+    def step_path(self, step: int) -> pathlib.Path:
+        return self.directory / str(int(step))
+
+    def incomplete_saves(self) -> list[pathlib.Path]:
+        """Folders of saves that never finished (the process died before Orbax's final rename)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(p for p in self.directory.iterdir() if p.name.endswith(TMP_SUFFIX))
+
+    def reload(self) -> None:
+        """Re-reads the step list from disk (after `set_aside`)."""
+        self._manager.reload()
+
+    def set_aside(self, step: int) -> pathlib.Path:
+        """Renames an unreadable step folder to `<step>.corrupt[.k]` (kept for inspection, ignored
+        by Orbax) and returns the new path. Process 0 renames; every process reloads."""
+        source = self.step_path(step)
+        target = source.with_name(source.name + CORRUPT_SUFFIX)
+        k = 1
+        while target.exists():
+            target = source.with_name(f"{source.name}{CORRUPT_SUFFIX}.{k}")
+            k += 1
+        if jax.process_index() == 0:
+            source.rename(target)
+        _sync("isic_jax_set_aside")
+        self.reload()
+        return target
+
+    def saved_state_signature(self, step: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        """{array name: (shape, dtype)} of a checkpoint's train state, from its metadata only.
+
+        Raises:
+          Exception: the metadata is missing or unreadable (a damaged checkpoint).
+        """
+        handler = ocp.StandardCheckpointHandler()
+        try:
+            metadata = handler.metadata(self.step_path(step) / STATE)
+        finally:
+            handler.close()
+        tree = getattr(metadata, "tree", metadata)
+        if tree is None:
+            raise FileNotFoundError(f"no state metadata in {self.step_path(step) / STATE}")
+        return state_signature(tree)
 
     def resolve_step(self, which: str | int) -> int:
         """"latest", "best" or a step number -> an existing step.
@@ -233,6 +342,7 @@ class Checkpointer:
         config: dict[str, Any],
         metrics: dict[str, Any] | None = None,
         force: bool = True,
+        topology: dict[str, Any] | None = None,
     ) -> bool:
         """Starts an asynchronous save of one step. Returns whether a save was started.
 
@@ -242,15 +352,22 @@ class Checkpointer:
           data_iter: the input pipeline's state after the last consumed batch.
           config: the resolved config as a plain dict.
           metrics: scalar validation metrics of this step (ranks it for "best").
+          topology: where it was written ({"processes", "devices", "parallelism"}), stored
+            with the RNG key so that a resume on other hardware can say what changed.
         """
+        rng_item: dict[str, Any] = {"key": np.asarray(jax.device_get(rng)).tolist()}
+        if topology is not None:
+            rng_item["topology"] = topology
         items: dict[str, Any] = {
             STATE: ocp.args.StandardSave(state),
-            RNG: ocp.args.JsonSave({"key": np.asarray(jax.device_get(rng)).tolist()}),
+            RNG: ocp.args.JsonSave(rng_item),
             CONFIG: ocp.args.JsonSave(config),
         }
         if data_iter is not None:
             import grain
 
+            if os.environ.get(TEST_KILL_ENV):
+                data_iter = _KillDuringCommit(data_iter, step)
             items[DATA_ITER] = grain.checkpoint.CheckpointSave(data_iter)
         clean = None
         if metrics is not None:
@@ -273,7 +390,17 @@ class Checkpointer:
         Args:
           state_target: pytree of jax.ShapeDtypeStruct with shardings (or arrays) giving
             structure, dtypes and placement; None skips the state.
-          data_iter: receives the saved input-pipeline state (IteratorState(iterator=it)).
+          data_iter: receives the saved input-pipeline state (IteratorState(iterator=it)). When
+            the checkpoint was written by another number of processes (no file for this one),
+            process 0's saved state is given to every process: the pipeline's state counts
+            global batches (batch j of every process holds part of global batch j, and the
+            parts of all processes make up the same global batch whatever their number), so the
+            global stream continues where it stopped, re-sliced over the new processes. This
+            needs the saved states of all processes to be equal, which is checked.
+
+        Raises:
+          CheckpointError: per-process input states that differ (not re-sliceable).
+          Exception: whatever Orbax raises on a missing or damaged item.
         """
         items: dict[str, Any] = {}
         if state_target is not None:
@@ -282,19 +409,27 @@ class Checkpointer:
             items[RNG] = ocp.args.JsonRestore()
         if with_config:
             items[CONFIG] = ocp.args.JsonRestore()
+        note = None
         if data_iter is not None:
             import grain
 
-            items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
+            own = _data_iter_file(self.step_path(step) / DATA_ITER)
+            if own.exists():
+                items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
+            else:
+                note = _restore_resliced(self.step_path(step) / DATA_ITER, data_iter)
         out = self._manager.restore(step, args=ocp.args.Composite(**items))
-        rng = None
+        rng = topology = None
         if with_rng:
             rng = np.asarray(out[RNG]["key"], dtype=np.uint32)
+            topology = out[RNG].get("topology")
         return Restored(
             step=step,
             state=out[STATE] if state_target is not None else None,
             rng=rng,
             config=out[CONFIG] if with_config else None,
+            data_note=note,
+            topology=topology,
         )
 
     def wait_until_finished(self) -> None:
@@ -325,3 +460,90 @@ def abstract_target(abstract_state: PyTree, sharding: jax.sharding.Sharding) -> 
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_state
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers: state signatures, input state on another process count.
+
+
+def _key_name(entry: Any) -> str:
+    for attr in ("name", "key", "idx"):  # GetAttrKey, DictKey/FlattenedIndexKey, SequenceKey
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def state_signature(tree: PyTree) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{dotted name: (shape, dtype)} of every array leaf, named as Orbax names them on disk
+    (dataclass fields, dict keys and NamedTuple fields by name, sequence items by index).
+
+    Works on arrays, jax.ShapeDtypeStruct and Orbax's ArrayMetadata alike.
+    """
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = ".".join(_key_name(k) for k in path)
+        shape = tuple(int(d) for d in getattr(leaf, "shape", np.shape(leaf)))
+        dtype = str(np.dtype(getattr(leaf, "dtype", np.asarray(leaf).dtype)))
+        out[name] = (shape, dtype)
+    return out
+
+
+def signature_differences(
+    saved: dict[str, tuple[tuple[int, ...], str]],
+    expected: dict[str, tuple[tuple[int, ...], str]],
+    limit: int = 5,
+) -> list[str]:
+    """Readable differences between a checkpoint's signature and the current config's."""
+    lines = []
+    for name in sorted(set(saved) | set(expected)):
+        a, b = saved.get(name), expected.get(name)
+        if a == b:
+            continue
+        if a is None:
+            lines.append(f"{name}: not in the checkpoint (this config has {b[0]} {b[1]})")
+        elif b is None:
+            lines.append(f"{name}: only in the checkpoint ({a[0]} {a[1]})")
+        else:
+            lines.append(f"{name}: checkpoint {a[0]} {a[1]}, this config {b[0]} {b[1]}")
+    if len(lines) > limit:
+        lines = lines[:limit] + [f"... and {len(lines) - limit} more"]
+    return lines
+
+
+def _data_iter_file(directory: pathlib.Path) -> pathlib.Path:
+    """This process's file in a data_iter item (grain's handler naming)."""
+    return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+def _restore_resliced(directory: pathlib.Path, data_iter: IteratorState) -> str:
+    """Gives process 0's saved input state to this process (another process count; see
+    `Checkpointer.restore`). Returns a note for the log."""
+    files = sorted(directory.glob("process_*-of-*.json"))
+    if not files:
+        raise FileNotFoundError(f"no input-pipeline state in {directory}")
+    states = {}
+    for path in files:
+        try:
+            states[path.name] = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"unreadable input-pipeline state {path}: {e}") from e
+    first = next(iter(states.values()))
+    if any(state != first for state in states.values()):
+        raise CheckpointError(
+            f"the per-process input-pipeline states in {directory} differ, so they cannot be "
+            f"re-sliced over {jax.process_count()} process(es); resume with the process count "
+            f"that wrote them ({files[0].stem.split('-of-')[-1]})."
+        )
+    saved_count = files[0].stem.split("-of-")[-1]
+    data_iter.set_state(json.dumps(first).encode())
+    return (
+        f"the input pipeline was saved by {saved_count} process(es) and resumes on "
+        f"{jax.process_count()}: the same global batches continue, re-sliced over the processes"
+    )
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -242,10 +242,22 @@ def mistakes_grid(
     per = 2 if show_original else 1
     ncols = max(1, min(ncols, k))
     nrows = max(1, math.ceil(k / ncols))
-    fig = Figure(figsize=(2.3 * ncols * per + 1.0, 2.7 * nrows + 0.6), layout="constrained")
-    axes = fig.subplots(nrows, ncols * per, squeeze=False)
-    for ax in axes.flat:
+    # Square panels of ~2 in under two title lines (0.5 in), the colour bar in a narrow strip:
+    # sized so that neither blank rows nor a blank band before the colour bar open up.
+    # A narrow blank column between image pairs, so each pair reads as one unit.
+    gap = 0.12 if per > 1 and ncols > 1 else 0.0
+    ratios = ([1.0] * per + [gap]) * ncols if gap else [1.0] * (per * ncols)
+    ratios = ratios[: len(ratios) - 1] if gap else ratios
+    fig = Figure(
+        figsize=(2.05 * ncols * per + 2.05 * gap * (ncols - 1) + 0.9, 2.5 * nrows + 0.5),
+        layout="constrained",
+    )
+    grid = fig.subplots(nrows, len(ratios), squeeze=False, width_ratios=ratios)
+    for ax in grid.flat:
         ax.axis("off")
+    # The image columns only (the spacers dropped): [nrows, ncols * per].
+    keep = [j for j in range(len(ratios)) if not gap or j % (per + 1) != per]
+    axes = grid[:, keep]
     if k == 0:
         axes[0, 0].text(0.5, 0.5, "no mistakes", ha="center", va="center", fontsize=14)
     mappable = None
@@ -262,7 +274,15 @@ def mistakes_grid(
         if not show_original:
             ax_cam.set_title(titles[i], fontsize=8, loc="left")
     if mappable is not None:
-        fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.6, label="Grad-CAM (relative)")
+        fig.colorbar(
+            mappable,
+            ax=grid.ravel().tolist(),
+            shrink=min(0.8, 0.3 + 0.25 * nrows),
+            fraction=0.02,
+            pad=0.01,
+            aspect=25,
+            label="Grad-CAM (relative)",
+        )
     if suptitle:
         fig.suptitle(suptitle, fontsize=12)
     fig.savefig(path, dpi=100)
@@ -330,6 +350,15 @@ def write_mistakes_figure(
         index[: len(chunk)] = predicted[start : start + size]
         maps.append(grad_cam(model, variables, inputs, index)[: len(chunk)])
     heat = np.concatenate(maps) if maps else np.zeros(images_uint8.shape[:3], np.float32)
+    suptitle = "Most confident mistakes: Grad-CAM of the predicted class"
+    if k:
+        # The map's own resolution: a 3 x 3 map upsampled looks blocky, and should be read so.
+        layer = last_block_name(variables["params"])
+        inputs = jax.ShapeDtypeStruct(images_uint8.shape, jnp.float32)
+        cells = jax.eval_shape(
+            lambda x: _logits_and_features(model, variables, x, layer, None)[1], inputs
+        ).shape[1:3]
+        suptitle += f" ({layer} output, {cells[0]} x {cells[1]} cells, upsampled)"
     rows = []
     titles = []
     for i in range(k):
@@ -348,6 +377,6 @@ def write_mistakes_figure(
         images_uint8,
         heat,
         titles,
-        suptitle="Most confident mistakes: Grad-CAM of the predicted class",
+        suptitle=suptitle,
     )
     return rows

@@ -55,6 +55,7 @@ FIGURES: tuple[str, ...] = (
     "auc_by_subgroup.png",
 )
 
+_CALIBRATION_BINS = 10
 _BENIGN_COLOR = "tab:blue"
 _MALIGNANT_COLOR = "tab:red"
 _DPI = 110
@@ -335,7 +336,9 @@ def plot_pr(path: pathlib.Path, y_bin: np.ndarray, score: np.ndarray, threshold:
                 markersize=7,
                 label=f"threshold {threshold:g}: recall {recall:.2f}, precision {precision:.2f}",
             )
-        ax.legend(loc="upper right", fontsize=9)
+        # Lower left: a useful model's curve runs along the top (where "upper right" hid it and
+        # the threshold point), and the chance line of skin-lesion data is near the bottom.
+        ax.legend(loc="lower left", fontsize=9)
     else:
         _no_data(ax, "precision-recall undefined: only one class in the labels")
     ax.set(
@@ -369,8 +372,9 @@ def plot_confusion(
     k = len(names)
     side = max(4.6, 0.62 * k + 2.4)
     # Extra height: the square matrices then bind on width, and constrained layout (which does not
-    # foresee fixed-aspect axes) keeps the rotated tick labels and titles inside the figure.
-    fig, axes = _figure(1, 2, size=(2 * side + 1.0, side + 2.0))
+    # foresee fixed-aspect axes) keeps the rotated tick labels and titles inside the figure. Two
+    # classes have short horizontal labels: less is needed, and more would be blank bands.
+    fig, axes = _figure(1, 2, size=(2 * side + 1.0, side + (1.4 if k > 2 else 0.6)))
     rows = cm.sum(axis=1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros(cm.shape, np.float64), where=rows > 0)
     rotation = 45 if k > 2 else "horizontal"
@@ -407,16 +411,41 @@ def plot_calibration(path: pathlib.Path, y_bin: np.ndarray, score: np.ndarray) -
     n_pos, n = int(y_bin.sum()), y_bin.size
     ax.set_title(f"Calibration of the malignant score (n={n}, {n_pos} malignant)")
     if _both(y_bin):
-        brier = skm.brier_score_loss(y_bin, np.clip(score, 0.0, 1.0))
-        CalibrationDisplay.from_predictions(
+        clipped = np.clip(score, 0.0, 1.0)
+        brier = skm.brier_score_loss(y_bin, clipped)
+        disp = CalibrationDisplay.from_predictions(
             y_bin,
-            np.clip(score, 0.0, 1.0),
-            n_bins=10,
+            clipped,
+            n_bins=_CALIBRATION_BINS,
             strategy="uniform",
             name=f"malignant score (Brier {brier:.4f})",
             ax=ax,
         )
+        # Images per point: a bin of 3 images swings as far as one of 300, and should not be read
+        # the same. Binned as sklearn's calibration_curve does (uniform edges, searchsorted).
+        edges = np.linspace(0.0, 1.0, _CALIBRATION_BINS + 1)
+        counts = np.bincount(np.searchsorted(edges[1:-1], clipped), minlength=_CALIBRATION_BINS)
+        for x, y, c in zip(disp.prob_pred, disp.prob_true, counts[counts > 0], strict=True):
+            ax.annotate(
+                f"{c}",
+                (x, y),
+                xytext=(0, -12 if y > 0.9 else 7),  # below points at the top (title)
+                textcoords="offset points",
+                ha="center",
+                fontsize=7,
+                color="tab:blue",
+            )
         ax.legend(loc="upper left", fontsize=9)
+        ax.text(
+            0.98,
+            0.02,
+            "numbers: images per bin",
+            transform=ax.transAxes,
+            ha="right",
+            va="bottom",
+            fontsize=8,
+            color="tab:blue",
+        )
     else:
         _no_data(ax, "calibration undefined: only one class in the labels")
     ax.set(xlabel="", ylabel="Fraction malignant (per bin)", xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
@@ -549,7 +578,7 @@ def plot_subgroups(
         for y, a in zip(ypos, aucs, strict=True):
             text = f"{a:.3f}" if np.isfinite(a) else "n/a (one class)"
             ax.text(
-                1.01,
+                1.02,  # clear of the whisker caps at AUC 1
                 y,
                 text,
                 va="center",
@@ -562,7 +591,9 @@ def plot_subgroups(
             [f"{k} (n={g['n']}, {g['num_malignant']} mal.)" for k, g in groups.items()],
             fontsize=8,
         )
-        ax.invert_yaxis()
+        # Every row, the first on top, with half a row of margin: autoscaling sees the bars only,
+        # and a group without AUC (no bar) at either end would sit on the axis edge.
+        ax.set_ylim(len(groups) - 0.5, -0.5)
         ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
         if math.isfinite(overall_auc):
             ax.axvline(overall_auc, color="tab:red", linestyle=":", linewidth=1.5)

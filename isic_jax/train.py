@@ -17,8 +17,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import pathlib
-import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from isic_jax import checkpointing, config_utils, logging_utils, parallel
+from isic_jax import checkpointing, config_utils, logging_utils, parallel, preemption
 
 PyTree = Any
 
@@ -468,6 +468,58 @@ def malignant_class_indices(task: str, release: str, class_names: list[str]) -> 
     return [i for i, name in enumerate(class_names) if name in malignant]
 
 
+class DataNotFoundError(FileNotFoundError):
+    """config.data names a dataset that is not prepared under config.data.data_dir; the message
+    says what is there and what to run."""
+
+
+def _prepared_configs(data_dir: pathlib.Path) -> list[str]:
+    """Names ("isic2019_96") of the prepared `isic` datasets under a TFDS data_dir."""
+    root = data_dir / "isic"
+    if not root.is_dir():
+        return []
+    # TFDS layout: <data_dir>/isic/<release>_<size>/<version>/dataset_info.json (written last).
+    return sorted({p.parent.parent.name for p in root.glob("*/*/dataset_info.json")})
+
+
+def check_prepared_dataset(data_config: Any) -> None:
+    """Fails fast (before TFDS, devices or checkpoints are touched) when the dataset that
+    config.data names is not prepared under config.data.data_dir.
+
+    Raises:
+      DataNotFoundError: the folder is missing, holds no prepared ISIC dataset, or holds other
+        releases/sizes only; the message lists what is there and the command to run.
+    """
+    data_dir = pathlib.Path(os.path.expanduser(str(data_config.data_dir)))
+    release, size = str(data_config.release), int(data_config.stored_size)
+    name = f"{release}_{size}"
+    prepare = (f"isic-jax prepare --source YOUR_{release.upper()}_DOWNLOAD --data-dir {data_dir} "
+               f"--image-size {size}")
+    if not data_dir.is_dir():
+        raise DataNotFoundError(
+            f"config.data.data_dir={data_config.data_dir} does not exist ({data_dir}). Prepare "
+            f"the dataset first: `{prepare}`, or pass --config.data.data_dir=DIR with the folder "
+            f"`isic-jax prepare --data-dir` wrote."
+        )
+    found = _prepared_configs(data_dir)
+    if name in found:
+        return
+    if not found:
+        raise DataNotFoundError(
+            f"config.data.data_dir={data_dir} holds no prepared ISIC dataset (looked for "
+            f"{data_dir}/isic/{name}/<version>/dataset_info.json). Prepare it first: `{prepare}`."
+        )
+    options = "; ".join(
+        "--config.data.release={} --config.data.stored_size={}".format(*n.rsplit("_", 1))
+        for n in found
+    )
+    raise DataNotFoundError(
+        f"config.data.data_dir={data_dir} holds isic/{', isic/'.join(found)} but not isic/{name} "
+        f"(config.data.release={release}, config.data.stored_size={size}). To train on what is "
+        f"there, pass {options}; to use {release} at {size} px, prepare it: `{prepare}`."
+    )
+
+
 class InputData:
     """The run's data: sources from `input_pipeline.load_sources` and the Grain pipelines on them.
 
@@ -482,6 +534,7 @@ class InputData:
 
         self._config = config
         if sources is None:
+            check_prepared_dataset(config.data)
             sources = input_pipeline.load_sources(config.data)
         self.train_source, self.val_source, self.info = sources
 
@@ -601,11 +654,22 @@ def train_and_evaluate(
 
     Returns:
       {"step": last step, "val": last validation metrics (None if no evaluation ran), "train":
-      last train scalars, "state": the final TrainState (one copy, on the devices)}.
+      last train scalars, "state": the final TrainState (one copy, on the devices),
+      "stopped_by_signal": True when SIGTERM/SIGINT (on any process) stopped the run early after
+      saving a checkpoint (`isic-jax train` then exits with preemption.EXIT_PREEMPTED)}.
 
     Raises:
       NonFiniteError: the loss or state became NaN/Inf; the latest checkpoint is the last good one.
       ValueError: a bad config value or a global batch that does not divide over the devices.
+      DataNotFoundError: config.data names a dataset not prepared under data.data_dir.
+      checkpointing.CheckpointError: the workdir holds another model's checkpoints, or none of
+        its checkpoints can be restored (nothing in it is changed in either case).
+
+    Resuming (see `_restore_latest_good`): from the newest checkpoint that restores, onto this
+    run's devices whatever their number; the input pipeline continues with the next global
+    batch. Same process count: each process gets its own saved input state back. Another process
+    count: every process gets the common saved state, which counts global batches, so the same
+    global batches follow, split over the new processes (checkpointing.Checkpointer.restore).
     """
     from isic_jax.losses import class_weights_for_config
     from isic_jax.models import create_model
@@ -647,28 +711,35 @@ def train_and_evaluate(
     writer = logging_utils.MetricWriter(workdir / "tensorboard", enabled=is_main)
     progress: logging_utils.Progress | None = None
     prefetcher: parallel.DevicePrefetcher | None = None
-    stop_signal: list[int] = []
-    previous_handler = _install_sigterm(stop_signal)
+    topology = {
+        "processes": jax.process_count(),
+        "devices": par.num_devices,
+        "parallelism": par.mode,
+    }
+    # SIGTERM/SIGINT: finish the step, save, stop (in step on every process; preemption.py).
+    guard = preemption.PreemptionGuard(sync_every=int(config.train.log_every))
+    guard.__enter__()
     train_iter = None
     try:
         train_iter = data.train_iterator()
-        start_step = ckpt.latest_step() or 0
-        if start_step:
-            # The config first (cheap): a change that alters the state's structure (EMA on/off,
-            # another model) then fails the restore below with the reason already printed.
-            saved = ckpt.restore(start_step, None, with_rng=False).config or {}
-            changed = config_utils.config_differences(saved, config_dict)
+        start_step = 0
+        restored = _restore_latest_good(
+            ckpt,
+            abstract_state=jax.eval_shape(init_state),
+            sharding=par.state_sharding(),
+            train_iter=train_iter,
+            config_dict=config_dict,
+            is_main=is_main,
+        )
+        if restored is not None:
+            start_step = restored.step
+            changed = config_utils.config_differences(restored.config or {}, config_dict)
             message = f"Resuming from {ckpt.directory}/{start_step} ({start_step}/{total_steps})."
             if changed:
                 message += " Config changed since that checkpoint:\n  " + "\n  ".join(changed)
+            for note in _topology_notes(restored, topology, config_dict):
+                message += "\n  " + note
             _print(is_main, message)
-            target = checkpointing.abstract_target(jax.eval_shape(init_state), par.state_sharding())
-            restored = ckpt.restore(
-                start_step,
-                target,
-                data_iter=checkpointing.IteratorState(iterator=train_iter),
-                with_config=False,
-            )
             state = restored.state
             train_rng = jnp.asarray(restored.rng, jnp.uint32)
         else:
@@ -793,10 +864,12 @@ def train_and_evaluate(
                 data_iter=checkpointing.IteratorState(item.iterator_state),
                 config=config_dict,
                 metrics=metrics,
+                topology=topology,
             )
             last_saved = step
 
         step = start_step
+        interrupted = False
         if start_step >= total_steps:
             _print(is_main, f"Nothing to do: {workdir} holds step {start_step}/{total_steps}.")
         for step in range(start_step + 1, total_steps + 1):
@@ -804,10 +877,12 @@ def train_and_evaluate(
             state, metrics = p_train(state, item.device, rng)
             pending.metrics.append(metrics)
             progress.update(step)
+            checkpointing.kill_point("after_step", step)  # test hook (checkpointing.py)
             final = step == total_steps
             do_eval = step % int(config.train.eval_every) == 0 or final
             do_save = step % int(config.train.checkpoint_every) == 0 or final or do_eval
-            interrupted = bool(stop_signal)
+            # Every step, every process: the processes agree on the step to stop after.
+            interrupted = guard.should_stop(step) and not final
             if step % int(config.train.log_every) == 0 or final or do_save or interrupted:
                 pull_metrics(step)
             val = None
@@ -818,8 +893,10 @@ def train_and_evaluate(
             if do_eval or do_save:
                 pending.t_start = time.perf_counter()  # eval/save time is not step time
             if interrupted:
-                _print(is_main, f"Stopped by signal {stop_signal[0]} after step {step}; "
-                       f"checkpoint saved, rerun the same command to resume.")
+                cause = (f"signal {signal_name(guard.signal_received)}"
+                         if guard.signal_received else "a stop signal to another process")
+                _print(is_main, f"Stopped by {cause} after step {step}; checkpoint saved, rerun "
+                       f"the same command to resume.")
                 break
             if stop_after_step is not None and step >= stop_after_step:
                 break
@@ -828,6 +905,7 @@ def train_and_evaluate(
             "val": last_val,
             "train": last_train,
             "state": par.unreplicate(state),
+            "stopped_by_signal": interrupted,
         }
     finally:
         if prefetcher is not None:
@@ -837,7 +915,7 @@ def train_and_evaluate(
             progress.close()
         ckpt.close()  # waits for the asynchronous saves
         writer.close()
-        _restore_sigterm(previous_handler)
+        guard.__exit__(None, None, None)
 
 
 def _close(iterator: Any) -> None:
@@ -865,21 +943,160 @@ def _json_line(obj: Any) -> str:
     return json.dumps(obj, default=default, sort_keys=True)
 
 
-def _install_sigterm(flag: list[int]) -> Any:
-    """SIGTERM (preemption) -> save a checkpoint after the current step and stop."""
-    import threading
+def signal_name(signum: int | None) -> str:
+    """"SIGTERM" for 15, etc."""
+    import signal
 
-    if threading.current_thread() is not threading.main_thread():
+    try:
+        return signal.Signals(int(signum)).name
+    except (TypeError, ValueError):
+        return str(signum)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming.
+
+
+def _all_processes(flag: bool) -> bool:
+    """Whether `flag` holds on every process (each process restores on its own; they must agree
+    on the step they continue from)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.int32(bool(flag)))
+    return bool(np.all(np.asarray(flags)))
+
+
+def _reason(error: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    if len(text) > limit:
+        text = text[:limit] + " ..."
+    return f"{type(error).__name__}: {text}"
+
+
+def _restore_latest_good(
+    ckpt: checkpointing.Checkpointer,
+    *,
+    abstract_state: PyTree,
+    sharding: jax.sharding.Sharding,
+    train_iter: Any,
+    config_dict: dict[str, Any],
+    is_main: bool,
+) -> checkpointing.Restored | None:
+    """Restores the newest checkpoint that can be read; None when the folder holds none.
+
+    - Interrupted saves (`<step>.orbax-checkpoint-tmp`) are not checkpoints: reported, ignored.
+    - A checkpoint of another model (its state's array names/shapes/dtypes differ from this
+      config's, read from its metadata only) stops the run with `CheckpointError` before
+      anything is restored or written: falling back would hide a wrong --workdir.
+    - A finalized checkpoint that fails to restore (truncated or missing file, missing item) is
+      reported with its step and the reason, and the previous one is tried. Once one restores,
+      the unreadable newer ones are renamed `<step>.corrupt` (kept, ignored by Orbax) so that
+      the run can write those step numbers again.
+    - When none can be restored: `CheckpointError`; a run never starts from scratch silently
+      while checkpoints exist.
+
+    The state is restored into `abstract_state` placed with `sharding` (this run's devices,
+    whatever the device count that wrote it); the input pipeline's state goes to `train_iter`.
+    """
+    for path in ckpt.found_incomplete:
+        _print(is_main, f"Ignoring {path}: a save that never finished (the run was killed while "
+                        f"writing it); the newest complete checkpoint is used instead.")
+    steps = ckpt.all_steps()
+    if not steps:
         return None
+    expected = checkpointing.state_signature(abstract_state)
+    target = checkpointing.abstract_target(abstract_state, sharding)
+    failures: list[tuple[int, str]] = []
+    for step in reversed(steps):
+        where = f"{ckpt.directory}/{step}"
+        saved = error = None
+        try:
+            saved = ckpt.saved_state_signature(step)
+        except Exception as e:  # noqa: BLE001 - any unreadable metadata means a damaged step
+            error = e
+        if _all_processes(error is None) and saved != expected:
+            _raise_other_model(ckpt, step, saved or {}, expected, config_dict)
+        if error is None:
+            try:
+                restored = ckpt.restore(
+                    step, target, data_iter=checkpointing.IteratorState(iterator=train_iter)
+                )
+            except checkpointing.CheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many types
+                error = e
+        if _all_processes(error is None):
+            for bad, _ in failures:
+                moved = ckpt.set_aside(bad)
+                _print(is_main, f"Moved the unreadable checkpoint {ckpt.directory}/{bad} to "
+                                f"{moved} (kept for inspection; delete it when done).")
+            return restored
+        reason = _reason(error) if error is not None else "unreadable on another process"
+        failures.append((step, reason))
+        _print(is_main, f"WARNING: checkpoint {where} cannot be restored ({reason}). Trying the "
+                        f"previous checkpoint.")
+    listing = "\n  ".join(f"step {s}: {r}" for s, r in failures)
+    raise checkpointing.CheckpointError(
+        f"None of the {len(steps)} checkpoint(s) in {ckpt.directory} can be restored:\n  "
+        f"{listing}\nNot starting from scratch over them. To train from scratch, move that "
+        f"folder away or use a new --workdir; to keep the run, restore the folder from a backup."
+    )
 
-    def handler(signum: int, frame: Any) -> None:
-        flag.append(signum)
 
-    return signal.signal(signal.SIGTERM, handler)
+# Config keys that shape the train state; named when a workdir holds another model.
+_STATE_KEYS = ("model.", "optim.name", "optim.accumulation_steps", "optim.ema_decay",
+               "data.task", "data.release", "data.image_size")
 
 
-def _restore_sigterm(previous: Any) -> None:
-    import threading
+def _raise_other_model(
+    ckpt: checkpointing.Checkpointer,
+    step: int,
+    saved: dict[str, Any],
+    expected: dict[str, Any],
+    config_dict: dict[str, Any],
+) -> None:
+    """CheckpointError for a workdir whose checkpoints hold another model's state."""
+    try:
+        saved_config = ckpt.restore(step, None, with_rng=False).config or {}
+    except Exception:  # noqa: BLE001 - the config item is only used to explain
+        saved_config = {}
+    changed = [line for line in config_utils.config_differences(saved_config, config_dict)
+               if line.startswith(_STATE_KEYS)]
+    lines = changed or checkpointing.signature_differences(saved, expected)
+    raise checkpointing.CheckpointError(
+        f"{ckpt.directory} holds checkpoints of another model (step {step}), which this config "
+        f"cannot resume:\n  " + "\n  ".join(lines) + "\nUse a new --workdir for this config, "
+        f"or resume with the config the run was started with ({ckpt.directory.parent}/"
+        f"{config_utils.CONFIG_FILENAME}). Nothing in {ckpt.directory} was changed."
+    )
 
-    if previous is not None and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, previous)
+
+def _topology_notes(
+    restored: checkpointing.Restored, topology: dict[str, Any], config_dict: dict[str, Any]
+) -> list[str]:
+    """What changed in hardware since the checkpoint, and what it means for the data order."""
+    notes = []
+    old = restored.topology or {}
+    if old and (old.get("processes"), old.get("devices")) != (
+        topology["processes"], topology["devices"]
+    ):
+        notes.append(
+            f"Written by {old.get('processes')} process(es) on {old.get('devices')} device(s), "
+            f"resumed by {topology['processes']} on {topology['devices']}: the state is "
+            f"re-placed on the current devices and every global batch is the same as before "
+            f"(its split over devices changes, so results match up to float rounding)."
+        )
+    if restored.data_note:
+        notes.append(restored.data_note[0].upper() + restored.data_note[1:] + ".")
+    old_batch = ((restored.config or {}).get("train") or {}).get("batch_size")
+    new_batch = config_dict["train"]["batch_size"]
+    if old_batch is not None and old_batch != new_batch:
+        notes.append(
+            f"WARNING: train.batch_size changed ({old_batch} -> {new_batch}): the input state "
+            f"counts global batches, so the stream resumes at example {restored.step} x "
+            f"{new_batch} instead of {restored.step} x {old_batch}; examples are skipped or "
+            f"repeated once."
+        )
+    return notes

@@ -12,10 +12,14 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 from test_train_lib import cache_env, compile_cache  # noqa: F401
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+FIGURES = ("roc.png", "pr.png", "confusion_matrix.png", "calibration.png",
+           "score_distribution.png", "auc_by_subgroup.png", "mistakes.png")
 
 pytestmark = pytest.mark.usefixtures("compile_cache")
 
@@ -74,10 +78,24 @@ def test_second_train_resumes_from_the_workdir(trained, data_dir) -> None:
     assert "Nothing to do" in out
 
 
+def _check_png(path: pathlib.Path) -> None:
+    """A real PNG of a drawn figure: not tiny, not a blank canvas, with colour in it."""
+    assert path.exists(), path
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        assert im.width >= 500 and im.height >= 350, (path.name, im.size)
+        pix = np.asarray(im.convert("RGB"), np.float32)
+    assert pix.std() > 15, path.name
+    chroma = pix.max(axis=-1) - pix.min(axis=-1)
+    assert np.mean(chroma > 40) > 0.001, path.name
+
+
 def test_evaluate_writes_metrics_and_predictions(trained) -> None:
     workdir, _ = trained
     out = _ok(_run(["evaluate", "--workdir", str(workdir)]))
     assert "metrics.json" in out
+    out_dir = workdir / "eval" / "val"
+    assert f"figures in {out_dir}" in out
     metrics = json.loads((workdir / "eval" / "val" / "metrics.json").read_text())
     assert metrics["step"] == 6 and metrics["split"] == "val"
     for key in ("auc", "pauc_80", "balanced_accuracy", "sensitivity", "specificity", "loss"):
@@ -88,11 +106,32 @@ def test_evaluate_writes_metrics_and_predictions(trained) -> None:
     assert rows[0]["image_id"].startswith("ISIC_")
     assert len({r["image_id"] for r in rows}) == len(rows)
 
-    # Another split of the prepared dataset, the best checkpoint, one device.
-    _ok(_run(["evaluate", "--workdir", str(workdir), "--split", "fold1", "--checkpoint",
-              "best"], devices=1))
+    # The report: every figure, the AUC by subgroup (synth has site, sex and age), and the
+    # mistakes of the Grad-CAM grid, each one a wrong prediction of predictions.csv.
+    assert metrics["figures"] == list(FIGURES)
+    for name in FIGURES:
+        _check_png(out_dir / name)
+    assert set(metrics["subgroup_auc"]) == {"anatom_site", "sex", "age_band"}
+    assert sum(g["n"] for g in metrics["subgroup_auc"]["sex"].values()) == len(rows)
+    by_id = {r["image_id"]: r for r in rows}
+    names = metrics["class_names"]
+    mistakes = metrics["most_confident_mistakes"]
+    assert 0 < len(mistakes) <= 16
+    for m in mistakes:
+        row = by_id[m["image_id"]]
+        assert m["label"] == names[int(row["label"])] != m["predicted"]
+        assert m["index"] == int(row["index"])
+        assert abs(float(row[f"prob_{m['predicted']}"]) - m["probability"]) < 1e-4
+    confidence = [m["probability"] for m in mistakes]
+    assert confidence == sorted(confidence, reverse=True)
+
+    # Another split of the prepared dataset, the best checkpoint, one device, no report.
+    out = _ok(_run(["evaluate", "--workdir", str(workdir), "--split", "fold1", "--checkpoint",
+                    "best", "--noreport"], devices=1))
     other = json.loads((workdir / "eval" / "fold1" / "metrics.json").read_text())
     assert other["split"] == "fold1" and other["step"] in (3, 6)
+    assert "figures" not in other and "figures in" not in out
+    assert not list((workdir / "eval" / "fold1").glob("*.png"))
 
     bad = _run(["evaluate", "--workdir", str(workdir), "--split", "nope"], devices=1)
     assert bad.returncode == 2 and "unknown split 'nope'" in bad.stderr

@@ -1,8 +1,29 @@
 """`isic-jax train --config configs/X.py --workdir DIR [--config.a.b=value ...]`.
 
 Trains with the config file's `get_config()` plus command-line overrides; a second run on the same
-workdir resumes from its latest checkpoint. Exit status: 0 done, 2 bad config (the message names
-the key), 3 the loss became NaN/Inf (the latest checkpoint is the last good one).
+workdir resumes from its newest readable checkpoint (on any number of devices or processes).
+
+Several processes (one per host, each driving its local devices) run on JAX's own distributed
+runtime: under SLURM, Open MPI, a Cloud TPU pod or a Kubernetes indexed Job the cluster is detected
+and `jax.distributed.initialize()` is called before anything touches a device; elsewhere pass
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I` to every process. Every process
+runs the same command; process 0 prints and writes the logs, all write checkpoints.
+
+SIGTERM or SIGINT (a scheduler's preemption, a time limit, `kubectl delete`, Ctrl-C): every process
+finishes its current step, they all save a checkpoint of that same step and exit with status 75;
+rerunning the same command resumes. A second signal or SIGKILL ends a process at once; the last
+completed checkpoint is kept.
+
+Exit status:
+  0   training done (or nothing left to do)
+  1   bad flags (absl: unknown flag, `--config.a.b` override of an unknown key or of the wrong type)
+  2   bad config value, or bad distributed setup (incomplete flags, coordinator port in use)
+  3   the loss became NaN/Inf (the latest checkpoint is the last good one)
+  4   the dataset config.data names is not prepared under config.data.data_dir
+  5   the workdir's checkpoints cannot be used: another model's, or none readable
+  75  stopped by SIGTERM/SIGINT after saving a checkpoint (EX_TEMPFAIL: run it again to resume;
+      Kubernetes and SLURM recipes in scripts/launch restart on it)
+Every failure at start-up (1, 2, 4, 5) happens before the checkpoint folder is changed.
 """
 
 from __future__ import annotations
@@ -17,6 +38,8 @@ config_utils.set_default_xla_flags()
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from isic_jax import distributed  # noqa: E402  (imports no jax backend)
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Python config file with get_config(), e.g. configs/default.py.",
     lock_config=True,
@@ -26,35 +49,52 @@ _WORKDIR = flags.DEFINE_string(
 )
 flags.mark_flags_as_required(["config", "workdir"])
 config_utils.friendly_override_errors(_CONFIG)
+_DIST = distributed.define_flags()
+flags.adopt_module_key_flags(distributed)
 
 EXIT_CONFIG = 2
 EXIT_NON_FINITE = 3
+EXIT_DATA = 4
+EXIT_CHECKPOINT = 5
+
+
+def _fail(message: object, status: int) -> None:
+    print(f"isic-jax train: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from isic_jax import train
-    from isic_jax.checkpointing import quiet_orbax_logging
-
-    quiet_orbax_logging()
     config = _CONFIG.value
     try:
         config_utils.validate_config(config)
     except OSError as e:  # the config file could not be loaded (ml_collections defers it)
-        print(f"isic-jax train: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_CONFIG)
+        _fail(" ".join(str(e).split()), EXIT_CONFIG)
     except config_utils.ConfigError as e:
-        print(f"isic-jax train: {e}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_CONFIG)
+        _fail(e, EXIT_CONFIG)
+    # First JAX call of the process: joining the other processes must come before anything
+    # touches a device (importing jax alone does not).
     try:
-        train.train_and_evaluate(config, _WORKDIR.value)
+        _DIST.maybe_initialize()
+    except distributed.DistributedError as e:
+        _fail(e, EXIT_CONFIG)
+
+    from isic_jax import checkpointing, preemption, train
+
+    checkpointing.quiet_orbax_logging()
+    try:
+        result = train.train_and_evaluate(config, _WORKDIR.value)
     except config_utils.ConfigError as e:
-        print(f"isic-jax train: {e}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_CONFIG)
+        _fail(e, EXIT_CONFIG)
     except train.NonFiniteError as e:
-        print(f"isic-jax train: {e}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_NON_FINITE)
+        _fail(e, EXIT_NON_FINITE)
+    except train.DataNotFoundError as e:
+        _fail(e, EXIT_DATA)
+    except checkpointing.CheckpointError as e:
+        _fail(e, EXIT_CHECKPOINT)
+    if result.get("stopped_by_signal"):
+        sys.exit(preemption.EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

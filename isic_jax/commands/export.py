@@ -1,0 +1,78 @@
+"""`isic-jax export --workdir DIR --output DIR [--checkpoint latest|best|STEP]`.
+
+Writes the inference artefacts of one checkpoint of a run: model.json (model, classes in order,
+input, exact preprocessing, platforms), model.jax_export (jax.export StableHLO, uint8 images in,
+probabilities out, symbolic batch), variables/ (Orbax: params + BatchNorm statistics, the EMA
+ones when the run kept them) and config.json. Exit status 2 when there is no such run or
+checkpoint, or the output folder is in the way; 3 when the export does not reproduce the model.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from isic_jax import config_utils
+
+# Before jax is imported (see commands/train.py).
+config_utils.set_default_xla_flags()
+
+from absl import app, flags  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder written by `isic-jax train`.")
+_OUTPUT = flags.DEFINE_string("output", None, "Export folder to write (empty or new).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "latest, best, or a step number.")
+_PLATFORMS = flags.DEFINE_list(
+    "platforms", ["cpu", "cuda", "tpu"],
+    "jax.export platforms to lower for; those this JAX cannot lower for are left out (and "
+    "recorded in model.json).",
+)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an earlier export in --output.")
+_VERIFY = flags.DEFINE_bool(
+    "verify", True, "Check the exported model against the trained one on random images."
+)
+flags.mark_flags_as_required(["workdir", "output"])
+
+EXIT_USAGE = 2
+EXIT_MISMATCH = 3
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    which = _CHECKPOINT.value
+    if which not in ("latest", "best") and not which.isdigit():
+        raise app.UsageError(f"--checkpoint must be latest, best or a step number, got {which!r}")
+    from isic_jax import export
+    from isic_jax.checkpointing import quiet_orbax_logging
+
+    quiet_orbax_logging()
+    try:
+        meta = export.export_checkpoint(
+            _WORKDIR.value, _OUTPUT.value, which, platforms=_PLATFORMS.value,
+            overwrite=_OVERWRITE.value, verify=_VERIFY.value,
+        )
+    except (FileNotFoundError, FileExistsError, config_utils.ConfigError) as e:
+        print(f"isic-jax export: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USAGE)
+    except export.ExportError as e:
+        print(f"isic-jax export: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_MISMATCH)
+    info = meta["export"]
+    failed = "".join(
+        f"\n  not lowered for {p}: {why}" for p, why in info["platforms_failed"].items()
+    )
+    diff = info["verified_max_abs_diff"]
+    check = (f"max |exported - trained| = {diff:.2g} on {info['verified_on']} "
+             f"(tolerance {info['tolerance']:g})" if diff is not None else "not verified")
+    print(
+        f"Exported {meta['model']['name']} step {meta['checkpoint']['step']} "
+        f"({'EMA' if meta['variables']['ema'] else 'live'} weights), classes "
+        f"{', '.join(meta['class_names'])}, input uint8 [b, {meta['input']['image_size']}, "
+        f"{meta['input']['image_size']}, 3] to {_OUTPUT.value}\n"
+        f"  platforms: {', '.join(info['platforms'])}; {check}{failed}",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,79 @@
+"""`isic-jax predict --model EXPORT_DIR --input DIR_OR_CSV --output FILE.csv [--tta]
+[--submission isic2019|isic2020|isic2024]`.
+
+Class probabilities for every image of a folder (jpg, jpeg, png, bmp, tif, tiff, webp) or of a
+CSV (column `path`, or `image`/`image_name`/`isic_id`, relative to the CSV's folder), with the
+resize and preprocessing of evaluation (from the export's model.json). One row per image: id,
+path, prob_<class>, prediction, malignant_probability, error (an unreadable image gets its error
+and the run goes on). --submission writes the exact columns of that ISIC challenge instead
+(failed images listed in FILE.errors.csv). --tta averages over the 8 flips/transposes.
+Exit status 2 for a bad --model/--input or a submission the model cannot fill.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from isic_jax import config_utils
+
+# Before jax is imported (see commands/train.py).
+config_utils.set_default_xla_flags()
+
+from absl import app, flags  # noqa: E402
+
+_MODEL = flags.DEFINE_string("model", None, "Folder written by `isic-jax export`.")
+_INPUT = flags.DEFINE_string("input", None, "Folder of images, or a CSV listing them.")
+_OUTPUT = flags.DEFINE_string("output", None, "CSV file to write.")
+_TTA = flags.DEFINE_bool("tta", False, "Mean over the 8 flips/transposes (8x the compute).")
+_SUBMISSION = flags.DEFINE_enum(
+    "submission", None, ["isic2019", "isic2020", "isic2024"],
+    "Write the exact columns of this ISIC challenge's submission file.",
+)
+_BATCH = flags.DEFINE_integer(
+    "batch_size", 32, "Images per device call (over all local devices; rounded up to a "
+    "multiple of their count).", lower_bound=1,
+)
+_BACKEND = flags.DEFINE_enum(
+    "backend", "auto", ["auto", "export", "checkpoint"],
+    "export: the jax.export artefact; checkpoint: Orbax variables + model code; auto: the "
+    "artefact when it was lowered for this platform.",
+)
+_WORKERS = flags.DEFINE_integer(
+    "num_workers", 0, "Decode threads (0: one per core).", lower_bound=0
+)
+flags.mark_flags_as_required(["model", "input", "output"])
+
+EXIT_USAGE = 2
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from isic_jax import predict
+    from isic_jax.checkpointing import quiet_orbax_logging
+
+    quiet_orbax_logging()
+    try:
+        summary = predict.predict_to_csv(
+            _MODEL.value, _INPUT.value, _OUTPUT.value, tta_flips=_TTA.value,
+            submission=_SUBMISSION.value, batch_size=_BATCH.value, backend=_BACKEND.value,
+            num_workers=_WORKERS.value or None,
+        )
+    except (FileNotFoundError, ValueError) as e:  # InputError, SubmissionError are ValueErrors
+        print(f"isic-jax predict: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USAGE)
+    n = len(summary.items)
+    print(
+        f"Predicted {n - summary.num_failed}/{n} images in {summary.seconds:.1f} s on "
+        f"{summary.num_devices} device(s) (backend {summary.backend}"
+        f"{', TTA x8' if _TTA.value else ''}); wrote {summary.output}",
+        flush=True,
+    )
+    if summary.num_failed:
+        where = summary.errors_file or summary.output
+        print(f"isic-jax predict: {summary.num_failed} image(s) could not be read; see the error "
+              f"column of {where}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,506 @@
+"""Inference artefacts from a training checkpoint: Orbax variables, a `jax.export` model, a JSON.
+
+    meta = export_checkpoint("runs/r50", "exports/r50", checkpoint="best")
+
+writes
+
+    exports/r50/
+      model.json          which model, classes in order, input, exact preprocessing, platforms
+      model.jax_export    jax.export artefact: uint8 [B, S, S, 3] RGB -> float32 [B, C] probs
+      variables/          Orbax checkpoint {"params", "batch_stats"} (EMA weights when the run
+                          kept them: the ones evaluation uses); no optimiser state
+      config.json         the run's resolved config (rebuilds the model with isic_jax)
+
+The exported function is the evaluation forward pass, `train.eval_step`, with the variables
+baked in as constants: colour constancy (if the run used it) and ImageNet normalisation run
+inside it, so a caller only decodes, resizes and centre-crops (`model.json["preprocessing"]`,
+which `isic-jax predict` follows). The batch size is symbolic ("b"): any batch works. It is
+lowered for CPU, CUDA and TPU where this JAX can (each platform is tried on its own when the
+joint lowering fails; the platforms that worked are in model.json). Loading it needs plain
+`jax` (and `flatbuffers`), not isic_jax:
+
+    import json, numpy as np, jax
+    from jax import export
+    meta = json.load(open("exports/r50/model.json"))
+    with open("exports/r50/model.jax_export", "rb") as f:
+        model = export.deserialize(bytearray(f.read()))
+    s = meta["input"]["image_size"]
+    images = np.zeros((4, s, s, 3), np.uint8)  # RGB, resized as meta["preprocessing"] says
+    probs = np.asarray(model.call(images))     # float32 [4, C]; columns: meta["class_names"]
+
+Numbers: at export the artefact is deserialised and run on random images against
+`train.eval_step` on the same variables; the largest absolute difference of the probabilities
+is stored as `export.verified_max_abs_diff` and must be within `export.tolerance` (1e-5 for
+float32 compute, 1e-2 for bfloat16), or the export fails.
+
+The variables restore with Orbax on any device count, without the model code
+(`restore_variables`: the target is built from the checkpoint's own metadata).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import export as jax_export
+
+from isic_jax import config_utils
+
+PyTree = Any
+
+FORMAT = "isic_jax.export"
+FORMAT_VERSION = 1
+METADATA_FILE = "model.json"
+EXPORTED_FILE = "model.jax_export"
+VARIABLES_DIR = "variables"
+CONFIG_FILE = "config.json"
+DEFAULT_PLATFORMS: tuple[str, ...] = ("cpu", "cuda", "tpu")
+# |exported - eval_step| on probabilities, by compute dtype (the same program; only fusion or
+# algorithm choices for another batch shape differ).
+TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
+VERIFY_BATCH = 3  # random images compared at export time
+# What `isic-jax prepare` does to every image (datasets/isic/images.py: process_image).
+STORED_FILTER = "lanczos"
+STORED_JPEG_QUALITY = 95
+SHADES_OF_GRAY_POWER = 6
+
+
+class ExportError(RuntimeError):
+    """The export could not be written or did not reproduce the trained model."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The model's classes and forward pass.
+
+
+def class_names_for(config: Any) -> list[str]:
+    """Class names in the model's output order: the prepared dataset's ClassLabel names.
+
+    task "binary": ["benign", "malignant"]; "diagnosis": DIAGNOSIS_CLASSES[release].
+    """
+    from isic_jax.datasets.isic import labels
+
+    if config.data.task == "binary":
+        return list(labels.LABEL_NAMES)
+    return list(labels.DIAGNOSIS_CLASSES[config.data.release])
+
+
+def malignant_classes_for(config: Any, class_names: Sequence[str]) -> list[int]:
+    """Indices of the classes whose probabilities sum to the malignant probability."""
+    from isic_jax import train
+
+    return train.malignant_class_indices(config.data.task, config.data.release, list(class_names))
+
+
+def inference_forward(
+    config: Any, variables: dict[str, PyTree], num_classes: int
+) -> Callable[[jax.Array], jax.Array]:
+    """The evaluation forward pass with `variables` closed over (traceable, not jitted).
+
+    Args:
+      config: the run's resolved config (model, data.augment.color_constancy).
+      variables: {"params", "batch_stats"}: what evaluation uses (EMA ones when kept).
+      num_classes: size of the model's head.
+
+    Returns:
+      f(images uint8 [B, S, S, 3] RGB) -> float32 [B, C] softmax probabilities: exactly
+      `train.eval_step` (colour constancy if configured, ImageNet normalisation, the model).
+    """
+    from isic_jax import train
+    from isic_jax.models import create_model
+
+    model = create_model(config.model, num_classes)
+    augment = train.augment_config(config)
+    state = train.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=(),
+        ema={},
+    )
+
+    def forward(images: jax.Array) -> jax.Array:
+        return train.eval_step(state, {"image": images}, model=model, augment=augment)
+
+    return forward
+
+
+# ---------------------------------------------------------------------------------------------
+# jax.export.
+
+
+def _export_for(
+    jitted: Callable, spec: jax.ShapeDtypeStruct, platforms: Sequence[str]
+) -> jax_export.Exported:
+    return jax_export.export(jitted, platforms=tuple(platforms))(spec)
+
+
+def export_forward(
+    forward: Callable[[jax.Array], jax.Array],
+    image_size: int,
+    platforms: Sequence[str] = DEFAULT_PLATFORMS,
+) -> tuple[jax_export.Exported, list[str], dict[str, str]]:
+    """Lowers `forward` for uint8 [b, S, S, 3] with a symbolic batch `b`, for `platforms`.
+
+    All platforms are lowered together first (one artefact that runs on each); if that fails,
+    each platform is tried alone and the artefact covers those that lowered.
+
+    Returns:
+      (exported, platforms it covers, {platform: error} for those that failed).
+
+    Raises:
+      ExportError: no platform lowered.
+    """
+    (batch,) = jax_export.symbolic_shape("b")
+    spec = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.uint8)
+    jitted = jax.jit(forward)
+    platforms = [p.lower() for p in platforms]
+    try:
+        return _export_for(jitted, spec, platforms), list(platforms), {}
+    except Exception as joint_error:  # noqa: BLE001 - lowering errors have many types
+        if len(platforms) == 1:
+            raise ExportError(f"lowering for {platforms[0]} failed: {joint_error}") from joint_error
+    ok: list[str] = []
+    failed: dict[str, str] = {}
+    for platform in platforms:
+        try:
+            _export_for(jitted, spec, [platform])
+            ok.append(platform)
+        except Exception as e:  # noqa: BLE001
+            failed[platform] = f"{type(e).__name__}: {' '.join(str(e).split())[:500]}"
+    if not ok:
+        raise ExportError(f"no platform could be lowered: {failed}")
+    return _export_for(jitted, spec, ok), ok, failed
+
+
+def current_platform() -> str:
+    """This process's default backend as jax.export names it (cpu, cuda, rocm, tpu)."""
+    device = jax.local_devices()[0]
+    if device.platform == "gpu":
+        version = str(getattr(device.client, "platform_version", "")).lower()
+        return "rocm" if "rocm" in version else "cuda"
+    return device.platform
+
+
+def load_exported(export_dir: str | os.PathLike) -> jax_export.Exported:
+    """Deserialises `export_dir/model.jax_export`."""
+    path = pathlib.Path(export_dir) / EXPORTED_FILE
+    return jax_export.deserialize(bytearray(path.read_bytes()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Orbax variables.
+
+
+def save_variables(path: str | os.PathLike, variables: dict[str, PyTree]) -> None:
+    """Writes {"params", "batch_stats"} with Orbax (synchronously) to `path` (must not exist)."""
+    import orbax.checkpoint as ocp
+
+    from isic_jax.checkpointing import quiet_orbax_logging
+
+    quiet_orbax_logging()
+    tree = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    # Host copies: no sharding is recorded, so nothing ties the checkpoint to these devices.
+    tree = jax.device_get(tree)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(pathlib.Path(path).absolute(), tree)
+        ckptr.wait_until_finished()
+
+
+def restore_variables(
+    export_dir: str | os.PathLike, sharding: jax.sharding.Sharding | None = None
+) -> dict[str, PyTree]:
+    """Restores the exported variables on this process's devices, whatever their count.
+
+    Needs no model code: shapes and dtypes come from the checkpoint's metadata.
+
+    Args:
+      export_dir: a folder written by `export_checkpoint` (or its `variables/` folder).
+      sharding: where every leaf goes; default replicated on all local devices
+        (NamedSharding(Mesh(local devices), P())).
+
+    Returns:
+      {"params": ..., "batch_stats": ...} of jax.Arrays (float32).
+    """
+    import orbax.checkpoint as ocp
+
+    from isic_jax.checkpointing import quiet_orbax_logging
+
+    quiet_orbax_logging()
+    path = pathlib.Path(export_dir).absolute()
+    if (path / VARIABLES_DIR).is_dir():
+        path = path / VARIABLES_DIR
+    if sharding is None:
+        mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ("data",))
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    with ocp.StandardCheckpointer() as ckptr:
+        tree = ckptr.metadata(path).item_metadata.tree
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), tree
+        )
+        return ckptr.restore(path, target)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata.
+
+
+def preprocessing_metadata(config: Any, max_pixels: int | None = None) -> dict[str, Any]:
+    """What happens to an image before and inside the exported function (model.json)."""
+    from isic_jax import image_ops
+    from isic_jax.datasets.isic import images
+
+    stored = int(config.data.stored_size)
+    size = int(config.data.image_size)
+    constancy = bool(config.data.augment.get("color_constancy", False))
+    inside = (["color_constancy"] if constancy else []) + ["normalize"]
+    steps = [
+        "decode with PIL; EXIF orientation applied; 8-bit RGB (alpha composited over black, "
+        "16-bit grey divided by 257)",
+        f"prepare resize: shorter side to {stored} px (Lanczos, aspect kept), JPEG re-encoded "
+        f"at quality {STORED_JPEG_QUALITY} (what `isic-jax prepare` stores)",
+        f"eval resize: centred square of the shorter side, resized to {size}x{size} (PIL "
+        "antialiased bilinear; JPEG draft decoding when the stored image is >= 2x the size)",
+        "inside the exported function: "
+        + ("Shades-of-Gray colour constancy (p=6), then " if constancy else "")
+        + "(x / 255 - mean) / std per channel",
+    ]
+    return {
+        "steps": steps,
+        "stored_size": stored,
+        "stored_resize": {
+            "method": "shorter_side",
+            "filter": STORED_FILTER,
+            "jpeg_quality": STORED_JPEG_QUALITY,
+        },
+        "image_size": size,
+        "eval_resize": {"method": "center_square_crop_then_resize", "filter": "bilinear"},
+        "color_constancy": {
+            "enabled": constancy,
+            "method": "shades_of_gray",
+            "power": SHADES_OF_GRAY_POWER,
+        },
+        # The decimal constants (the code holds them as float32).
+        "mean": [round(float(v), 6) for v in image_ops.IMAGENET_MEAN],
+        "std": [round(float(v), 6) for v in image_ops.IMAGENET_STD],
+        "value_scale": 255.0,
+        "channel_order": "RGB",
+        "layout": "NHWC",
+        "inside_exported_function": inside,
+        "max_pixels": int(max_pixels or images.DEFAULT_MAX_PIXELS),
+    }
+
+
+def read_metadata(export_dir: str | os.PathLike) -> dict[str, Any]:
+    """`export_dir/model.json`.
+
+    Raises:
+      FileNotFoundError: not an export folder (with a hint).
+      ValueError: a model.json of another format or a newer version.
+    """
+    path = pathlib.Path(export_dir) / METADATA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: is {export_dir} a folder written by `isic-jax export`?"
+        )
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT or int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format {meta.get('format')!r} version {meta.get('format_version')!r}; this "
+            f"isic_jax reads {FORMAT!r} up to version {FORMAT_VERSION}"
+        )
+    return meta
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# The export.
+
+
+def _verify(
+    forward: Callable[[jax.Array], jax.Array],
+    exported: jax_export.Exported,
+    image_size: int,
+    seed: int = 0,
+) -> float:
+    """max |exported(x) - forward(x)| over random uint8 images; float."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (VERIFY_BATCH, image_size, image_size, 3), dtype=np.uint8)
+    expected = np.asarray(jax.jit(forward)(images))
+    got = np.asarray(jax.jit(exported.call)(images))
+    if got.shape != expected.shape:
+        raise ExportError(f"exported output shape {got.shape} != model output {expected.shape}")
+    return float(np.max(np.abs(got - expected)))
+
+
+def _prepare_output(output: pathlib.Path, overwrite: bool) -> None:
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        if not overwrite:
+            raise FileExistsError(
+                f"{output} exists and is not empty; choose another --output or pass --overwrite"
+            )
+        if output.is_dir() and not (output / METADATA_FILE).exists():
+            # Only an earlier export is replaced, never an arbitrary folder.
+            raise FileExistsError(
+                f"{output} is not an earlier export (no {METADATA_FILE}); refusing to replace it"
+            )
+
+
+def export_checkpoint(
+    workdir: str | os.PathLike,
+    output: str | os.PathLike,
+    checkpoint: str | int = "latest",
+    *,
+    platforms: Sequence[str] = DEFAULT_PLATFORMS,
+    overwrite: bool = False,
+    verify: bool = True,
+) -> dict[str, Any]:
+    """Writes the inference artefacts of one checkpoint of a run (see the module docstring).
+
+    Args:
+      workdir: the `isic-jax train` run folder (config.json + checkpoints/).
+      output: the export folder (created; must be empty, or an earlier export with overwrite).
+      checkpoint: "latest", "best" or a step number.
+      platforms: jax.export platforms to lower for (those that fail are left out and recorded).
+      overwrite: replace an earlier export in `output`.
+      verify: run the deserialised artefact against `train.eval_step` (fails beyond tolerance).
+
+    Returns:
+      The metadata written to model.json.
+
+    Raises:
+      FileNotFoundError: no such run or checkpoint. FileExistsError: `output` in the way.
+      ExportError: nothing could be lowered, or the artefact does not reproduce the model.
+    """
+    from isic_jax import evaluate, parallel
+
+    if jax.process_count() > 1:
+        raise ExportError("export runs in a single process (it needs one device)")
+    workdir = pathlib.Path(workdir).absolute()
+    output = pathlib.Path(output).absolute()
+    _prepare_output(output, overwrite)
+    config = config_utils.load_config(workdir)
+    class_names = class_names_for(config)
+    num_classes = len(class_names)
+    image_size = int(config.data.image_size)
+
+    # One device: the artefact is a single-device program (predict shards the batch itself).
+    par = parallel.DataParallel.create("jit", [jax.local_devices()[0]])
+    state, step = evaluate.restore_for_eval(workdir, config, num_classes, par, checkpoint)
+    use_ema = bool(state.ema)
+    variables = state.eval_variables()
+    forward = inference_forward(config, variables, num_classes)
+
+    exported, covered, failed = export_forward(forward, image_size, platforms)
+    serialized = exported.serialize()
+    dtype = str(config.model.get("dtype", "float32"))
+    tolerance = TOLERANCE.get(dtype, TOLERANCE["bfloat16"])
+    max_diff = None
+    here = current_platform()
+    if verify and here in covered:
+        max_diff = _verify(forward, jax_export.deserialize(bytearray(serialized)), image_size)
+        if not max_diff <= tolerance:
+            raise ExportError(
+                f"the exported model differs from the trained model by {max_diff:.3g} "
+                f"(tolerance {tolerance:g}) on {here}"
+            )
+
+    from isic_jax.checkpointing import Checkpointer
+
+    with Checkpointer(workdir / "checkpoints", read_only=True,
+                      best_metric=config.train.best_metric,
+                      best_mode=config_utils.best_metric_mode(config.train.best_metric)) as ckpt:
+        metrics = ckpt.metrics(step)
+
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": {
+            "name": str(config.model.name),
+            "width": int(config.model.get("width", 64)),
+            "dtype": dtype,
+            "dropout": float(config.model.get("dropout", 0.0)),
+            "num_classes": num_classes,
+        },
+        "task": str(config.data.task),
+        "release": str(config.data.release),
+        "class_names": class_names,
+        "malignant_classes": malignant_classes_for(config, class_names),
+        "threshold": float(config.eval.threshold),
+        "input": {
+            "image_size": image_size,
+            "shape": [None, image_size, image_size, 3],
+            "dtype": "uint8",
+            "layout": "NHWC",
+            "channel_order": "RGB",
+            "value_range": [0, 255],
+            "normalized_inside": True,
+        },
+        "output": {
+            "shape": [None, num_classes],
+            "dtype": "float32",
+            "kind": "softmax probabilities, columns in class_names order",
+        },
+        "preprocessing": preprocessing_metadata(config),
+        "export": {
+            "file": EXPORTED_FILE,
+            "function": "uint8 [b, S, S, 3] RGB -> float32 [b, C] probabilities",
+            "platforms": covered,
+            "platforms_failed": failed,
+            "symbolic_batch": "b",
+            "nr_devices": int(exported.nr_devices),
+            "calling_convention_version": int(exported.calling_convention_version),
+            "jax_version": jax.__version__,
+            "verified_on": here if max_diff is not None else None,
+            "verified_max_abs_diff": max_diff,
+            "tolerance": tolerance,
+            "bytes": len(serialized),
+        },
+        "variables": {
+            "dir": VARIABLES_DIR,
+            "format": "orbax StandardCheckpointer: {params, batch_stats}",
+            "ema": use_ema,
+        },
+        "checkpoint": {
+            "workdir": str(workdir),
+            "requested": str(checkpoint),
+            "step": int(step),
+            "metrics": metrics,
+        },
+    }
+    meta = _jsonable(meta)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # A sibling folder renamed into place: no half-written export under `output`. (mkdir, not
+    # mkdtemp: the folder gets the umask's permissions, not 0700.)
+    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        (tmp / EXPORTED_FILE).write_bytes(serialized)
+        save_variables(tmp / VARIABLES_DIR, variables)
+        config_utils.save_config(config, tmp)  # tmp/config.json
+        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if output.exists():
+            shutil.rmtree(output) if output.is_dir() else output.unlink()
+        tmp.replace(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta

@@ -1,0 +1,622 @@
+"""Class probabilities for new images from an export (`isic-jax export`), as CSV.
+
+    summary = predict_to_csv("exports/r50", "new_images/", "preds.csv", tta=True)
+    summary = predict_to_csv("exports/r50", "test.csv", "sub.csv", submission="isic2020")
+
+Model: by default the `jax.export` artefact (model.jax_export). Loading it needs no model code
+and gives the numbers the export verified against the trained model; its batch dimension is
+symbolic, so any batch works, and it is called inside `jax.shard_map` over a Mesh of all local
+devices (each device runs the single-device program on its slice of the batch). When this
+platform is not among those the artefact was lowered for (model.json `export.platforms`), the
+Orbax variables + the model code are used instead (backend "checkpoint"; same forward pass,
+`train.eval_step`).
+
+Inputs (`list_inputs`):
+- a folder: every image file (.jpg .jpeg .png .bmp .tif .tiff .webp, any case) up to 3 folder
+  levels down (`SourceTree`: hidden files skipped, folder links not followed, a link that
+  resolves outside the folder is refused with an error row). Image id: the file stem (the
+  relative path without extension when two files share a stem).
+- a CSV: column `path`, or else `image` / `image_name` / `isic_id`, holding paths relative to the
+  CSV's folder; an id without extension finds `<id>.<ext>` there. A path that resolves outside
+  the CSV's folder (`../x.jpg`, an absolute path elsewhere, a link) gets an error row and is
+  never opened.
+
+Each image goes through what `isic-jax prepare` and evaluation do, with the sizes from
+model.json: safe decode (`datasets.isic.images.process_image`: EXIF transpose, RGB conversion,
+pixel limit) + shorter-side resize to `stored_size` + JPEG re-encode, then
+`image_ops.eval_image` (centre crop, resize to `image_size`) -> uint8; colour constancy and
+normalisation run inside the model function. An image that fails gets a row with an `error` and
+the run goes on.
+
+Output: one row per input: image_id, path, prob_<class> for every class, prediction (the class
+with the highest probability), malignant_probability (sum over the malignant classes), error.
+With `submission`, the exact columns of that ISIC challenge (`SUBMISSION_COLUMNS`; failed images
+are left out of that file and listed in `<output>.errors.csv`). `tta`: the mean of the
+probabilities over the 8 flips/transposes of the input (8x the compute).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from isic_jax import export as export_lib
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+ID_COLUMNS: tuple[str, ...] = ("image", "image_name", "isic_id")
+ISIC2019_CLASSES: tuple[str, ...] = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK")
+SUBMISSION_COLUMNS: dict[str, tuple[str, ...]] = {
+    "isic2019": ("image", *ISIC2019_CLASSES),
+    "isic2020": ("image_name", "target"),
+    "isic2024": ("isic_id", "target"),
+}
+# Model class names of the other releases -> ISIC 2019 columns. AKIEC (2018) is actinic
+# keratosis + intraepithelial carcinoma: 2019's AK. "unknown"/"other" (Archive classes) are
+# outside the 8 diagnoses: UNK.
+ISIC2019_ALIASES: dict[str, str] = {
+    "melanoma": "MEL",
+    "nevus": "NV",
+    "seborrheic_keratosis": "BKL",
+    "AKIEC": "AK",
+    "unknown": "UNK",
+    "other": "UNK",
+}
+BACKENDS = ("auto", "export", "checkpoint")
+MESH_AXIS = "data"
+DEFAULT_BATCH_SIZE = 32
+
+
+class SubmissionError(ValueError):
+    """The model's classes cannot fill the asked-for submission columns."""
+
+
+class InputError(ValueError):
+    """The --input is neither a folder nor a readable CSV with a path/id column."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs.
+
+
+@dataclasses.dataclass
+class Item:
+    """One input image.
+
+    image_id: the id written to the output. path: absolute path to read (None when refused).
+    shown: the path as the user gave it (relative to the folder / CSV folder). error: why it
+    was refused before decoding (None when it is to be read).
+    """
+
+    image_id: str
+    path: str | None
+    shown: str
+    error: str | None = None
+
+
+def _inside(real: str, root: str) -> bool:
+    return real == root or real.startswith(root + os.sep)
+
+
+def list_folder(folder: str | os.PathLike) -> list[Item]:
+    """The image files of a folder tree (see the module docstring), sorted by relative path."""
+    from isic_jax.datasets.isic.releases import SourceTree
+
+    tree = SourceTree(folder)
+    rels = [f for f in tree.files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    outside = [f for f in tree.outside if f.lower().endswith(IMAGE_EXTENSIONS)]
+    stems: dict[str, int] = {}
+    for rel in rels + outside:
+        stem = os.path.splitext(rel.rsplit("/", 1)[-1])[0]
+        stems[stem] = stems.get(stem, 0) + 1
+
+    def image_id(rel: str) -> str:
+        stem = os.path.splitext(rel.rsplit("/", 1)[-1])[0]
+        return stem if stems[stem] == 1 else os.path.splitext(rel)[0]
+
+    items = [Item(image_id(rel), tree.abspath(rel), rel) for rel in rels]
+    items += [
+        Item(image_id(rel), None, rel, "link that resolves outside the input folder: refused")
+        for rel in outside
+    ]
+    return sorted(items, key=lambda item: item.shown)
+
+
+def _resolve_csv_path(root: str, value: str) -> tuple[str | None, str | None]:
+    """(absolute path, None) or (None, error) for one CSV cell, relative to `root` (real)."""
+    candidates = [value]
+    if not value.lower().endswith(IMAGE_EXTENSIONS):
+        candidates += [value + ext for ext in IMAGE_EXTENSIONS]
+        candidates += [value + ext.upper() for ext in IMAGE_EXTENSIONS]
+    for candidate in candidates:
+        real = os.path.realpath(os.path.join(root, candidate))
+        if not _inside(real, root):
+            return None, (
+                f"path {value!r} resolves outside the CSV's folder ({root}): refused"
+            )
+        if os.path.isfile(real):
+            return real, None
+    return None, f"no such image file: {value!r} (looked in {root})"
+
+
+def list_csv(csv_path: str | os.PathLike) -> list[Item]:
+    """One item per data row of a CSV (see the module docstring), in file order.
+
+    Raises:
+      InputError: no `path` and no image-id column, or an unreadable file.
+    """
+    csv_path = pathlib.Path(csv_path)
+    root = os.path.realpath(csv_path.parent)
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+            header = [h.strip() for h in (rows[0].keys() if rows else [])]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"cannot read {csv_path}: {e}") from e
+    if not rows:
+        raise InputError(f"{csv_path} has no data rows")
+    lower = {h.lower(): h for h in header if h}
+    path_col = lower.get("path")
+    id_col = next((lower[c] for c in ID_COLUMNS if c in lower), None)
+    if path_col is None and id_col is None:
+        raise InputError(
+            f"{csv_path} needs a column `path` or one of {', '.join(ID_COLUMNS)}; "
+            f"it has {', '.join(header)}"
+        )
+    items = []
+    for row in rows:
+        row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+        value = row.get(path_col or id_col, "")
+        image_id = row.get(id_col, "") if id_col else ""
+        if not image_id:
+            image_id = os.path.splitext(os.path.basename(value))[0]
+        if not value:
+            items.append(Item(image_id, None, value, "empty path"))
+            continue
+        path, error = _resolve_csv_path(root, value)
+        items.append(Item(image_id, path, value, error))
+    return items
+
+
+def list_inputs(source: str | os.PathLike) -> list[Item]:
+    """A folder or a CSV -> items (see the module docstring)."""
+    if os.path.isdir(source):
+        return list_folder(source)
+    if os.path.isfile(source):
+        return list_csv(source)
+    raise InputError(f"--input {os.fspath(source)!r} is neither a folder nor a CSV file")
+
+
+# ---------------------------------------------------------------------------------------------
+# Images.
+
+
+def load_image(path: str, stored_size: int, image_size: int, max_pixels: int) -> np.ndarray:
+    """What a prepared-then-evaluated image looks like; uint8 [image_size, image_size, 3].
+
+    Raises:
+      datasets.isic.images.BadImage: with the reason.
+    """
+    from isic_jax import image_ops
+    from isic_jax.datasets.isic import images
+
+    stored = images.process_image(path, stored_size, max_pixels=max_pixels)
+    return image_ops.eval_image(stored, image_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model.
+
+
+@dataclasses.dataclass
+class InferenceModel:
+    """A loaded export.
+
+    meta: model.json. backend: "export" (the jax.export artefact) or "checkpoint" (Orbax
+    variables + model code). forward: traceable f(uint8 [b, S, S, 3]) -> float32 [b, C].
+    """
+
+    meta: dict[str, Any]
+    backend: str
+    forward: Callable[[jax.Array], jax.Array]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta["class_names"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.meta["input"]["image_size"])
+
+
+def load_model(export_dir: str | os.PathLike, backend: str = "auto") -> InferenceModel:
+    """Loads an export for prediction on this process's devices.
+
+    Args:
+      backend: "export" (the StableHLO artefact; fails when not lowered for this platform),
+        "checkpoint" (Orbax variables + model code), "auto" (export when it covers this
+        platform, else checkpoint).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    meta = export_lib.read_metadata(export_dir)
+    platform = export_lib.current_platform()
+    covered = list(meta["export"]["platforms"])
+    if backend == "auto":
+        backend = "export" if platform in covered else "checkpoint"
+    if backend == "export":
+        if platform not in covered:
+            raise ValueError(
+                f"the exported model was lowered for {', '.join(covered)}, not {platform}; "
+                "use backend 'checkpoint'"
+            )
+        exported = export_lib.load_exported(export_dir)
+        return InferenceModel(meta, "export", exported.call)
+    return InferenceModel(meta, "checkpoint", _checkpoint_forward(export_dir, meta))
+
+
+def _checkpoint_forward(
+    export_dir: str | os.PathLike, meta: dict[str, Any]
+) -> Callable[[jax.Array], jax.Array]:
+    """The forward pass from the Orbax variables and the model code, preprocessing per meta."""
+    from isic_jax import config_utils, image_ops
+
+    pre = meta["preprocessing"]
+    if not (
+        np.allclose(pre["mean"], image_ops.IMAGENET_MEAN)
+        and np.allclose(pre["std"], image_ops.IMAGENET_STD)
+    ):
+        raise ValueError("model.json's mean/std differ from this isic_jax's normalisation")
+    config = config_utils.load_config(export_dir)
+    config.data.augment.color_constancy = bool(pre["color_constancy"]["enabled"])
+    variables = export_lib.restore_variables(export_dir)
+    return export_lib.inference_forward(config, variables, len(meta["class_names"]))
+
+
+def dihedral(images: jax.Array, k: int) -> jax.Array:
+    """`image_ops.dihedral` element k on a batch [B, S, S, C] (axes 1, 2)."""
+    if k >= 4:
+        images = jnp.swapaxes(images, 1, 2)
+    return jnp.rot90(images, k % 4, axes=(1, 2))
+
+
+def tta(forward: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
+    """f(x) -> mean over the 8 flips/transposes k of f(dihedral(x, k)); one call on 8B images."""
+
+    def averaged(images: jax.Array) -> jax.Array:
+        batch = images.shape[0]
+        variants = jnp.concatenate([dihedral(images, k) for k in range(8)], axis=0)
+        probs = forward(variants)
+        return jnp.mean(probs.reshape(8, batch, probs.shape[-1]), axis=0)
+
+    return averaged
+
+
+class Runner:
+    """Runs a forward pass on batches sharded over the local devices (jit + shard_map).
+
+    Args:
+      forward: traceable uint8 [b, S, S, 3] -> float32 [b, C].
+      batch_size: images per call; rounded up to a multiple of the device count.
+      devices: default all local devices.
+    """
+
+    def __init__(
+        self,
+        forward: Callable[[jax.Array], jax.Array],
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        devices: Sequence[jax.Device] | None = None,
+    ):
+        devices = list(devices) if devices is not None else jax.local_devices()
+        self.num_devices = len(devices)
+        self.batch_size = -(-max(1, int(batch_size)) // self.num_devices) * self.num_devices
+        self.mesh = Mesh(np.asarray(devices), (MESH_AXIS,))
+        self.sharding = NamedSharding(self.mesh, P(MESH_AXIS))
+        # Each device runs the (single-device) program on its slice: no collectives.
+        self._fn = jax.jit(
+            jax.shard_map(forward, mesh=self.mesh, in_specs=P(MESH_AXIS), out_specs=P(MESH_AXIS))
+        )
+
+    def submit(self, images: np.ndarray) -> jax.Array:
+        """Starts one batch (<= batch_size images, uint8 [n, S, S, 3]); returns the device
+        output [batch_size, C] (rows past n are padding). Asynchronous."""
+        n = len(images)
+        if n > self.batch_size:
+            raise ValueError(f"{n} images > batch size {self.batch_size}")
+        if n < self.batch_size:
+            pad = np.zeros((self.batch_size - n, *images.shape[1:]), images.dtype)
+            images = np.concatenate([images, pad])
+        return self._fn(jax.device_put(images, self.sharding))
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """float32 [n, C] for uint8 [n, S, S, 3], any n (batched, padded)."""
+        outs = [
+            (len(chunk), self.submit(chunk))
+            for chunk in (images[i : i + self.batch_size]
+                          for i in range(0, len(images), self.batch_size))
+        ]
+        return np.concatenate([np.asarray(out)[:n] for n, out in outs])
+
+
+# ---------------------------------------------------------------------------------------------
+# Submissions.
+
+
+def isic2019_matrix(class_names: Sequence[str]) -> np.ndarray:
+    """float32 [C, 9]: model class i -> ISIC 2019 column (ISIC2019_CLASSES); rows one-hot.
+
+    Raises:
+      SubmissionError: a binary model, or a class with no 2019 column.
+    """
+    names = list(class_names)
+    if sorted(n.lower() for n in names) == ["benign", "malignant"]:
+        raise SubmissionError(
+            "--submission isic2019 needs the 2019 diagnosis classes (MEL, NV, BCC, ...), but "
+            "this model is binary (benign, malignant): train with config.data.task='diagnosis'"
+        )
+    matrix = np.zeros((len(names), len(ISIC2019_CLASSES)), np.float32)
+    unmapped = []
+    for i, name in enumerate(names):
+        column = name if name in ISIC2019_CLASSES else ISIC2019_ALIASES.get(name)
+        if column is None:
+            unmapped.append(name)
+            continue
+        matrix[i, ISIC2019_CLASSES.index(column)] = 1.0
+    if unmapped:
+        raise SubmissionError(
+            f"--submission isic2019: the model's classes {unmapped} have no ISIC 2019 column "
+            f"({', '.join(ISIC2019_CLASSES)})"
+        )
+    return matrix
+
+
+def submission_table(
+    submission: str,
+    image_ids: Sequence[str],
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    malignant_classes: Sequence[int],
+) -> tuple[tuple[str, ...], list[list[Any]]]:
+    """(header, rows) of an ISIC submission file.
+
+    probs float32 [N, C] in class_names order. isic2020/isic2024: target = the malignant
+    probability (sum over malignant_classes); isic2019: the model's classes summed into the 9
+    columns (UNK 0 unless the model has unknown/other classes).
+    """
+    if submission not in SUBMISSION_COLUMNS:
+        raise SubmissionError(
+            f"unknown submission {submission!r}; known: {', '.join(SUBMISSION_COLUMNS)}"
+        )
+    header = SUBMISSION_COLUMNS[submission]
+    probs = np.asarray(probs, np.float32).reshape(len(image_ids), len(class_names))
+    if submission == "isic2019":
+        values = probs @ isic2019_matrix(class_names)
+    else:
+        values = probs[:, list(malignant_classes)].sum(axis=1, keepdims=True)
+    rows = [[i, *[_fmt(v) for v in row]] for i, row in zip(image_ids, values, strict=True)]
+    return header, rows
+
+
+def _fmt(value: float) -> str:
+    return f"{float(value):.7g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The run.
+
+
+@dataclasses.dataclass
+class Summary:
+    """What `predict_to_csv` did. probs float32 [N, C] (NaN on failed rows), errors per item."""
+
+    items: list[Item]
+    probs: np.ndarray
+    errors: list[str | None]
+    class_names: list[str]
+    output: pathlib.Path
+    errors_file: pathlib.Path | None
+    backend: str
+    num_devices: int
+    seconds: float
+
+    @property
+    def num_failed(self) -> int:
+        return sum(e is not None for e in self.errors)
+
+
+class _Progress:
+    """A tqdm bar on a TTY (not under CI), else a plain line every ~10 % (stderr)."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        from isic_jax.logging_utils import use_progress_bar
+
+        self.total, self.done, self.enabled = total, 0, enabled
+        self._bar = None
+        self._next = 0
+        self._start = time.perf_counter()
+        if enabled and use_progress_bar(True):
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, unit="img", file=sys.stderr, mininterval=0.5)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif self.enabled and (self.done >= self._next or self.done == self.total):
+            rate = self.done / max(time.perf_counter() - self._start, 1e-9)
+            print(f"predict: {self.done}/{self.total} images ({rate:.1f} img/s)",
+                  file=sys.stderr, flush=True)
+            self._next = self.done + max(1, self.total // 10)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _decoded(
+    items: Sequence[Item], pre: dict[str, Any], image_size: int, num_workers: int
+) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
+    """(index, uint8 image or None, error or None) per item, in order, decoded on threads."""
+    from isic_jax.datasets.isic import images
+
+    stored, max_pixels = int(pre["stored_size"]), int(pre["max_pixels"])
+
+    def work(i: int) -> tuple[int, np.ndarray | None, str | None]:
+        item = items[i]
+        if item.error is not None:
+            return i, None, item.error
+        try:
+            return i, load_image(item.path, stored, image_size, max_pixels), None
+        except images.BadImage as e:
+            return i, None, str(e)
+        except OSError as e:  # vanished or unreadable file
+            return i, None, f"cannot read the file ({e})"
+
+    yield from images.ordered_map(work, range(len(items)), num_workers)
+
+
+def predict_items(
+    model: InferenceModel,
+    items: Sequence[Item],
+    *,
+    tta_flips: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    devices: Sequence[jax.Device] | None = None,
+    num_workers: int | None = None,
+    progress: bool = True,
+) -> tuple[np.ndarray, list[str | None]]:
+    """Probabilities of every item: (float32 [N, C] with NaN rows where it failed, errors)."""
+    from isic_jax.datasets.isic import images
+
+    num_classes = len(model.class_names)
+    probs = np.full((len(items), num_classes), np.nan, np.float32)
+    errors: list[str | None] = [None] * len(items)
+    if not items:
+        return probs, errors
+    n_devices = len(devices) if devices is not None else jax.local_device_count()
+    # No bigger than needed: a few images should not pay for a full padded batch.
+    batch_size = min(int(batch_size), -(-len(items) // n_devices) * n_devices)
+    runner = Runner(tta(model.forward) if tta_flips else model.forward, batch_size, devices)
+    pre = model.meta["preprocessing"]
+    workers = num_workers or images.default_num_workers()
+    bar = _Progress(len(items), enabled=progress)
+    pending: list[tuple[list[int], jax.Array]] = []
+
+    def drain(keep: int) -> None:
+        while len(pending) > keep:
+            indices, out = pending.pop(0)
+            probs[indices] = np.asarray(out)[: len(indices)]
+            bar.update(len(indices))
+
+    batch_idx: list[int] = []
+    batch_img: list[np.ndarray] = []
+    try:
+        with images.pil_limits(int(pre["max_pixels"])):
+            for i, image, error in _decoded(items, pre, model.image_size, workers):
+                if image is None:
+                    errors[i] = error
+                    bar.update(1)
+                    continue
+                batch_idx.append(i)
+                batch_img.append(image)
+                if len(batch_idx) == runner.batch_size:
+                    pending.append((batch_idx, runner.submit(np.stack(batch_img))))
+                    batch_idx, batch_img = [], []
+                    drain(keep=2)  # decode of the next batches overlaps the device
+        if batch_idx:
+            pending.append((batch_idx, runner.submit(np.stack(batch_img))))
+        drain(keep=0)
+    finally:
+        bar.close()
+    return probs, errors
+
+
+def _write_csv(path: pathlib.Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def errors_path(output: str | os.PathLike) -> pathlib.Path:
+    """Where a submission's failed images are listed: <output stem>.errors.csv."""
+    output = pathlib.Path(output)
+    return output.with_name(output.stem + ".errors.csv")
+
+
+def predict_to_csv(
+    model_dir: str | os.PathLike,
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    tta_flips: bool = False,
+    submission: str | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    backend: str = "auto",
+    devices: Sequence[jax.Device] | None = None,
+    num_workers: int | None = None,
+    progress: bool = True,
+) -> Summary:
+    """Predicts every image of `source` (folder or CSV) and writes `output` (see module doc).
+
+    Raises:
+      InputError: a bad --input. SubmissionError: the model cannot fill the submission
+      (checked before any image is read). FileNotFoundError/ValueError: not an export folder.
+    """
+    start = time.perf_counter()
+    output = pathlib.Path(output)
+    model = load_model(model_dir, backend)
+    names = model.class_names
+    malignant = list(model.meta["malignant_classes"])
+    if submission is not None:
+        submission_table(submission, [], np.zeros((0, len(names))), names, malignant)
+    items = list_inputs(source)
+    probs, errors = predict_items(
+        model, items, tta_flips=tta_flips, batch_size=batch_size, devices=devices,
+        num_workers=num_workers, progress=progress,
+    )
+    ok = [i for i, e in enumerate(errors) if e is None]
+    errors_file = None
+    if submission is None:
+        header = ["image_id", "path", *[f"prob_{n}" for n in names], "prediction",
+                  "malignant_probability", "error"]
+        rows = []
+        for i, item in enumerate(items):
+            if errors[i] is None:
+                p = probs[i]
+                rows.append([item.image_id, item.shown, *[_fmt(v) for v in p],
+                             names[int(np.argmax(p))], _fmt(p[malignant].sum()), ""])
+            else:
+                rows.append([item.image_id, item.shown, *[""] * len(names), "", "", errors[i]])
+        _write_csv(output, header, rows)
+    else:
+        header, rows = submission_table(
+            submission, [items[i].image_id for i in ok], probs[ok], names, malignant
+        )
+        _write_csv(output, header, rows)
+        if len(ok) < len(items):
+            errors_file = errors_path(output)
+            _write_csv(errors_file, ["image_id", "path", "error"],
+                       [[it.image_id, it.shown, errors[i]] for i, it in enumerate(items)
+                        if errors[i] is not None])
+    return Summary(
+        items=list(items), probs=probs, errors=errors, class_names=names, output=output,
+        errors_file=errors_file, backend=model.backend,
+        num_devices=len(devices) if devices is not None else jax.local_device_count(),
+        seconds=time.perf_counter() - start,
+    )
