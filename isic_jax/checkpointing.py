@@ -30,8 +30,8 @@ Safety (what `train.py` builds on):
 Test hook: the environment variable `ISIC_JAX_TEST_KILL_AT=<point>:<step>` makes the process
 SIGKILL itself at a named point (`kill_point`), so that tests can kill a run at an exact place:
 `during_save:<step>` inside the background commit of that step's asynchronous save (its tmp folder
-exists, the checkpoint is not finalized), `after_step:<step>` right after that training step
-(see train.py). Never set it outside tests.
+exists, the checkpoint is not finalized), `after_step:<step>` right after that training step, once
+the saves of earlier steps are finalized (see train.py). Never set it outside tests.
 """
 
 from __future__ import annotations
@@ -66,13 +66,17 @@ class CheckpointError(RuntimeError):
     says what to do. Raised before anything in the checkpoint folder is changed."""
 
 
-def kill_point(point: str, step: int) -> None:
+def kill_point(point: str, step: int, before: Any = None) -> None:
     """Test hook: SIGKILL this process if `ISIC_JAX_TEST_KILL_AT` is `<point>:<step>`.
 
-    A no-op (one dict lookup) unless the variable is set; see the module docstring.
+    A no-op (one dict lookup) unless the variable is set; see the module docstring. `before`
+    (a callable) runs first, e.g. to let earlier asynchronous saves finish so that what is on
+    disk at the kill does not depend on timing.
     """
     wanted = os.environ.get(TEST_KILL_ENV)
     if wanted and wanted == f"{point}:{int(step)}":
+        if before is not None:
+            before()
         print(f"isic-jax: test hook {TEST_KILL_ENV}={wanted}: SIGKILL", file=sys.stderr,
               flush=True)
         os.kill(os.getpid(), signal.SIGKILL)

@@ -78,6 +78,20 @@ def _logits_and_features(
     return logits.astype(jnp.float32), captured[0]
 
 
+def _interpolation_matrix(n_out: int, n_in: int, stride: float) -> np.ndarray:
+    """f32[n_out, n_in]: output pixel x samples the coarse map at x / stride (clamped to the
+    outer cell centres), linearly between the two nearest cells."""
+    pos = np.clip(np.arange(n_out, dtype=np.float64) / stride, 0.0, n_in - 1.0)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = pos - lo
+    mat = np.zeros((n_out, n_in), np.float32)
+    rows = np.arange(n_out)
+    np.add.at(mat, (rows, lo), 1.0 - frac)
+    np.add.at(mat, (rows, hi), frac)
+    return mat
+
+
 def _upsample(cam: jax.Array, size: tuple[int, int]) -> jax.Array:
     """f32[B, h, w] -> f32[B, H, W], each feature cell placed over the pixel it is centred on.
 
@@ -86,19 +100,15 @@ def _upsample(cam: jax.Array, size: tuple[int, int]) -> jax.Array:
     half-pixel cell centres instead and would shift the map by (stride - 1) / 2 px down and right
     (15.5 px, 7 % of the image, for ResNet-50 at 224 px). Strides are powers of two (the
     feature size is a rounded-up division of the input size). Linear interpolation stays within
-    the coarse map's range; past the outer cell centres the edge value is held.
+    the coarse map's range; past the outer cell centres the edge value is held. (Not
+    `jax.image.scale_and_translate`: it zeroes output pixels whose sample falls past the input's
+    last half cell, which drew a cold strip along the right and bottom edges.)
     """
     h, w = cam.shape[1:]
     strides = [2.0 ** round(math.log2(n / m)) for n, m in zip(size, (h, w), strict=True)]
-    return jax.image.scale_and_translate(
-        cam,
-        (cam.shape[0], *size),
-        spatial_dims=(1, 2),
-        scale=jnp.asarray(strides, jnp.float32),
-        translation=jnp.asarray([-(s - 1.0) / 2.0 for s in strides], jnp.float32),
-        method="linear",
-        antialias=False,
-    )
+    rows = jnp.asarray(_interpolation_matrix(size[0], h, strides[0]))
+    cols = jnp.asarray(_interpolation_matrix(size[1], w, strides[1]))
+    return jnp.einsum("Yh,bhw,Xw->bYX", rows, cam, cols, precision=jax.lax.Precision.HIGHEST)
 
 
 def _grad_cam(

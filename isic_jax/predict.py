@@ -443,7 +443,7 @@ class _Progress:
 
         self.total, self.done, self.enabled = total, 0, enabled
         self._bar = None
-        self._next = 0
+        self._next = max(1, total // 10)
         self._start = time.perf_counter()
         if enabled and use_progress_bar(True):
             from tqdm import tqdm
@@ -580,12 +580,12 @@ def predict_to_csv(
     """
     start = time.perf_counter()
     output = pathlib.Path(output)
+    items = list_inputs(source)  # before the model: a typo in --input fails at once
     model = load_model(model_dir, backend)
     names = model.class_names
     malignant = list(model.meta["malignant_classes"])
-    if submission is not None:
+    if submission is not None:  # fails before any image is read
         submission_table(submission, [], np.zeros((0, len(names))), names, malignant)
-    items = list_inputs(source)
     probs, errors = predict_items(
         model, items, tta_flips=tta_flips, batch_size=batch_size, devices=devices,
         num_workers=num_workers, progress=progress,

@@ -429,22 +429,24 @@ def plot_calibration(path: pathlib.Path, y_bin: np.ndarray, score: np.ndarray) -
             ax.annotate(
                 f"{c}",
                 (x, y),
-                xytext=(0, -12 if y > 0.9 else 7),  # below points at the top (title)
+                xytext=(0, -13 if y > 0.9 else 8),  # below points at the top (title)
                 textcoords="offset points",
                 ha="center",
+                va="center",
                 fontsize=7,
                 color="tab:blue",
+                # Legible over the curve and the diagonal it crosses.
+                bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85},
+                zorder=5,
             )
-        ax.legend(loc="upper left", fontsize=9)
-        ax.text(
-            0.98,
-            0.02,
-            "numbers: images per bin",
-            transform=ax.transAxes,
-            ha="right",
-            va="bottom",
-            fontsize=8,
-            color="tab:blue",
+        # Lower right (confident but benign) stays empty unless the model is badly overconfident;
+        # the upper left held points of bins near 0.4 that are all malignant.
+        ax.legend(
+            loc="lower right",
+            fontsize=9,
+            title="numbers: images per bin",
+            title_fontsize=8,
+            alignment="left",
         )
     else:
         _no_data(ax, "calibration undefined: only one class in the labels")

@@ -877,7 +877,7 @@ def train_and_evaluate(
             state, metrics = p_train(state, item.device, rng)
             pending.metrics.append(metrics)
             progress.update(step)
-            checkpointing.kill_point("after_step", step)  # test hook (checkpointing.py)
+            checkpointing.kill_point("after_step", step, ckpt.wait_until_finished)  # test hook
             final = step == total_steps
             do_eval = step % int(config.train.eval_every) == 0 or final
             do_save = step % int(config.train.checkpoint_every) == 0 or final or do_eval

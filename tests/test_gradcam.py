@@ -252,3 +252,15 @@ def test_write_mistakes_figure(tiny, tmp_path):
     ]
     with Image.open(path) as im:
         assert im.format == "PNG" and im.width >= 600
+
+
+def test_upsample_places_cells_on_their_pixels_and_holds_the_edges():
+    """Cell m of a stride-8 map lands on pixel 8 m; past the last centre its value is held (no
+    cold strip along the right and bottom edges, which jax.image.scale_and_translate drew)."""
+    cam = np.random.default_rng(0).random((2, 9, 9)).astype(np.float32)
+    up = np.asarray(gradcam._upsample(jnp.asarray(cam), (72, 72)))
+    assert up.shape == (2, 72, 72)
+    np.testing.assert_allclose(up[:, ::8, ::8], cam, atol=1e-6)
+    np.testing.assert_allclose(up[:, 64:, 71], np.repeat(cam[:, 8:, 8], 8, axis=1), atol=1e-6)
+    np.testing.assert_allclose(up[:, 71, :64:8], cam[:, 8, :8], atol=1e-6)
+    assert up.min() >= cam.min() - 1e-6 and up.max() <= cam.max() + 1e-6

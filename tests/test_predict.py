@@ -70,19 +70,23 @@ def _expected(config, state, paths: list[pathlib.Path]) -> np.ndarray:
     return eval_probs(config, state, batch)
 
 
-def test_cli_round_trip_on_two_devices_matches_evaluation(model, folder, tmp_path) -> None:
+@pytest.mark.parametrize("backend", ["export", "checkpoint"])
+def test_cli_round_trip_on_two_devices_matches_evaluation(
+    model, folder, tmp_path, backend: str
+) -> None:
+    """Both the StableHLO artefact and the Orbax variables (restored onto 2 devices)."""
     export_dir, config, state = model
     out = tmp_path / "preds.csv"
     env = dict(os.environ, JAX_PLATFORMS="cpu", CI="true",
                XLA_FLAGS="--xla_force_host_platform_device_count=2")
     result = subprocess.run(
         [sys.executable, "-m", "isic_jax", "predict", "--model", str(export_dir), "--input",
-         str(folder), "--output", str(out), "--batch_size", "4"],
+         str(folder), "--output", str(out), "--batch_size", "4", "--backend", backend],
         cwd=str(REPO), env=env, capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Predicted 5/6 images" in result.stdout and "on 2 device(s)" in result.stdout
-    assert "backend export" in result.stdout
+    assert f"backend {backend}" in result.stdout
     assert "predict: 6/6 images" in result.stderr  # plain progress lines under CI
     assert "1 image(s) could not be read" in result.stderr
 
