@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Sets up .venv from the project's own files (once) and runs ruff and the test suite.
+# Sets up a virtual environment from the project's own files (once) and runs ruff and the tests.
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k pipeline`.
+# PYTHON picks the interpreter (default python3), VENV the environment folder (default .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
+VENV="${VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
 fi
-. .venv/bin/activate
+. "$VENV/bin/activate"
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet -e ".[test]"
+python --version
 ruff check .
 python -m pytest -q -n 2 --timeout=900 "$@"
