@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- data: which prepared TFDS dataset, which fold, how images are read and augmented.
     config.data = ml_collections.ConfigDict()
-    config.data.release = "isic2020"  # archive|isic2016|isic2017|isic2018|isic2019|isic2020|isic2024
+    config.data.release = "isic2020"  # archive | isic2016 ... isic2024: which prepared dataset
     config.data.stored_size = 512  # shorter side the builder resized to at prepare time
     config.data.data_dir = "~/tensorflow_datasets"  # TFDS data_dir holding the prepared dataset
     config.data.val_fold = 0  # this fold is the validation set; the others are trained on

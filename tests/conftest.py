@@ -27,7 +27,7 @@ def _need(path: pathlib.Path) -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def uda1_images() -> pathlib.Path:
-    """../shared/data/isic-uda1/images: 400 JPEGs + legacy JSON records (286 benign, 114 malignant)."""
+    """../shared/data/isic-uda1/images: 400 JPEGs + JSON records (286 benign, 114 malignant)."""
     return _need(SHARED_DATA / "isic-uda1" / "images")
 
 
