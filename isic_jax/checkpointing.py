@@ -6,7 +6,8 @@
     restored = ckpt.restore(ckpt.latest_step(), state_target=abstract_state, data_iter=it)
     ckpt.close()
 
-Layout: `<dir>/<step>/{state,rng,data_iter,config}` (ocp.args.Composite). Retention: the latest
+Layout: `<dir>/<step>/{state,rng,data_iter,config}` (ocp.args.Composite; the rng item also
+records the topology that wrote it: processes, devices, parallelism). Retention: the latest
 `keep` checkpoints AND, separately, the best one by `best_metric` (AnyPreservationPolicy of
 LatestN and BestN), so the newest checkpoint is never deleted for being worse than the best and
 resuming always continues from the newest step.
@@ -14,8 +15,8 @@ resuming always continues from the newest step.
 Safety (what `train.py` builds on):
 - A save is atomic: Orbax writes `<step>.orbax-checkpoint-tmp` and renames it when every item and
   every process is done. A process killed mid-save leaves only the tmp folder, which Orbax never
-  lists as a step; `incomplete_saves()` names them and the next writable `Checkpointer` deletes
-  them.
+  lists as a step; `incomplete_saves()` names them, `remove_incomplete_saves()` deletes them
+  (the trainer does once it has decided to resume or start).
 - `saved_state_signature(step)` reads a checkpoint's array names, shapes and dtypes from its
   metadata (nothing else), so that a workdir holding another model is refused before anything
   is restored or written (`signature_differences`).
@@ -136,10 +137,10 @@ class IteratorState:
             return
         import grain
 
-        if isinstance(target, grain.DatasetIterator):
+        if isinstance(target, grain.DataLoaderIterator):
+            target.set_state(raw)  # takes its own bytes
+        else:  # grain DatasetIterators (and wrappers around them) take the JSON dict
             target.set_state(json.loads(raw.decode()))
-        else:  # grain.DataLoaderIterator takes its own bytes
-            target.set_state(raw)
         self._state = raw
 
     def start_prefetch(self) -> None:
@@ -216,7 +217,7 @@ class Checkpointer:
     ):
         quiet_orbax_logging()
         self.directory = pathlib.Path(directory).absolute()
-        # Listed before Orbax deletes them (writable managers), so that the trainer can say so.
+        # Listed now, removed by `remove_incomplete_saves` once the run decided to go on.
         self.found_incomplete = [] if read_only else self.incomplete_saves()
         self.best_metric = best_metric
         best_fn = _best_fn(best_metric, best_mode)
@@ -242,8 +243,6 @@ class Checkpointer:
             read_only=read_only,
             # The loop decides when to save (0 when read-only, which Orbax requires).
             save_interval_steps=0 if read_only else 1,
-            # Saves cut short by a kill (`<step>.orbax-checkpoint-tmp`): never restorable.
-            cleanup_tmp_directories=not read_only,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -273,6 +272,16 @@ class Checkpointer:
         if not self.directory.is_dir():
             return []
         return sorted(p for p in self.directory.iterdir() if p.name.endswith(TMP_SUFFIX))
+
+    def remove_incomplete_saves(self) -> None:
+        """Deletes the folders of saves that never finished (never restorable; Orbax would only
+        overwrite the one of a step it saves again). Process 0 deletes; all processes wait."""
+        import shutil
+
+        if jax.process_index() == 0:
+            for path in self.incomplete_saves():
+                shutil.rmtree(path, ignore_errors=True)
+        _sync("isic_jax_remove_incomplete")
 
     def reload(self) -> None:
         """Re-reads the step list from disk (after `set_aside`)."""
@@ -544,6 +553,25 @@ def _restore_resliced(directory: pathlib.Path, data_iter: IteratorState) -> str:
         f"the input pipeline was saved by {saved_count} process(es) and resumes on "
         f"{jax.process_count()}: the same global batches continue, re-sliced over the processes"
     )
+
+
+def quiet_failed_restore_noise() -> None:
+    """After a failed restore, TensorStore still completes the other reads it had started and
+    posts them to the asyncio loop Orbax already closed; each prints an "Event loop is closed"
+    traceback (through `sys.unraisablehook`) that says nothing about the checkpoint. Drops those
+    and nothing else; installed once."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_isic_jax_quiet", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._isic_jax_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def _sync(name: str) -> None:

@@ -273,7 +273,7 @@ def friendly_override_errors(flag_holder: Any) -> None:
 
     def _parse(argument: Any) -> Any:
         try:
-            return parse(argument)
+            config = parse(argument)
         except (KeyError, AttributeError, TypeError, ValueError) as e:
             # ml_collections nests KeyError("'name'\nDid you mean ...") in an AttributeError.
             inner: BaseException = e
@@ -290,8 +290,45 @@ def friendly_override_errors(flag_holder: Any) -> None:
                 if isinstance(inner, KeyError)
                 else f"bad --{flag_holder.name} override{where}: {text}"
             ) from e
+        # The override flags (`--config.a.b`) exist from here on: explain their type errors.
+        prefix = f"{flag_holder.name}."
+        for name in list(flags.FLAGS):
+            if name.startswith(prefix):
+                _explain_type_errors(flags.FLAGS[name], config, name[len(prefix):])
+        return config
 
     flag._parse = _parse
+
+
+def _explain_type_errors(field_flag: Any, config: Any, path: str) -> None:
+    """Makes an override of the wrong type (`--config.train.batch_size=eight`) say which type
+    the key takes and give an example, instead of absl's bare "invalid literal for int()"."""
+    from absl import flags
+
+    if getattr(field_flag, "_isic_explained", False):
+        return
+    parse = field_flag._parse
+    current: Any = config
+    try:
+        for part in path.split("."):
+            current = current[part]
+    except (KeyError, TypeError, AttributeError):
+        return
+
+    def _parse(argument: Any) -> Any:
+        try:
+            return parse(argument)
+        except (flags.Error, TypeError, ValueError) as e:
+            kind = {bool: "True or False", int: "an integer", float: "a number",
+                    str: "a string"}.get(type(current), f"a {type(current).__name__}")
+            detail = str(e).split(": ", 1)[-1]
+            raise flags.IllegalFlagValueError(
+                f"bad override --{field_flag.name}={argument}: config.{path} takes {kind} (the "
+                f"config file sets {current!r}); e.g. --{field_flag.name}={current} ({detail})."
+            ) from e
+
+    field_flag._parse = _parse
+    field_flag._isic_explained = True
 
 
 # ---------------------------------------------------------------------------------------------

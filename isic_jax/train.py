@@ -10,6 +10,21 @@ device (parallel.py), batches prefetched to the devices, metrics pulled every `l
 (no host sync in between), evaluation every `eval_every` steps and at the end, asynchronous Orbax
 checkpoints (checkpointing.py) every `checkpoint_every` steps, at every evaluation and at the
 end, and resume from the latest checkpoint of the workdir.
+
+Several processes (jax.distributed, see distributed.py): each reads its own slice of every global
+batch; under jit the slices become one global array (`jax.make_array_from_process_local_data`),
+under pmap each process feeds its local devices. Process 0 alone prints and writes config.json,
+TensorBoard events and eval_history.jsonl; every process takes part in the Orbax saves and writes
+its own input-pipeline state.
+
+Interruptions: SIGTERM/SIGINT (`preemption.PreemptionGuard`, checked at every step on every
+process) -> finish the step, checkpoint it, return with "stopped_by_signal". SIGKILL, or a second
+signal -> the newest complete checkpoint survives (Orbax finalizes a save atomically). Resume
+(`_restore_latest_good`): the newest checkpoint that restores, onto the current devices; a
+damaged one is reported and set aside for the previous one; another model's checkpoints stop the
+run. Data order after a resume: the input state counts global batches, so the same global
+batches follow whatever the device or process count (only their split over devices/processes
+changes, hence float-rounding differences); changing train.batch_size shifts the stream.
 """
 
 from __future__ import annotations
@@ -681,10 +696,9 @@ def train_and_evaluate(
     par = parallel.DataParallel.create(config.train.parallelism, devices)
     par.check_global_batch(int(config.train.batch_size), "config.train.batch_size")
     par.check_global_batch(int(config.eval.batch_size), "config.eval.batch_size")
+    data = data or InputData(config)  # a missing dataset fails here, before the workdir is made
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
-
-    data = data or InputData(config)
     total_steps, steps_per_epoch = schedule_lengths(config, data.num_train)
     k = int(config.optim.accumulation_steps)
     tx, schedule = create_optimizer(
@@ -708,7 +722,7 @@ def train_and_evaluate(
         best_metric=config.train.best_metric,
         best_mode=config_utils.best_metric_mode(config.train.best_metric),
     )
-    writer = logging_utils.MetricWriter(workdir / "tensorboard", enabled=is_main)
+    writer: logging_utils.MetricWriter | None = None
     progress: logging_utils.Progress | None = None
     prefetcher: parallel.DevicePrefetcher | None = None
     topology = {
@@ -744,8 +758,10 @@ def train_and_evaluate(
             train_rng = jnp.asarray(restored.rng, jnp.uint32)
         else:
             state = init_state()
+        # Written only once the checkpoints proved usable: a refused workdir stays as it was.
         if is_main:
             config_utils.save_config(config, workdir)
+        writer = logging_utils.MetricWriter(workdir / "tensorboard", enabled=is_main)
 
         state = par.replicate(state)
         rng = par.replicate(train_rng)
@@ -894,7 +910,7 @@ def train_and_evaluate(
                 pending.t_start = time.perf_counter()  # eval/save time is not step time
             if interrupted:
                 cause = (f"signal {signal_name(guard.signal_received)}"
-                         if guard.signal_received else "a stop signal to another process")
+                         if guard.signal_received else "a stop signal to one of the processes")
                 _print(is_main, f"Stopped by {cause} after step {step}; checkpoint saved, rerun "
                        f"the same command to resume.")
                 break
@@ -914,7 +930,8 @@ def train_and_evaluate(
         if progress is not None:
             progress.close()
         ckpt.close()  # waits for the asynchronous saves
-        writer.close()
+        if writer is not None:
+            writer.close()
         guard.__exit__(None, None, None)
 
 
@@ -986,7 +1003,8 @@ def _restore_latest_good(
 ) -> checkpointing.Restored | None:
     """Restores the newest checkpoint that can be read; None when the folder holds none.
 
-    - Interrupted saves (`<step>.orbax-checkpoint-tmp`) are not checkpoints: reported, ignored.
+    - Interrupted saves (`<step>.orbax-checkpoint-tmp`) are not checkpoints: reported, and
+      deleted once the run goes on (from a checkpoint or from scratch when there is none).
     - A checkpoint of another model (its state's array names/shapes/dtypes differ from this
       config's, read from its metadata only) stops the run with `CheckpointError` before
       anything is restored or written: falling back would hide a wrong --workdir.
@@ -1005,6 +1023,7 @@ def _restore_latest_good(
                         f"writing it); the newest complete checkpoint is used instead.")
     steps = ckpt.all_steps()
     if not steps:
+        ckpt.remove_incomplete_saves()
         return None
     expected = checkpointing.state_signature(abstract_state)
     target = checkpointing.abstract_target(abstract_state, sharding)
@@ -1026,8 +1045,10 @@ def _restore_latest_good(
             except checkpointing.CheckpointError:
                 raise
             except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many types
+                checkpointing.quiet_failed_restore_noise()
                 error = e
         if _all_processes(error is None):
+            ckpt.remove_incomplete_saves()
             for bad, _ in failures:
                 moved = ckpt.set_aside(bad)
                 _print(is_main, f"Moved the unreadable checkpoint {ckpt.directory}/{bad} to "

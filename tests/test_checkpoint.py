@@ -130,3 +130,87 @@ def test_checkpoint_from_4_devices_restores_and_evaluates_on_1(tmp_path: pathlib
                             "prob_malignant"}
     assert all(abs(float(r["prob_benign"]) + float(r["prob_malignant"]) - 1) < 1e-4 for r in rows)
     assert sorted(int(r["index"]) for r in rows) == list(range(12))  # each example once
+
+
+# ------------------------------------------------------------------------------ damaged folders
+
+
+def _digest(folder: pathlib.Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under `folder` (to prove nothing was changed)."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _truncate_state_data(step_dir: pathlib.Path) -> None:
+    """Halves the largest array-data file of a checkpoint's state (OCDBT data under state/d)."""
+    path = max((p for p in (step_dir / "state" / "d").iterdir()), key=lambda p: p.stat().st_size)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_damaged_checkpoints_fall_back_to_the_previous_good_one(tmp_path, capsys) -> None:
+    import shutil
+
+    from isic_jax import train
+
+    config = standard_config()
+    data = make_data(config)
+    train.train_and_evaluate(config, tmp_path, data=data)  # checkpoints 3 and 6
+    final = restore_params(tmp_path)
+    ckpts = tmp_path / "checkpoints"
+
+    # A truncated data file in the newest checkpoint: said, step 3 used, 6 set aside and redone.
+    _truncate_state_data(ckpts / "6")
+    capsys.readouterr()
+    assert train.train_and_evaluate(config, tmp_path, data=data)["step"] == 6
+    out = capsys.readouterr().out
+    assert f"checkpoint {ckpts}/6 cannot be restored" in out
+    assert "checkpoints/3 (3/6)" in out
+    assert (ckpts / "6.corrupt").is_dir()  # kept, not deleted
+    redone = restore_params(tmp_path)
+    assert all(np.array_equal(final[k], redone[k]) for k in final)  # bit-exact again
+
+    # A missing item (the RNG key) in the newest checkpoint: the same fallback.
+    shutil.rmtree(ckpts / "6" / "rng")
+    capsys.readouterr()
+    assert train.train_and_evaluate(config, tmp_path, data=data)["step"] == 6
+    out = capsys.readouterr().out
+    assert f"checkpoint {ckpts}/6 cannot be restored" in out and "rng" in out
+    assert "checkpoints/3 (3/6)" in out
+    assert (ckpts / "6.corrupt.1").is_dir()
+    redone = restore_params(tmp_path)
+    assert all(np.array_equal(final[k], redone[k]) for k in final)
+
+
+def test_no_readable_checkpoint_stops_instead_of_starting_over(tmp_path) -> None:
+    from isic_jax import checkpointing, train
+
+    config = standard_config(**{"train.num_steps": 3})
+    data = make_data(config)
+    train.train_and_evaluate(config, tmp_path, data=data)  # checkpoint 3 only
+    step_dir = tmp_path / "checkpoints" / "3"
+    (step_dir / "state" / "_METADATA").write_text('{"tree_metadata": {')  # truncated JSON
+    before = _digest(tmp_path)
+    with pytest.raises(checkpointing.CheckpointError) as info:
+        train.train_and_evaluate(config, tmp_path, data=data)
+    message = str(info.value)
+    assert "None of the 1 checkpoint(s)" in message and "step 3:" in message
+    assert "Not starting from scratch" in message and "new --workdir" in message
+    assert _digest(tmp_path) == before  # nothing moved, deleted or written
+
+
+def test_incomplete_save_only_is_reported_and_the_run_starts_over(tmp_path, capsys) -> None:
+    """A folder holding only an interrupted save (`<step>.orbax-checkpoint-tmp`, as a kill in the
+    first save leaves) has no checkpoint: the run says so and starts from step 0."""
+    from isic_jax import train
+
+    config = standard_config(**{"train.num_steps": 3})
+    tmp = tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp"
+    (tmp / "state").mkdir(parents=True)
+    assert train.train_and_evaluate(config, tmp_path, data=make_data(config))["step"] == 3
+    out = capsys.readouterr().out
+    assert f"Ignoring {tmp}: a save that never finished" in out
+    assert "Resuming" not in out
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3"]

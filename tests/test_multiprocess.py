@@ -19,9 +19,11 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -51,7 +53,8 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     from isic_jax import train
 
-    config = standard_config(**{"train.parallelism": spec["mode"], "model.dropout": 0.0})
+    config = standard_config(**{"train.parallelism": spec["mode"], "model.dropout": 0.0,
+                                **spec.get("overrides", {})})
     result = train.train_and_evaluate(config, spec["workdir"], data=make_data(config),
                                       stop_after_step=spec.get("stop_after_step"))
     state = jax.device_get(result["state"])
@@ -69,7 +72,67 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         "val_examples": val.get("num_examples"),
         "param_sum": float(sum(np.sum(np.abs(x), dtype=np.float64)
                                for x in jax.tree.leaves(state.params))),
+        "stopped_by_signal": result["stopped_by_signal"],
     }
+
+
+class _Recorder:
+    """Wraps the training iterator; records the stream positions of every batch drawn."""
+
+    def __init__(self, it: Any, out: list):
+        self._it, self._out = it, out
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self._it)
+        self._out.append(np.asarray(batch["position"]).tolist())
+        return batch
+
+    def get_state(self) -> Any:
+        return self._it.get_state()
+
+    def set_state(self, state: Any) -> None:
+        self._it.set_state(state)
+
+
+def _device_count_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One process, 4 devices: a 9-step reference on 4, and a run resumed on 4 -> 2 -> 1 device.
+
+    `data.device_prefetch=0`: no look-ahead, so the batches drawn are the batches trained on.
+    """
+    import jax
+    from test_train_lib import make_data, standard_config
+
+    from isic_jax import train
+
+    root = pathlib.Path(spec["root"])
+    config = standard_config(**{"train.num_steps": 9, "data.device_prefetch": 0})
+    out: dict[str, Any] = {"devices": jax.device_count()}
+
+    def segment(workdir: pathlib.Path, n_devices: int, stop: int | None, positions: list) -> Any:
+        data = make_data(config)
+        make = data.train_iterator
+        data.train_iterator = lambda: _Recorder(make(), positions)
+        result = train.train_and_evaluate(config, workdir, devices=jax.devices()[:n_devices],
+                                          data=data, stop_after_step=stop)
+        return jax.device_get(result["state"])
+
+    ref_positions: list = []
+    reference = segment(root / "reference", 4, None, ref_positions)
+    positions: list = []
+    segment(root / "run", 4, 3, positions)          # checkpoint at 3, stopped
+    segment(root / "run", 2, 6, positions)          # resumed on 2 devices, checkpoint at 6
+    state = segment(root / "run", 1, None, positions)  # resumed on 1 device, to the end
+    out["reference_positions"] = ref_positions
+    out["positions"] = positions
+    diffs = [float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b))))
+             for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(state), strict=True)]
+    out["max_diff"] = max(diffs)
+    out["moved"] = float(max(np.max(np.abs(np.asarray(a))) for a in jax.tree.leaves(
+        reference.params)))
+    return out
 
 
 def _free_port() -> int:
@@ -78,15 +141,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(workdir: pathlib.Path, processes: int, devices_per_process: int, mode: str = "jit",
-        **spec: Any) -> tuple[list[dict], list[str]]:
-    """Runs one training run as `processes` subprocesses; returns their results and logs."""
+def start(workdir: pathlib.Path, processes: int, devices_per_process: int, mode: str = "jit",
+          **spec: Any) -> list[subprocess.Popen]:
+    """Starts the `processes` subprocesses of one training run."""
     env = cache_env(os.environ)
     env["JAX_PLATFORMS"] = "cpu"
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_process}"
     env.pop("CUDA_VISIBLE_DEVICES", None)
     port = _free_port()
-    procs = [
+    return [
         subprocess.Popen(
             [sys.executable, __file__, json.dumps({
                 **spec, "workdir": str(workdir), "mode": mode, "port": port,
@@ -96,6 +159,12 @@ def run(workdir: pathlib.Path, processes: int, devices_per_process: int, mode: s
         )
         for i in range(processes)
     ]
+
+
+def run(workdir: pathlib.Path, processes: int, devices_per_process: int, mode: str = "jit",
+        **spec: Any) -> tuple[list[dict], list[str]]:
+    """Runs one training run as `processes` subprocesses; returns their results and logs."""
+    procs = start(workdir, processes, devices_per_process, mode, **spec)
     deadline = time.monotonic() + TIMEOUT
     logs = []
     try:
@@ -192,6 +261,74 @@ def test_two_processes_train_checkpoint_resume_and_change_process_count(tmp_path
     assert _max_diff(ref_state, _load(tmp_path / "up.npz")) < ATOL
 
 
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path) -> None:
+    """SIGTERM to process 1 only (as when one host is preempted): JAX's preemption service
+    (jax.distributed's SIGTERM handler) makes both stop after the same step; both save that
+    step together and report the stop (the command then exits 75)."""
+    workdir = tmp_path / "w"
+    procs = start(workdir, 2, 2, overrides={"train.num_steps": 5000, "train.log_every": 1,
+                                            "train.checkpoint_every": 5000,
+                                            "train.eval_every": 5000})
+    lines: list[list[str]] = [[], []]
+    readers = [threading.Thread(target=lambda p=p, out=out: out.extend(iter(p.stdout.readline,
+                                                                            "")), daemon=True)
+               for p, out in zip(procs, lines, strict=True)]
+    for r in readers:
+        r.start()
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not any("[train step" in line for line in lines[0]):
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, (
+                _tails(["".join(x) for x in lines]))
+            time.sleep(0.02)
+        procs[1].send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for p in procs:
+            p.kill()
+    for r in readers:
+        r.join(timeout=30)
+    logs = ["".join(x) for x in lines]
+    assert [p.returncode for p in procs] == [0, 0], _tails(logs)
+    outs = [json.loads(log.strip().splitlines()[-1]) for log in logs]
+    assert all(o["stopped_by_signal"] for o in outs)
+    stop = outs[0]["step"]
+    assert outs[1]["step"] == stop < 5000
+    assert outs[0]["param_sum"] == outs[1]["param_sum"]
+    assert f"Stopped by a stop signal to one of the processes after step {stop};" in logs[0]
+    assert f"every process saves a checkpoint after step {stop}" in logs[1]
+    step_dir = workdir / "checkpoints" / str(stop)
+    assert sorted(p.name for p in (step_dir / "data_iter").glob("*.json")) == [
+        "process_0-of-2.json", "process_1-of-2.json"]
+    assert [p.name for p in (workdir / "checkpoints").iterdir()] == [str(stop)]
+
+
+@pytest.mark.slow
+def test_device_count_changes_4_2_1_keep_state_and_data_order(tmp_path) -> None:
+    """Same process count, fewer devices at each resume: the state is restored onto the current
+    devices and the input state is unchanged, so the data order continues exactly: the batches
+    trained on are the uninterrupted run's, position for position."""
+    env = cache_env(os.environ)
+    env["JAX_PLATFORMS"] = "cpu"
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    spec = {"kind": "device_count", "root": str(tmp_path)}
+    proc = subprocess.run([sys.executable, __file__, json.dumps(spec)], env=env, cwd=str(REPO),
+                          capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 4
+    assert "Written by 1 process(es) on 4 device(s), resumed by 1 on 2" in proc.stdout
+    assert "Written by 1 process(es) on 2 device(s), resumed by 1 on 1" in proc.stdout
+    assert len(out["positions"]) == 9
+    assert out["positions"] == out["reference_positions"]
+    assert out["moved"] > 0.1
+    assert out["max_diff"] < ATOL, out["max_diff"]
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(pathlib.Path(__file__).parent))
-    print(json.dumps(_worker(json.loads(sys.argv[1])), default=float), flush=True)
+    spec = json.loads(sys.argv[1])
+    work = _device_count_worker if spec.get("kind") == "device_count" else _worker
+    print(json.dumps(work(spec), default=float), flush=True)
