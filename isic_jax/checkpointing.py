@@ -556,10 +556,11 @@ def _restore_resliced(directory: pathlib.Path, data_iter: IteratorState) -> str:
 
 
 def quiet_failed_restore_noise() -> None:
-    """After a failed restore, TensorStore still completes the other reads it had started and
-    posts them to the asyncio loop Orbax already closed; each prints an "Event loop is closed"
-    traceback (through `sys.unraisablehook`) that says nothing about the checkpoint. Drops those
-    and nothing else; installed once."""
+    """Call before restoring what may be damaged. When one read fails, TensorStore still
+    completes the other reads of the restore and posts them to the asyncio loop Orbax already
+    closed; each prints an "Event loop is closed" traceback (~100 for a small model, through
+    `sys.unraisablehook`) that says nothing about the checkpoint. Drops those and nothing else;
+    installed once per process."""
     previous = sys.unraisablehook
     if getattr(previous, "_isic_jax_quiet", False):
         return

@@ -1027,6 +1027,7 @@ def _restore_latest_good(
         return None
     expected = checkpointing.state_signature(abstract_state)
     target = checkpointing.abstract_target(abstract_state, sharding)
+    checkpointing.quiet_failed_restore_noise()  # before: the noise comes during a failing restore
     failures: list[tuple[int, str]] = []
     for step in reversed(steps):
         where = f"{ckpt.directory}/{step}"
@@ -1045,7 +1046,6 @@ def _restore_latest_good(
             except checkpointing.CheckpointError:
                 raise
             except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many types
-                checkpointing.quiet_failed_restore_noise()
                 error = e
         if _all_processes(error is None):
             ckpt.remove_incomplete_saves()

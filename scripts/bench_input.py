@@ -70,6 +70,7 @@ def _builder_source(images_dir: str, stored_size: int, data_dir: str):
 
     from isic_jax.datasets.isic import make_builder
 
+    tfds.disable_progress_bar()
     builder = make_builder("archive", stored_size, data_dir, num_folds=5)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=images_dir)
