@@ -522,10 +522,15 @@ def _to_iter(
 
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
+        from isic_jax import preemption
+
+        # Workers ignore SIGTERM/SIGINT: a scheduler signals the whole process group, and dead
+        # workers would fail the trainer before it can save its preemption checkpoint.
         it = it.mp_prefetch(
             grain.MultiprocessingOptions(
                 num_workers=num_workers, per_worker_buffer_size=max(1, prefetch)
-            )
+            ),
+            worker_init_fn=preemption.ignore_stop_signals,
         )
     return it
 
