@@ -45,7 +45,19 @@ import ml_collections
 import numpy as np
 import optax
 
-from isic_jax import checkpointing, config_utils, logging_utils, parallel, preemption
+from isic_jax import (
+    checkpointing,
+    config_utils,
+    device_augment,
+    input_pipeline,
+    logging_utils,
+    parallel,
+    preemption,
+)
+from isic_jax.losses import class_weights_for_config, compute_loss
+from isic_jax.metrics import classification_metrics
+from isic_jax.models import create_model, init_variables
+from isic_jax.optim import create_optimizer, ema_update
 
 PyTree = Any
 
@@ -91,7 +103,6 @@ def create_train_state(
 
     Works under `jax.eval_shape` (to build restore targets without allocating).
     """
-    from isic_jax.models import init_variables
 
     variables = init_variables(model, rng, image_size)
     params = variables["params"]
@@ -163,7 +174,6 @@ def train_step(
     weights = batch["mask"].astype(jnp.float32)
     labels = batch["label"].astype(jnp.int32)
 
-    from isic_jax.losses import compute_loss
 
     def loss_fn(params):
         logits, updates = model.apply(
@@ -195,7 +205,6 @@ def train_step(
 
     ema = state.ema
     if ema_decay > 0 and ema:
-        from isic_jax.optim import ema_update
 
         new_vars = {"params": params, "batch_stats": batch_stats}
         updated = ema_update(ema, new_vars, ema_decay)
@@ -218,14 +227,12 @@ def train_step(
 
 
 def _no_augment() -> Any:
-    from isic_jax import device_augment
 
     return device_augment.DeviceAugmentConfig()
 
 
 def augment_config(config: ml_collections.ConfigDict) -> Any:
     """The device half of config.data.augment (static, hashable)."""
-    from isic_jax import device_augment
 
     return device_augment.DeviceAugmentConfig.from_config(config.data.augment)
 
@@ -237,7 +244,6 @@ def train_inputs(
     images = batch["image"]
     if images.dtype != jnp.uint8:
         return images.astype(jnp.float32)
-    from isic_jax import device_augment
 
     aug_rng = jax.random.fold_in(rng, device_augment.AUGMENT_STREAM)
     positions = batch.get("position")
@@ -282,7 +288,6 @@ def eval_step(
     """
     images = batch["image"]
     if images.dtype == jnp.uint8:
-        from isic_jax import device_augment
 
         images = device_augment.preprocess_eval(images, augment or _no_augment())
     logits = model.apply(state.eval_variables(), images, train=False)
@@ -450,7 +455,6 @@ def summarize(
 ) -> dict[str, Any]:
     """metrics.classification_metrics on the predictions (JSON-ready, NaN -> None), plus "loss":
     the mean negative log-likelihood of the true class (no label smoothing or class weights)."""
-    from isic_jax.metrics import classification_metrics
 
     has_patients = np.any(preds.patient_id != "")
     result = dict(
@@ -545,7 +549,6 @@ class InputData:
     """
 
     def __init__(self, config: ml_collections.ConfigDict, sources: tuple | None = None):
-        from isic_jax import input_pipeline
 
         self._config = config
         if sources is None:
@@ -575,7 +578,6 @@ class InputData:
 
     def train_iterator(self) -> Iterator[dict[str, np.ndarray]]:
         """Infinite iterator of this process's training batches (get_state/set_state)."""
-        from isic_jax import input_pipeline
 
         ds = input_pipeline.create_train_dataset(
             self.train_source,
@@ -614,7 +616,6 @@ class InputData:
 
     def eval_batches(self, split: str = "val") -> Iterable[dict[str, np.ndarray]]:
         """One padded pass over a split (mask False on padding)."""
-        from isic_jax import input_pipeline
 
         return input_pipeline.create_eval_dataset(
             self.source(split), self._config.data, int(self._config.eval.batch_size)
@@ -686,9 +687,6 @@ def train_and_evaluate(
     count: every process gets the common saved state, which counts global batches, so the same
     global batches follow, split over the new processes (checkpointing.Checkpointer.restore).
     """
-    from isic_jax.losses import class_weights_for_config
-    from isic_jax.models import create_model
-    from isic_jax.optim import create_optimizer
 
     config_utils.validate_config(config)
     workdir = pathlib.Path(workdir).absolute()
