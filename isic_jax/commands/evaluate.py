@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from isic_jax import config_utils
+from isic_jax.commands import checkpoint_flag_value, fail
 
 # Before jax is imported (see commands/train.py).
 config_utils.set_default_xla_flags()
@@ -39,9 +39,7 @@ EXIT_USAGE = 2
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    which = _CHECKPOINT.value
-    if which not in ("latest", "best") and not which.isdigit():
-        raise app.UsageError(f"--checkpoint must be latest, best or a step number, got {which!r}")
+    which = checkpoint_flag_value(_CHECKPOINT.value)
     from isic_jax import evaluate, train
     from isic_jax.checkpointing import quiet_orbax_logging
 
@@ -51,8 +49,7 @@ def main(argv: list[str]) -> None:
             _WORKDIR.value, _SPLIT.value, which, report=_REPORT.value
         )
     except (FileNotFoundError, config_utils.ConfigError, train.UnknownSplitError) as e:
-        print(f"isic-jax evaluate: {e}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_USAGE)
+        fail("evaluate", e, EXIT_USAGE)
     shown = {k: result[k] for k in ("step", "num_examples", "loss", "auc", "pauc_80",
                                     "balanced_accuracy", "sensitivity", "specificity")
              if k in result}

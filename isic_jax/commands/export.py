@@ -9,9 +9,8 @@ checkpoint, or the output folder is in the way; 3 when the export does not repro
 
 from __future__ import annotations
 
-import sys
-
 from isic_jax import config_utils
+from isic_jax.commands import checkpoint_flag_value, fail
 
 # Before jax is imported (see commands/train.py).
 config_utils.set_default_xla_flags()
@@ -39,9 +38,7 @@ EXIT_MISMATCH = 3
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    which = _CHECKPOINT.value
-    if which not in ("latest", "best") and not which.isdigit():
-        raise app.UsageError(f"--checkpoint must be latest, best or a step number, got {which!r}")
+    which = checkpoint_flag_value(_CHECKPOINT.value)
     from isic_jax import export
     from isic_jax.checkpointing import quiet_orbax_logging
 
@@ -52,11 +49,9 @@ def main(argv: list[str]) -> None:
             overwrite=_OVERWRITE.value, verify=_VERIFY.value,
         )
     except (FileNotFoundError, FileExistsError, config_utils.ConfigError) as e:
-        print(f"isic-jax export: {e}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_USAGE)
+        fail("export", e, EXIT_USAGE)
     except export.ExportError as e:
-        print(f"isic-jax export: {e}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_MISMATCH)
+        fail("export", e, EXIT_MISMATCH)
     info = meta["export"]
     failed = "".join(
         f"\n  not lowered for {p}: {why}" for p, why in info["platforms_failed"].items()

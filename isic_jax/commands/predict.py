@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 
 from isic_jax import config_utils
+from isic_jax.commands import fail
 
 # Before jax is imported (see commands/train.py).
 config_utils.set_default_xla_flags()
@@ -60,8 +61,7 @@ def main(argv: list[str]) -> None:
             num_workers=_WORKERS.value or None,
         )
     except (FileNotFoundError, ValueError) as e:  # InputError, SubmissionError are ValueErrors
-        print(f"isic-jax predict: {e}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_USAGE)
+        fail("predict", e, EXIT_USAGE)
     n = len(summary.items)
     print(
         f"Predicted {n - summary.num_failed}/{n} images in {summary.seconds:.1f} s on "

@@ -18,28 +18,29 @@ from absl import app, flags, logging
 
 from isic_jax import logging_utils
 from isic_jax import prepare as prepare_lib
+from isic_jax.commands import underscore_alias
 from isic_jax.datasets.isic import isic as isic_lib
 
 _SOURCE = flags.DEFINE_string("source", None, "Folder holding the manual download.", required=True)
 # Dashed names as the docs spell them (--data-dir); the underscore spellings are aliases.
-_DATA_DIR = flags.DEFINE_string(
+_DATA_DIR = underscore_alias(flags.DEFINE_string(
     "data-dir", "~/tensorflow_datasets", "TFDS data_dir to write the dataset into."
-)
+))
 _FORMAT = flags.DEFINE_enum(
     "format",
     "auto",
     list(prepare_lib.FORMATS),
     "Release layout of --source; auto recognises it from its files.",
 )
-_IMAGE_SIZE = flags.DEFINE_integer(
+_IMAGE_SIZE = underscore_alias(flags.DEFINE_integer(
     "image-size",
     prepare_lib.DEFAULT_IMAGE_SIZE,
     "Shorter side of the stored images, px (aspect ratio kept).",
     lower_bound=8,
-)
-_NUM_FOLDS = flags.DEFINE_integer(
+))
+_NUM_FOLDS = underscore_alias(flags.DEFINE_integer(
     "num-folds", 5, "Patient-grouped stratified folds (splits fold0..foldK-1).", lower_bound=2
-)
+))
 _REPORT = flags.DEFINE_string("report", None, "Also write the report as JSON to this file.")
 _INDETERMINATE = flags.DEFINE_enum(
     "indeterminate",
@@ -47,23 +48,21 @@ _INDETERMINATE = flags.DEFINE_enum(
     list(isic_lib.INDETERMINATE_POLICIES),
     "archive: what an Indeterminate diagnosis becomes (skipped by default).",
 )
-_MAX_PIXELS = flags.DEFINE_integer(
+_MAX_PIXELS = underscore_alias(flags.DEFINE_integer(
     "max-pixels",
     prepare_lib.DEFAULT_MAX_PIXELS,
     "Images with more pixels are skipped as decompression bombs.",
     lower_bound=1,
-)
-_JPEG_QUALITY = flags.DEFINE_integer(
+))
+_JPEG_QUALITY = underscore_alias(flags.DEFINE_integer(
     "jpeg-quality", prepare_lib.DEFAULT_JPEG_QUALITY, "Quality of the stored JPEGs.", 1, 100
-)
-_NUM_WORKERS = flags.DEFINE_integer(
+))
+_NUM_WORKERS = underscore_alias(flags.DEFINE_integer(
     "num-workers", 0, "Decode threads (0: all cores).", lower_bound=0
+))
+_FOLD_SEED = underscore_alias(
+    flags.DEFINE_integer("fold-seed", 0, "Salts the fold assignment's tie-breaking.")
 )
-_FOLD_SEED = flags.DEFINE_integer("fold-seed", 0, "Salts the fold assignment's tie-breaking.")
-
-for _name in ("data-dir", "image-size", "num-folds", "max-pixels", "jpeg-quality", "num-workers",
-              "fold-seed"):  # fmt: skip
-    flags.DEFINE_alias(_name.replace("-", "_"), _name)
 
 
 def main(argv: list[str]) -> None:

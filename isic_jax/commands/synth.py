@@ -8,28 +8,28 @@ from __future__ import annotations
 from absl import app, flags
 
 from isic_jax import synth
+from isic_jax.commands import underscore_alias
 
 _OUTPUT = flags.DEFINE_string("output", None, "Folder to write the dataset into.", required=True)
 _FORMAT = flags.DEFINE_enum("format", "isic2020", list(synth.FORMATS), "Release layout to write.")
 # Dashed names as the docs spell them (--num-images); the underscore spellings are aliases.
-_NUM_IMAGES = flags.DEFINE_integer("num-images", 600, "Number of images.", lower_bound=1)
+_NUM_IMAGES = underscore_alias(
+    flags.DEFINE_integer("num-images", 600, "Number of images.", lower_bound=1)
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Same seed, same bytes.")
-_MALIGNANT_FRACTION = flags.DEFINE_float(
+_MALIGNANT_FRACTION = underscore_alias(flags.DEFINE_float(
     "malignant-fraction",
     None,
     f"Share of malignant images (default {synth.DEFAULT_MALIGNANT_FRACTION}).",
     lower_bound=0.0,
     upper_bound=1.0,
-)
-_IMAGE_SIZE = flags.DEFINE_integer(
+))
+_IMAGE_SIZE = underscore_alias(flags.DEFINE_integer(
     "image-size",
     synth.DEFAULT_IMAGE_SIZE,
     "Longer image side in px (isic2024: side of the square tiles).",
     lower_bound=16,
-)
-
-for _name in ("num-images", "malignant-fraction", "image-size"):
-    flags.DEFINE_alias(_name.replace("-", "_"), _name)
+))
 
 
 def main(argv: list[str]) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import sys
 
 from isic_jax import config_utils
+from isic_jax.commands import fail
 
 # Before jax is imported: the fast XLA:CPU fusion flags (DESIGN.md), unless XLA_FLAGS is set.
 config_utils.set_default_xla_flags()
@@ -58,11 +59,6 @@ EXIT_DATA = 4
 EXIT_CHECKPOINT = 5
 
 
-def _fail(message: object, status: int) -> None:
-    print(f"isic-jax train: {message}", file=sys.stderr, flush=True)
-    sys.exit(status)
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -70,15 +66,15 @@ def main(argv: list[str]) -> None:
     try:
         config_utils.validate_config(config)
     except OSError as e:  # the config file could not be loaded (ml_collections defers it)
-        _fail(" ".join(str(e).split()), EXIT_CONFIG)
+        fail("train", " ".join(str(e).split()), EXIT_CONFIG)
     except config_utils.ConfigError as e:
-        _fail(e, EXIT_CONFIG)
+        fail("train", e, EXIT_CONFIG)
     # First JAX call of the process: joining the other processes must come before anything
     # touches a device (importing jax alone does not).
     try:
         _DIST.maybe_initialize()
     except distributed.DistributedError as e:
-        _fail(e, EXIT_CONFIG)
+        fail("train", e, EXIT_CONFIG)
 
     from isic_jax import checkpointing, preemption, train
 
@@ -86,13 +82,13 @@ def main(argv: list[str]) -> None:
     try:
         result = train.train_and_evaluate(config, _WORKDIR.value)
     except config_utils.ConfigError as e:
-        _fail(e, EXIT_CONFIG)
+        fail("train", e, EXIT_CONFIG)
     except train.NonFiniteError as e:
-        _fail(e, EXIT_NON_FINITE)
+        fail("train", e, EXIT_NON_FINITE)
     except train.DataNotFoundError as e:
-        _fail(e, EXIT_DATA)
+        fail("train", e, EXIT_DATA)
     except checkpointing.CheckpointError as e:
-        _fail(e, EXIT_CHECKPOINT)
+        fail("train", e, EXIT_CHECKPOINT)
     if result.get("stopped_by_signal"):
         sys.exit(preemption.EXIT_PREEMPTED)
 
