@@ -224,6 +224,11 @@ def _both(y: np.ndarray) -> bool:
     return y.size > 0 and 0 < int(y.sum()) < y.size
 
 
+def _roc_axes(ax, xlabel: str, ylabel: str) -> None:
+    """Square unit ROC axes, with a margin so that curves along the border stay visible."""
+    ax.set(xlabel=xlabel, ylabel=ylabel, xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), aspect="equal")
+
+
 def plot_roc(
     path: pathlib.Path,
     y_bin: np.ndarray,
@@ -270,13 +275,7 @@ def plot_roc(
         ax.legend(loc="lower right", fontsize=9)
     else:
         _no_data(ax, "ROC undefined: only one class in the labels")
-    ax.set(
-        xlabel="False positive rate (1 - specificity)",
-        ylabel="True positive rate (sensitivity)",
-        xlim=(-0.01, 1.01),
-        ylim=(-0.01, 1.01),
-        aspect="equal",
-    )
+    _roc_axes(ax, "False positive rate (1 - specificity)", "True positive rate (sensitivity)")
     if multi:
         ax = axes[0, 1]
         ax.set_title("ROC: each class vs the rest")
@@ -294,13 +293,7 @@ def plot_roc(
             ax.legend(loc="lower right", fontsize=8)
         else:
             _no_data(ax, "no class with both positives and negatives")
-        ax.set(
-            xlabel="False positive rate",
-            ylabel="True positive rate",
-            xlim=(-0.01, 1.01),
-            ylim=(-0.01, 1.01),
-            aspect="equal",
-        )
+        _roc_axes(ax, "False positive rate", "True positive rate")
     _save(fig, path)
 
 

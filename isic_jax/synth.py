@@ -54,15 +54,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-FORMATS: tuple[str, ...] = (
-    "archive",
-    "isic2016",
-    "isic2017",
-    "isic2018",
-    "isic2019",
-    "isic2020",
-    "isic2024",
-)
+from isic_jax.datasets.isic.labels import DIAGNOSIS_CLASSES, RELEASES
+
+# One layout per release the builder reads.
+FORMATS: tuple[str, ...] = RELEASES
 # Far above the real 2020/2024 rates: small test sets need positives.
 DEFAULT_MALIGNANT_FRACTION = 0.3
 DEFAULT_IMAGE_SIZE = 160  # longer side, px; aspect ratios vary (4:3, 3:2, 1:1, 3:4)
@@ -219,8 +214,10 @@ MALIGNANT: dict[str, list[str]] = {
 }
 # Releases with several classes: every class appears at least once when the group allows it.
 _MULTICLASS = ("archive", "isic2017", "isic2018", "isic2019")
-_ONE_HOT_2018 = ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
-_ONE_HOT_2019 = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]
+# Ground-truth CSV columns after `image`: the builder's classes are these, in file order
+# (2019's UNK column is for the test set only).
+_ONE_HOT_2018 = list(DIAGNOSIS_CLASSES["isic2018"])
+_ONE_HOT_2019 = [*DIAGNOSIS_CLASSES["isic2019"], "UNK"]
 
 # The 55 columns of the ISIC 2024 Kaggle train-metadata.csv, in file order.
 METADATA_2024_COLUMNS: list[str] = [

@@ -27,6 +27,12 @@ def underscore_alias(holder: flags.FlagHolder[_T]) -> flags.FlagHolder[_T]:
     return holder
 
 
+def no_arguments(argv: list[str]) -> None:
+    """Raise app.UsageError when `argv` (as absl.app.run passes it) has positional arguments."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+
+
 def checkpoint_flag_value(value: str) -> str:
     """The value of a `--checkpoint latest|best|STEP` flag, checked; raises app.UsageError."""
     if value not in ("latest", "best") and not value.isdigit():

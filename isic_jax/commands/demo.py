@@ -21,10 +21,16 @@ import sys
 
 from absl import app, flags
 
+from isic_jax.commands import no_arguments, underscore_alias
+
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Folder for data, checkpoints, metrics.")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 1000, "Synthetic images to generate.", 50)
+_NUM_IMAGES = underscore_alias(
+    flags.DEFINE_integer("num-images", 1000, "Synthetic images to generate.", 50)
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic data.")
-_NUM_EPOCHS = flags.DEFINE_float("num_epochs", None, "Overrides config.train.num_epochs.")
+_NUM_EPOCHS = underscore_alias(
+    flags.DEFINE_float("num-epochs", None, "Overrides config.train.num_epochs.")
+)
 _CONFIG = flags.DEFINE_string(
     "config", None, "Config file to train with (default: configs/demo.py of this checkout)."
 )
@@ -53,8 +59,7 @@ def _run(args: list[str]) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    no_arguments(argv)
     workdir = pathlib.Path(_WORKDIR.value).expanduser().absolute()
     config = pathlib.Path(_CONFIG.value).absolute() if _CONFIG.value else _default_config()
     download, data_dir, run = workdir / "download", workdir / "tfds", workdir / "train"

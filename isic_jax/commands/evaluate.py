@@ -13,7 +13,7 @@ import json
 import os
 
 from isic_jax import config_utils
-from isic_jax.commands import checkpoint_flag_value, fail
+from isic_jax.commands import checkpoint_flag_value, fail, no_arguments
 
 # Before jax is imported (see commands/train.py).
 config_utils.set_default_xla_flags()
@@ -37,8 +37,7 @@ EXIT_USAGE = 2
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    no_arguments(argv)
     which = checkpoint_flag_value(_CHECKPOINT.value)
     from isic_jax import evaluate, train
     from isic_jax.checkpointing import quiet_orbax_logging

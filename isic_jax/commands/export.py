@@ -10,7 +10,7 @@ checkpoint, or the output folder is in the way; 3 when the export does not repro
 from __future__ import annotations
 
 from isic_jax import config_utils
-from isic_jax.commands import checkpoint_flag_value, fail
+from isic_jax.commands import checkpoint_flag_value, fail, no_arguments
 
 # Before jax is imported (see commands/train.py).
 config_utils.set_default_xla_flags()
@@ -36,8 +36,7 @@ EXIT_MISMATCH = 3
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    no_arguments(argv)
     which = checkpoint_flag_value(_CHECKPOINT.value)
     from isic_jax import export
     from isic_jax.checkpointing import quiet_orbax_logging

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 
 from isic_jax import config_utils
-from isic_jax.commands import fail
+from isic_jax.commands import fail, no_arguments
 
 # Before jax is imported (see commands/train.py).
 config_utils.set_default_xla_flags()
@@ -48,8 +48,7 @@ EXIT_USAGE = 2
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    no_arguments(argv)
     from isic_jax import predict
     from isic_jax.checkpointing import quiet_orbax_logging
 

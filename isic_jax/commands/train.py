@@ -31,7 +31,7 @@ from __future__ import annotations
 import sys
 
 from isic_jax import config_utils
-from isic_jax.commands import fail
+from isic_jax.commands import fail, no_arguments
 
 # Before jax is imported: the fast XLA:CPU fusion flags (DESIGN.md), unless XLA_FLAGS is set.
 config_utils.set_default_xla_flags()
@@ -60,8 +60,7 @@ EXIT_CHECKPOINT = 5
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    no_arguments(argv)
     config = _CONFIG.value
     try:
         config_utils.validate_config(config)

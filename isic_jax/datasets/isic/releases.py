@@ -30,7 +30,8 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 from isic_jax.datasets.isic import labels as L
 from isic_jax.datasets.isic.images import IMAGE_EXTENSIONS
@@ -583,6 +584,18 @@ def _rows_2020(path: str, rel: str) -> Iterator[_Row | Skip]:
         )
 
 
+def _archive_fields(row: Mapping[str, str]) -> dict[str, Any]:
+    """_Row's patient/lesion/age/sex/site from the ISIC Archive's column names (isic-cli's
+    metadata.csv and the 2024 train-metadata.csv share them)."""
+    return {
+        "patient_id": L.parse_text(row.get("patient_id")),
+        "lesion_id": L.parse_text(row.get("lesion_id")),
+        "age": L.parse_age(row.get("age_approx")),
+        "sex": L.parse_sex(row.get("sex")),
+        "anatom_site": L.parse_site(row.get("anatom_site_general")),
+    }
+
+
 def _rows_2024(path: str, rel: str) -> Iterator[_Row | Skip]:
     for line, row in _dict_rows(path):
         image_id = row.get("isic_id", "")
@@ -601,11 +614,7 @@ def _rows_2024(path: str, rel: str) -> Iterator[_Row | Skip]:
             f"{rel} row {line}",
             label,
             diagnosis,
-            patient_id=L.parse_text(row.get("patient_id")),
-            lesion_id=L.parse_text(row.get("lesion_id")),
-            age=L.parse_age(row.get("age_approx")),
-            sex=L.parse_sex(row.get("sex")),
-            anatom_site=L.parse_site(row.get("anatom_site_general")),
+            **_archive_fields(row),
         )
 
 
@@ -646,11 +655,7 @@ def _rows_archive_csv(path: str, rel: str, indeterminate: str) -> Iterator[_Row 
             where,
             label,
             diagnosis,
-            patient_id=L.parse_text(row.get("patient_id")),
-            lesion_id=L.parse_text(row.get("lesion_id")),
-            age=L.parse_age(row.get("age_approx")),
-            sex=L.parse_sex(row.get("sex")),
-            anatom_site=L.parse_site(row.get("anatom_site_general")),
+            **_archive_fields(row),
         )
 
 
