@@ -83,14 +83,11 @@ def prepare(
             jpeg_quality=jpeg_quality,
             num_workers=num_workers,
         )
-        release = releases.detect(source) if fmt == "auto" else fmt
-        if fmt != "auto":  # fail before TFDS creates anything
-            layout = releases.Layout(releases.SourceTree(source))
-            if layout.files_for(release) is None:
-                raise releases.SourceError(
-                    f"{source} does not hold an {release} layout: expected "
-                    f"{releases.EXPECTED[release]}\n{layout.describe()}"
-                )
+        if fmt == "auto":
+            release = releases.detect(source)
+        else:  # fail before TFDS creates anything
+            release = fmt
+            releases.release_files(releases.Layout(releases.SourceTree(source)), release, source)
         builder = isic_lib.make_builder(release, image_size, data_dir, options=options)
     except (ValueError, releases.SourceError) as exc:
         raise PrepareError(str(exc)) from exc

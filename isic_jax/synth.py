@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import io
 import math
 import os
@@ -993,6 +994,7 @@ def _write_isic2017(out: pathlib.Path, records: list[_Record]) -> list[str]:
     ]
 
 
+@functools.lru_cache(maxsize=8)  # one per image shape (4 aspect ratios): encode each once
 def _superpixels_png(h: int, w: int) -> bytes:
     """A coarse superpixel index map encoded in RGB, as the 2017 *_superpixels.png files are."""
     cell = 16

@@ -11,14 +11,12 @@ same output is a no-op and says so.
 
 from __future__ import annotations
 
-import sys
-
 import tensorflow_datasets as tfds
-from absl import app, flags, logging
+from absl import flags, logging
 
 from isic_jax import logging_utils
 from isic_jax import prepare as prepare_lib
-from isic_jax.commands import underscore_alias
+from isic_jax.commands import fail, no_arguments, underscore_alias
 from isic_jax.datasets.isic import isic as isic_lib
 
 _SOURCE = flags.DEFINE_string("source", None, "Folder holding the manual download.", required=True)
@@ -66,8 +64,7 @@ _FOLD_SEED = underscore_alias(
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    no_arguments(argv)
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # TFDS logs every shard at INFO
     if not logging_utils.use_progress_bar(True):
@@ -87,8 +84,7 @@ def main(argv: list[str]) -> None:
             report_path=_REPORT.value,
         )
     except prepare_lib.PrepareError as exc:
-        print(f"isic-jax prepare: error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        fail("prepare", f"error: {exc}", 1)
     print(prepare_lib.format_summary(report))
     if _REPORT.value:
         print(f"\nreport written to {_REPORT.value}")

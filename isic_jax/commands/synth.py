@@ -5,10 +5,10 @@ isic-jax synth --output /tmp/isic2020 --format isic2020 --num-images 600 --seed 
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
 from isic_jax import synth
-from isic_jax.commands import underscore_alias
+from isic_jax.commands import no_arguments, underscore_alias
 
 _OUTPUT = flags.DEFINE_string("output", None, "Folder to write the dataset into.", required=True)
 _FORMAT = flags.DEFINE_enum("format", "isic2020", list(synth.FORMATS), "Release layout to write.")
@@ -33,8 +33,7 @@ _IMAGE_SIZE = underscore_alias(flags.DEFINE_integer(
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    no_arguments(argv)
     summary = synth.write_synthetic(
         _OUTPUT.value,
         _FORMAT.value,

@@ -41,7 +41,7 @@ VERSION = "1.0.0"
 STANDARD_SIZES: tuple[int, ...] = (64, 96, 128, 192, 224, 256, 384, 512, 768, 1024)
 DEFAULT_CONFIG = "isic2020_512"
 REPORT_FILENAME = "isic_prepare_report.json"
-INDETERMINATE_POLICIES = ("skip", "benign", "malignant")
+INDETERMINATE_POLICIES = releases.INDETERMINATE_POLICIES
 
 _CITATIONS = {
     "archive": "ISIC Archive, https://www.isic-archive.com (attribution per image in the metadata)",
@@ -70,6 +70,15 @@ class IsicConfig(tfds.core.BuilderConfig):
 
     release: str = "isic2020"
     image_size: int = 512
+
+
+def _new_config(release: str, image_size: int) -> IsicConfig:
+    return IsicConfig(
+        name=f"{release}_{image_size}",
+        description=f"ISIC {release}, shorter side {image_size} px",
+        release=release,
+        image_size=image_size,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,14 +145,7 @@ class Isic(tfds.core.GeneratorBasedBuilder):
         + "\n".join(f"  {r}: {text}" for r, text in releases.EXPECTED.items())
     )
     BUILDER_CONFIGS = [
-        IsicConfig(
-            name=f"{release}_{size}",
-            description=f"ISIC {release}, shorter side {size} px",
-            release=release,
-            image_size=size,
-        )
-        for release in L.RELEASES
-        for size in STANDARD_SIZES
+        _new_config(release, size) for release in L.RELEASES for size in STANDARD_SIZES
     ]
     DEFAULT_BUILDER_CONFIG_NAME = DEFAULT_CONFIG
     # TFDS would infer this through importlib.resources; setting it avoids the lookup.
@@ -381,12 +383,7 @@ def config_for(release: str, image_size: int) -> IsicConfig:
     for config in Isic.BUILDER_CONFIGS:
         if config.name == name:
             return config
-    return IsicConfig(
-        name=name,
-        description=f"ISIC {release}, shorter side {image_size} px",
-        release=release,
-        image_size=image_size,
-    )
+    return _new_config(release, image_size)
 
 
 def make_builder(

@@ -25,8 +25,10 @@ reported and never used to build a path.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -227,20 +229,18 @@ def _preference(rel: str) -> tuple:
 # ----------------------------------------------------------------------------- CSV roles
 
 
-def _read_rows(path: str) -> list[list[str]]:
+def _csv_rows(path: str) -> Iterator[tuple[int, list[str]]]:
+    """(line number, row) for each row of a CSV that is not blank."""
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-        return [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
+        reader = csv.reader(f)
+        for row in reader:
+            if any(cell.strip() for cell in row):
+                yield reader.line_num, row
 
 
 def _head(path: str, n: int = 2) -> list[list[str]]:
-    rows = []
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-        for row in csv.reader(f):
-            if any(cell.strip() for cell in row):
-                rows.append(row)
-            if len(rows) >= n:
-                break
-    return rows
+    with contextlib.closing(_csv_rows(path)) as rows:
+        return [row for _, row in itertools.islice(rows, n)]
 
 
 def _is_2016_row(row: Sequence[str]) -> bool:
@@ -249,8 +249,8 @@ def _is_2016_row(row: Sequence[str]) -> bool:
     )
 
 
-_ONE_HOT_2018 = ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
-_ONE_HOT_2019 = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
+_ONE_HOT_2018 = L.DIAGNOSIS_CLASSES["isic2018"]
+_ONE_HOT_2019 = L.DIAGNOSIS_CLASSES["isic2019"]  # UNK (test set only) is not required
 
 
 def csv_roles(head: list[list[str]]) -> set[str]:
@@ -381,6 +381,17 @@ class Layout:
         return "found:\n" + "\n".join(lines)
 
 
+def release_files(layout: Layout, release: str, source: str | os.PathLike) -> dict[str, str]:
+    """`layout.files_for(release)`; SourceError (what `release` needs, what is there) if absent."""
+    files = layout.files_for(release)
+    if files is None:
+        raise SourceError(
+            f"{os.fspath(source)} does not hold an {release} layout: expected "
+            f"{EXPECTED[release]}\n{layout.describe()}"
+        )
+    return files
+
+
 def detect(source: str | os.PathLike) -> str:
     """The one release whose files are in `source` (--format auto).
 
@@ -416,19 +427,12 @@ def detect(source: str | os.PathLike) -> str:
 
 def _dict_rows(path: str) -> Iterator[tuple[int, dict[str, str]]]:
     """(line number, row dict with lower-cased stripped keys) for each data row of a CSV."""
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-        reader = csv.reader(f)
-        header = None
-        for row in reader:
-            if not any(c.strip() for c in row):
-                continue
-            if header is None:
-                header = [c.strip().lower() for c in row]
-                continue
-            yield (
-                reader.line_num,
-                {k: (row[i].strip() if i < len(row) else "") for i, k in enumerate(header)},
-            )
+    header = None
+    for line, row in _csv_rows(path):
+        if header is None:
+            header = [c.strip().lower() for c in row]
+            continue
+        yield line, {k: (row[i].strip() if i < len(row) else "") for i, k in enumerate(header)}
 
 
 def _one_hot(row: dict[str, str], classes: Sequence[str]) -> tuple[str | None, str]:
@@ -450,7 +454,7 @@ def _one_hot(row: dict[str, str], classes: Sequence[str]) -> tuple[str | None, s
 
 
 def _rows_2016(path: str, rel: str) -> Iterator[_Row | Skip]:
-    for line, row in enumerate(_read_rows(path), start=1):
+    for line, (_, row) in enumerate(_csv_rows(path), start=1):
         if len(row) < 2:
             yield Skip(f"{rel} row {line}", "malformed row (expected image,label)")
             continue
@@ -618,7 +622,7 @@ def _rows_2024(path: str, rel: str) -> Iterator[_Row | Skip]:
         )
 
 
-_INDETERMINATE_POLICIES = ("skip", "benign", "malignant")
+INDETERMINATE_POLICIES = ("skip", "benign", "malignant")
 
 
 def _archive_label(value: object, indeterminate: str) -> tuple[int | None, str]:
@@ -831,16 +835,11 @@ def scan(release: str, source: str | os.PathLike, *, indeterminate: str = "skip"
     """
     if release not in L.RELEASES:
         raise ValueError(f"unknown release {release!r}; expected one of {L.RELEASES}")
-    if indeterminate not in _INDETERMINATE_POLICIES:
-        raise ValueError(f"indeterminate must be one of {_INDETERMINATE_POLICIES}")
+    if indeterminate not in INDETERMINATE_POLICIES:
+        raise ValueError(f"indeterminate must be one of {INDETERMINATE_POLICIES}")
     tree = SourceTree(source)
     layout = Layout(tree)
-    files = layout.files_for(release)
-    if files is None:
-        raise SourceError(
-            f"{os.fspath(source)} does not hold an {release} layout: expected "
-            f"{EXPECTED[release]}\n{layout.describe()}"
-        )
+    files = release_files(layout, release, source)
     path = lambda role: tree.abspath(files[role]) if role in files else None
     skips: list[Skip] = [
         Skip(rel, "link that resolves outside the source folder")

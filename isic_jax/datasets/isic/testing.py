@@ -176,15 +176,10 @@ def write_layout(
                 "1.0" if e.dx == "melanoma" else "0.0",
                 "1.0" if e.dx == "seborrheic_keratosis" else "0.0",
             ]
+            if e.dx in ("nevus", "melanoma", "seborrheic_keratosis")
+            else [e.image_id, e.dx, "0.0"]  # an unknown label value
             for e in examples
         ]
-        if any(e.dx not in ("nevus", "melanoma", "seborrheic_keratosis") for e in examples):
-            rows = [
-                r
-                if e.dx in ("nevus", "melanoma", "seborrheic_keratosis")
-                else [e.image_id, e.dx, "0.0"]
-                for r, e in zip(rows, examples, strict=True)
-            ]
         _write_csv(
             os.path.join(root, "ISIC-2017_Training_Part3_GroundTruth.csv"),
             ["image_id", "melanoma", "seborrheic_keratosis"],
