@@ -155,8 +155,6 @@ def example_keys(
 
 def _factor(u: jax.Array, strength: float) -> jax.Array:
     """Uniform in [max(0, 1 - v), 1 + v] from u ~ U[0, 1); exactly 1 when v == 0."""
-    if not strength:
-        return jnp.ones_like(u)
     lo = max(0.0, 1.0 - strength)
     return lo + (1.0 + strength - lo) * u
 
@@ -371,7 +369,7 @@ def augment_batch(
         raise ValueError(f"images must be [B, H, W, 3], got {images.shape}")
     batch = images.shape[0]
     keys = example_keys(rng, batch, example_ids)
-    u = jax.vmap(lambda k: jax.random.uniform(k, (_NUM_DRAWS,), jnp.float32))(keys)  # [B, 5]
+    u = jax.vmap(lambda k: jax.random.uniform(k, (_NUM_DRAWS,), jnp.float32))(keys)  # [B, 6]
 
     x = images
     if config.has_rotation or config.dihedral:

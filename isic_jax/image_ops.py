@@ -311,13 +311,12 @@ def train_image(
 
 
 def _eval_resize(data: bytes, size: int, draft: bool) -> Image.Image:
+    """The centred square of the shorter side, resized to [size, size] (antialiased bilinear)."""
     image = open_jpeg(data)
     width, height = image.size
     short = min(width, height)
-    min_size = (width * size / short, height * size / short)
-    image, _ = decode(image, min_size if draft else None)
-    box = crop_box(image.size, (width, height), (width / 2, height / 2), (short, short))
-    return image.resize((size, size), Image.Resampling.BILINEAR, box=box)
+    box = (width / 2, height / 2, short, short)
+    return _crop_resize(image, box, size, Image.Resampling.BILINEAR, draft)
 
 
 def eval_batch(datas: Sequence[bytes | None], size: int, draft: bool = True) -> np.ndarray:
@@ -335,11 +334,3 @@ def eval_image(data: bytes, size: int, draft: bool = True) -> np.ndarray:
     and normalisation follow on the device (`device_augment.preprocess_eval`).
     """
     return np.asarray(_eval_resize(data, size, draft))
-
-
-def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
-    """Resizes so that the shorter side is `size` (antialiased bilinear); keeps aspect ratio."""
-    width, height = image.size
-    scale = size / min(width, height)
-    new = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return image.resize(new, Image.Resampling.BILINEAR, reducing_gap=3.0)

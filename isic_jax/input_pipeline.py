@@ -602,9 +602,10 @@ class SourceInfo:
         return len(self.class_names)
 
 
-def _split_counts(metadata: Mapping[str, Any], task: str, split: str) -> np.ndarray | None:
-    """Class counts of a "foldA+foldB" split from the builder metadata (None if absent)."""
-    per_fold = metadata.get("label_counts" if task == "binary" else "diagnosis_counts")
+def _split_counts(metadata: Mapping[str, Any], key: str, split: str) -> np.ndarray | None:
+    """Class counts of feature `key` in a "foldA+foldB" split from the builder metadata
+    ("<key>_counts"; None if absent)."""
+    per_fold = metadata.get(f"{key}_counts")
     if not per_fold:
         return None
     try:
@@ -651,8 +652,8 @@ def load_sources(
 
     if read_train_labels is None:
         read_train_labels = bool(data_config.get("balanced_sampling", False))
-    train_counts = _split_counts(metadata, data_config.task, train_split)
-    val_counts = _split_counts(metadata, data_config.task, val_split)
+    train_counts = _split_counts(metadata, key, train_split)
+    val_counts = _split_counts(metadata, key, val_split)
     train_labels, seconds = None, 0.0
     if read_train_labels or train_counts is None:
         start = time.perf_counter()

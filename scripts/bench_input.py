@@ -13,7 +13,7 @@ side:
 - device augmentation: jitted `augment_batch` (default config) on a batch of 32 at --size px
   on this CPU, img/s; on an accelerator it runs inside the train step instead,
 - label read rate of the prepared source (what balanced sampling / class counts cost once),
-- prepare throughput on the full-resolution images (the builder's resize, or PIL draft+resize).
+- prepare throughput on the full-resolution images (the builder's resize).
 Host rates are per core: one thread, no prefetch, CPU time of this process (other jobs on the
 machine do not count).
 
@@ -43,25 +43,7 @@ from configs import default  # noqa: E402
 from isic_jax import image_ops, input_pipeline  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
-
-
-def _resize_fn():
-    """The builder's resize-and-encode function if present, else PIL draft + resize."""
-    try:
-        from isic_jax.datasets.isic.images import process_image
-
-        return process_image, "isic_jax.datasets.isic.images.process_image"
-    except ImportError:
-
-        def pil_resize(path: str, size: int) -> bytes:
-            image = Image.open(path)
-            image.draft("RGB", (size, size))
-            image = image_ops.resize_shorter_side(image.convert("RGB"), size)
-            out = io.BytesIO()
-            image.save(out, "JPEG", quality=95)
-            return out.getvalue()
-
-        return pil_resize, "PIL draft + resize (builder not found)"
+RESIZE = "isic_jax.datasets.isic.images.process_image"  # the builder's resize-and-encode
 
 
 def _builder_source(images_dir: str, stored_size: int, data_dir: str):
@@ -92,7 +74,8 @@ def _builder_source(images_dir: str, stored_size: int, data_dir: str):
 
 def _folder_source(images_dir: str, stored_size: int):
     """Fallback: the sample JPEGs resized in memory to the stored size, labels from the JSON."""
-    resize, how = _resize_fn()
+    from isic_jax.datasets.isic.images import process_image
+
     records = []
     for path in sorted(glob.glob(os.path.join(images_dir, "*.jpg"))):
         meta_path = path[:-4] + ".json"
@@ -103,14 +86,14 @@ def _folder_source(images_dir: str, stored_size: int):
             label = int(clinical.get("benign_malignant") == "malignant")
         records.append(
             {
-                "image": resize(path, stored_size),
+                "image": process_image(path, stored_size),
                 "image_id": os.path.basename(path)[:-4],
                 "label": label,
                 "diagnosis": 0,
             }
         )
     source = input_pipeline.ListSource(records)
-    return source, f"FALLBACK: {len(records)} sample JPEGs from {images_dir}, resized by {how}"
+    return source, f"FALLBACK: {len(records)} sample JPEGs from {images_dir}, resized by {RESIZE}"
 
 
 def _best_rate(fn, count: int, repeats: int) -> float:
@@ -255,12 +238,13 @@ def device_rate(size: int, batch: int, repeats: int = 5) -> tuple[float, float, 
     return batch / wall, batch / cpu, compile_s
 
 
-def prepare_rate(fullres_dir: str, stored_size: int, repeats: int) -> tuple[float, str, list]:
-    resize, how = _resize_fn()
+def prepare_rate(fullres_dir: str, stored_size: int, repeats: int) -> tuple[float, list]:
+    from isic_jax.datasets.isic.images import process_image
+
     paths = sorted(glob.glob(os.path.join(fullres_dir, "*.jpg")))
     sizes = [Image.open(p).size for p in paths]
-    rate = _best_rate(lambda: [resize(p, stored_size) for p in paths], len(paths), repeats)
-    return rate, how, sizes
+    rate = _best_rate(lambda: [process_image(p, stored_size) for p in paths], len(paths), repeats)
+    return rate, sizes
 
 
 def main() -> None:
@@ -333,9 +317,9 @@ def main() -> None:
         f"CPU second; compile {compile_s:.1f} s). On an accelerator it runs inside the train step."
     )
 
-    rate, how, sizes = prepare_rate(args.fullres, args.stored_size, args.repeats)
+    rate, sizes = prepare_rate(args.fullres, args.stored_size, args.repeats)
     print(
-        f"prepare ({how}) on {len(sizes)} full-res images {sizes} -> {args.stored_size} px: "
+        f"prepare ({RESIZE}) on {len(sizes)} full-res images {sizes} -> {args.stored_size} px: "
         f"{rate:.1f} img/s per core"
     )
 
