@@ -68,7 +68,6 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
 VERIFY_BATCH = 3  # random images compared at export time
 # What `isic-jax prepare` does to every image (datasets/isic/images.py: process_image).
 STORED_FILTER = "lanczos"
-STORED_JPEG_QUALITY = 95
 SHADES_OF_GRAY_POWER = 6
 
 
@@ -265,7 +264,7 @@ def preprocessing_metadata(config: Any, max_pixels: int | None = None) -> dict[s
         "decode with PIL; EXIF orientation applied; 8-bit RGB (alpha composited over black, "
         "16-bit grey divided by 257)",
         f"prepare resize: shorter side to {stored} px (Lanczos, aspect kept), JPEG re-encoded "
-        f"at quality {STORED_JPEG_QUALITY} (what `isic-jax prepare` stores)",
+        f"at quality {images.DEFAULT_JPEG_QUALITY} (what `isic-jax prepare` stores)",
         f"eval resize: centred square of the shorter side, resized to {size}x{size} (PIL "
         "antialiased bilinear; JPEG draft decoding when the stored image is >= 2x the size)",
         "inside the exported function: "
@@ -278,7 +277,7 @@ def preprocessing_metadata(config: Any, max_pixels: int | None = None) -> dict[s
         "stored_resize": {
             "method": "shorter_side",
             "filter": STORED_FILTER,
-            "jpeg_quality": STORED_JPEG_QUALITY,
+            "jpeg_quality": images.DEFAULT_JPEG_QUALITY,
         },
         "image_size": size,
         "eval_resize": {"method": "center_square_crop_then_resize", "filter": "bilinear"},

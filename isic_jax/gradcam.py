@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from isic_jax import image_ops
+from isic_jax import metrics as isic_metrics
 
 __all__ = [
     "denormalize",
@@ -203,15 +204,20 @@ def most_confident_mistakes(probs: Any, labels: Any, k: int) -> np.ndarray:
         raise ValueError(f"probs [N, C] and labels [N] disagree: {p.shape} vs {y.shape}")
     if p.shape[0] == 0 or k <= 0:
         return np.zeros((0,), np.int64)
-    rows = np.arange(p.shape[0])
+    candidates = np.flatnonzero(isic_metrics.argmax_ties_wrong(p) != y)
+    _, wrong_prob = _top_wrong_class(p[candidates], y[candidates])
+    # Stable sort: equal confidence keeps dataset order, so the figure is reproducible.
+    order = np.argsort(-wrong_prob, kind="stable")
+    return candidates[order][:k].astype(np.int64)
+
+
+def _top_wrong_class(p: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(class int64[N], probability f64[N]) of each row's most probable wrong class."""
+    rows = np.arange(y.shape[0])
     wrong = p.copy()
     wrong[rows, y] = -np.inf
-    wrong_prob = wrong.max(axis=1)
-    is_mistake = wrong_prob >= p[rows, y]
-    candidates = rows[is_mistake]
-    # Stable sort: equal confidence keeps dataset order, so the figure is reproducible.
-    order = np.argsort(-wrong_prob[candidates], kind="stable")
-    return candidates[order][:k].astype(np.int64)
+    top = wrong.argmax(axis=1) if y.size else np.zeros((0,), np.int64)
+    return top, wrong[rows, top]
 
 
 def mistakes_grid(
@@ -345,9 +351,7 @@ def write_mistakes_figure(
         v.decode("utf-8", "replace") if isinstance(v, bytes | np.bytes_) else str(v)
         for v in (range(k) if image_ids is None else image_ids)
     ]
-    wrong = p.copy()
-    wrong[np.arange(k), y] = -np.inf
-    predicted = wrong.argmax(axis=1) if k else np.zeros((0,), np.int64)
+    predicted, _ = _top_wrong_class(p, y)
     maps = []
     size = max(1, min(batch_size, k))  # k = 0 (no mistakes): no chunk, an empty grid
     for start in range(0, k, size):

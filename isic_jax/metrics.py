@@ -175,6 +175,19 @@ def confusion_matrix(labels: Any, probs: Any) -> np.ndarray:
     return skm.confusion_matrix(y[keep], pred[keep], labels=np.arange(p.shape[1])).astype(np.int64)
 
 
+def malignant_score(
+    probs: Any, labels: Any, malignant_classes: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The binary view of a classification: (is_malignant int64[N], malignant score f64[N]).
+
+    An image is malignant when its label is one of `malignant_classes`; its score is the sum of
+    their probabilities (binary task, malignant_classes [1]: probs[:, 1]).
+    """
+    mal = sorted({int(c) for c in malignant_classes})
+    p = np.asarray(probs, dtype=np.float64)
+    return np.isin(np.asarray(labels), mal).astype(np.int64), p[:, mal].sum(axis=1)
+
+
 def _missing_id(x: Any) -> bool:
     if x is None:
         return True
@@ -278,8 +291,7 @@ def classification_metrics(
     if not mal or mal[0] < 0 or mal[-1] >= num_classes:
         raise ValueError(f"malignant_classes must be non-empty indices in [0, {num_classes})")
 
-    score = p[:, mal].sum(axis=1)
-    y_bin = np.isin(y, mal).astype(np.int64)
+    y_bin, score = malignant_score(p, y, mal)
     pred_bin = score >= threshold
     sens, spec = sensitivity_specificity(y_bin, score, threshold)
     pred = argmax_ties_wrong(p)

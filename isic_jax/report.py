@@ -248,7 +248,7 @@ def plot_roc(
         disp = skm.RocCurveDisplay.from_predictions(y_bin, score, name="malignant score", ax=ax)
         auc = isic_metrics.roc_auc(y_bin, score)
         _line(disp).set(color="tab:blue", linewidth=2, label=f"malignant score (AUC = {auc:.4f})")
-        fpr, tpr, _ = skm.roc_curve(y_bin, score)
+        fpr, tpr = disp.fpr, disp.tpr  # the curve just drawn
         pauc = isic_metrics.partial_auc_above_tpr(y_bin, score, MIN_TPR)
         # The area between the curve and TPR = 0.8 is exactly the Kaggle pAUC (see metrics).
         ax.fill_between(
@@ -307,7 +307,7 @@ def plot_pr(path: pathlib.Path, y_bin: np.ndarray, score: np.ndarray, threshold:
         disp = skm.PrecisionRecallDisplay.from_predictions(
             y_bin, score, name="malignant score", ax=ax
         )
-        ap = skm.average_precision_score(y_bin, score)
+        ap = disp.average_precision
         _line(disp).set(color="tab:blue", linewidth=2, label=f"malignant score (AP = {ap:.4f})")
         prevalence = n_pos / n
         ax.axhline(
@@ -638,16 +638,14 @@ def write_report(
     y = np.asarray(labels).reshape(-1).astype(np.int64)
     if y.shape[0] != p.shape[0]:
         raise ValueError(f"{y.shape[0]} labels for {p.shape[0]} rows of probabilities")
-    mal = sorted({int(c) for c in malignant_classes})
-    score = p[:, mal].sum(axis=1)
-    y_bin = np.isin(y, mal).astype(np.int64)
+    y_bin, score = isic_metrics.malignant_score(p, y, malignant_classes)
 
     plot_roc(out / "roc.png", y_bin, score, threshold, p, y, class_names)
     plot_pr(out / "pr.png", y_bin, score, threshold)
     plot_confusion(out / "confusion_matrix.png", p, y, class_names, y_bin, score, threshold)
     plot_calibration(out / "calibration.png", y_bin, score)
     plot_score_distribution(
-        out / "score_distribution.png", y_bin, score, threshold, y, class_names, mal
+        out / "score_distribution.png", y_bin, score, threshold, y, class_names, malignant_classes
     )
     breakdown = subgroup_auc(y_bin, score, metadata)
     written = list(FIGURES[:-1])

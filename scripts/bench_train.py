@@ -130,7 +130,7 @@ def _ready_data(data, n: int = 8):
     return data
 
 
-def _step_setup(config, par, batch_size: int, image_size: int, dtype=None):
+def _step_setup(config, par, batch_size: int, image_size: int):
     """(compiled step, replicated state, device batch, rng) for `config` on `par`."""
     import jax
     import numpy as np
@@ -152,7 +152,7 @@ def _step_setup(config, par, batch_size: int, image_size: int, dtype=None):
             "mask": np.ones(batch_size, bool),
             "position": np.arange(batch_size, dtype=np.uint32)}
     return (par.compile_train_step(step), par.replicate(state), par.shard_batch(host),
-            par.replicate(jax.random.PRNGKey(1)), step)
+            par.replicate(jax.random.PRNGKey(1)))
 
 
 def _time_steps(p_step, state, batch, rng, n: int, repeats: int = 1) -> tuple[float, object]:
@@ -246,7 +246,7 @@ def bench_loop(steps: int = 400, log_every: int = 100) -> dict:
     pipeline_batch_s = (time.perf_counter() - start) / 200
 
     par = parallel.DataParallel.create("jit", devices)
-    p_step, state, batch, rng, _ = _step_setup(config, par, 8, 32)
+    p_step, state, batch, rng = _step_setup(config, par, 8, 32)
     bare_step, _ = _time_steps(p_step, state, batch, rng, log_every, repeats=3)
     return {
         "loop_steps_per_s": 1 / ready_step,
@@ -269,7 +269,7 @@ def bench_resnet50_cpu(batch_size: int = 8, steps: int = 3) -> dict:
     config = _config(**{"model.name": "resnet50", "model.width": 64, "model.dtype": "float32"})
     par = parallel.DataParallel.create("jit", jax.devices()[:1])
     t0 = time.perf_counter()
-    p_step, state, batch, rng, _ = _step_setup(config, par, batch_size, 224)
+    p_step, state, batch, rng = _step_setup(config, par, batch_size, 224)
     init_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     compiled, flops = _compile_with_flops(p_step, state, batch, rng)
@@ -296,7 +296,7 @@ def bench_pmap_vs_jit(steps: int = 10, batch_size: int = 16, image_size: int = 8
     for mode, devices in (("pmap", jax.devices()), ("jit", jax.devices()),
                           ("jit_1_device", jax.devices()[:1])):
         par = parallel.DataParallel.create("jit" if mode.startswith("jit") else mode, devices)
-        p_step, state, batch, rng, _ = _step_setup(config, par, batch_size, image_size)
+        p_step, state, batch, rng = _step_setup(config, par, batch_size, image_size)
         sec, _ = _time_steps(p_step, state, batch, rng, steps, repeats=3)
         out[f"{mode}_step_ms"] = sec * 1e3
     return out
@@ -316,7 +316,7 @@ def bench_gpu(batch_size: int = 256, steps: int = 20) -> dict:
     config = _config(**{"model.name": "resnet50", "model.width": 64, "model.dtype": "bfloat16",
                         "optim.name": "adamw", "optim.learning_rate": 1e-3})
     par = parallel.DataParallel.create("jit", gpus[:1])
-    p_step, state, batch, rng, _ = _step_setup(config, par, batch_size, 224)
+    p_step, state, batch, rng = _step_setup(config, par, batch_size, 224)
     compiled, flops = _compile_with_flops(p_step, state, batch, rng)
     sec, _ = _time_steps(compiled, state, batch, rng, steps, repeats=3)
     return {
