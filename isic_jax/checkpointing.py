@@ -384,7 +384,7 @@ class Checkpointer:
             items[DATA_ITER] = grain.checkpoint.CheckpointSave(data_iter)
         clean = None
         if metrics is not None:
-            clean = {k: _json_scalar(v) for k, v in metrics.items() if _is_scalar(v)}
+            clean = {k: float(v) for k, v in metrics.items() if _is_scalar(v)}
         return self._manager.save(
             step, args=ocp.args.Composite(**items), metrics=clean, force=force
         )
@@ -464,10 +464,6 @@ def _is_scalar(v: Any) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 
 
-def _json_scalar(v: Any) -> float:
-    return float(v)
-
-
 def abstract_target(abstract_state: PyTree, sharding: jax.sharding.Sharding) -> PyTree:
     """ShapeDtypeStructs with `sharding` on every leaf: a restore target for any device count."""
     return jax.tree.map(
@@ -541,13 +537,13 @@ def _restore_resliced(directory: pathlib.Path, data_iter: IteratorState) -> str:
         except json.JSONDecodeError as e:
             raise ValueError(f"unreadable input-pipeline state {path}: {e}") from e
     first = next(iter(states.values()))
+    saved_count = files[0].stem.split("-of-")[-1]
     if any(state != first for state in states.values()):
         raise CheckpointError(
             f"the per-process input-pipeline states in {directory} differ, so they cannot be "
             f"re-sliced over {jax.process_count()} process(es); resume with the process count "
-            f"that wrote them ({files[0].stem.split('-of-')[-1]})."
+            f"that wrote them ({saved_count})."
         )
-    saved_count = files[0].stem.split("-of-")[-1]
     data_iter.set_state(json.dumps(first).encode())
     return (
         f"the input pipeline was saved by {saved_count} process(es) and resumes on "

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from isic_jax import checkpointing, config_utils, parallel, train
+from isic_jax.metrics import to_json_compatible
 
 # Images in the mistakes figure (a 4 x 4 grid of image + Grad-CAM pairs).
 NUM_MISTAKES = 16
@@ -165,12 +166,7 @@ def write_report(
     """
     from isic_jax import gradcam, report
 
-    n = len(preds.labels)
-    metadata: dict[str, Any] = {}
-    for key in ("sex", "age", "anatom_site", "patient_id"):
-        value = getattr(preds, key, None)
-        if value is not None and len(value) == n:  # not collected -> that breakdown is left out
-            metadata[key] = value
+    metadata = {key: getattr(preds, key) for key in ("sex", "age", "anatom_site", "patient_id")}
     rep = report.write_report(
         out_dir,
         probs=preds.probs,
@@ -201,20 +197,6 @@ def write_report(
     }
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    return obj
-
-
 def evaluate_checkpoint(
     workdir: str | os.PathLike,
     split: str = "val",
@@ -243,7 +225,7 @@ def evaluate_checkpoint(
     config = config_utils.load_config(workdir)
     par = parallel.DataParallel.create(config.train.parallelism, devices)
     par.check_global_batch(int(config.eval.batch_size), "config.eval.batch_size")
-    data = data or train.InputData(config)
+    data = data or train.InputData(config, read_train_labels=False)  # no sampling here
     state, step = restore_for_eval(workdir, config, data.num_classes, par, checkpoint)
 
     from isic_jax.models import create_model
@@ -263,7 +245,7 @@ def evaluate_checkpoint(
         "class_names": data.class_names,
         **metrics,
     }
-    result = _jsonable(result)
+    result = to_json_compatible(result)
     if jax.process_index() != 0:
         return result
     out_dir = workdir / "eval" / split
@@ -291,7 +273,7 @@ def evaluate_checkpoint(
                 preprocess=lambda x: device_augment.preprocess_eval(x, aug),
             )
         )
-        result = _jsonable(result)
+        result = to_json_compatible(result)
         _write_json(out_dir / "metrics.json", result)
     return result
 

@@ -73,14 +73,6 @@ class MetricWriter:
                 continue
             self._writer.add_scalar(key, value, global_step=int(step))
 
-    def write_text(self, step: int, tag: str, text: str) -> None:
-        if self._writer is not None:
-            self._writer.add_text(tag, text, global_step=int(step))
-
-    def flush(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
-
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
@@ -151,15 +143,6 @@ class Progress:
                 file=self._stream or sys.stdout,
                 flush=True,
             )
-
-    def write(self, message: str) -> None:
-        """A free-form message that does not break the bar."""
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.write(message)
-        else:
-            print(message, file=self._stream or sys.stdout, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:

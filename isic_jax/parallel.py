@@ -86,11 +86,6 @@ class DataParallel:
         return n * jax.process_count() if self.mode == "pmap" else n
 
     @property
-    def num_local_devices(self) -> int:
-        pid = jax.process_index()
-        return sum(d.process_index == pid for d in self.devices)
-
-    @property
     def axis_name(self) -> str | None:
         """The axis the step must pmean over (and BatchNorm sync over): "batch" or None."""
         return PMAP_AXIS if self.mode == "pmap" else None

@@ -1,6 +1,6 @@
 """Train state, the pure train/eval steps, and the training loop.
 
-    state = create_train_state(model, tx, rng, image_size, ema=True)
+    state = create_train_state(model, tx, rng, image_size, use_ema=True)
     step = functools.partial(train_step, model=model, tx=tx, loss_config=config.loss,
                              class_weights=weights, axis_name=par.axis_name, ema_decay=0.999)
     state, metrics = step(state, batch, rng)      # pure: pmap and jit wrap this same function
@@ -55,7 +55,7 @@ from isic_jax import (
     preemption,
 )
 from isic_jax.losses import class_weights_for_config, compute_loss
-from isic_jax.metrics import classification_metrics
+from isic_jax.metrics import classification_metrics, to_json_compatible
 from isic_jax.models import create_model, init_variables
 from isic_jax.optim import create_optimizer, ema_update
 
@@ -174,7 +174,6 @@ def train_step(
     weights = batch["mask"].astype(jnp.float32)
     labels = batch["label"].astype(jnp.int32)
 
-
     def loss_fn(params):
         logits, updates = model.apply(
             {"params": params, "batch_stats": state.batch_stats},
@@ -205,7 +204,6 @@ def train_step(
 
     ema = state.ema
     if ema_decay > 0 and ema:
-
         new_vars = {"params": params, "batch_stats": batch_stats}
         updated = ema_update(ema, new_vars, ema_decay)
         applied = _applied_update(opt_state)
@@ -227,13 +225,11 @@ def train_step(
 
 
 def _no_augment() -> Any:
-
     return device_augment.DeviceAugmentConfig()
 
 
 def augment_config(config: ml_collections.ConfigDict) -> Any:
     """The device half of config.data.augment (static, hashable)."""
-
     return device_augment.DeviceAugmentConfig.from_config(config.data.augment)
 
 
@@ -288,7 +284,6 @@ def eval_step(
     """
     images = batch["image"]
     if images.dtype == jnp.uint8:
-
         images = device_augment.preprocess_eval(images, augment or _no_augment())
     logits = model.apply(state.eval_variables(), images, train=False)
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
@@ -322,7 +317,8 @@ class Predictions:
     probs float32 [N, C], labels int32 [N], index int64 [N] (record index), image_id / patient_id
     str [N] (empty strings when the pipeline has no such field); the subgroup metadata of the
     evaluation report: sex int32 [N] (0 unknown, 1 female, 2 male), age int32 [N] (-1 missing),
-    anatom_site str [N] ("unknown" when missing). Empty arrays when not collected.
+    anatom_site str [N] ("unknown" when missing); `predict` fills every field, with those
+    placeholders when the pipeline has no such field.
     """
 
     probs: np.ndarray
@@ -330,11 +326,9 @@ class Predictions:
     index: np.ndarray
     image_id: np.ndarray
     patient_id: np.ndarray
-    sex: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0,), np.int32))
-    age: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0,), np.int32))
-    anatom_site: np.ndarray = dataclasses.field(
-        default_factory=lambda: np.zeros((0,), object)
-    )
+    sex: np.ndarray
+    age: np.ndarray
+    anatom_site: np.ndarray
 
 
 def _as_str(values: np.ndarray) -> np.ndarray:
@@ -546,14 +540,23 @@ class InputData:
       config: the resolved config.
       sources: (train_source, val_source, info) as `load_sources` returns them; opened from
         config.data when None (tests pass in-memory sources).
+      read_train_labels: passed to `load_sources` (default: when balanced sampling needs them;
+        False where nothing is trained, e.g. evaluate).
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, sources: tuple | None = None):
-
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        sources: tuple | None = None,
+        *,
+        read_train_labels: bool | None = None,
+    ):
         self._config = config
         if sources is None:
             check_prepared_dataset(config.data)
-            sources = input_pipeline.load_sources(config.data)
+            sources = input_pipeline.load_sources(
+                config.data, read_train_labels=read_train_labels
+            )
         self.train_source, self.val_source, self.info = sources
 
     @property
@@ -578,7 +581,6 @@ class InputData:
 
     def train_iterator(self) -> Iterator[dict[str, np.ndarray]]:
         """Infinite iterator of this process's training batches (get_state/set_state)."""
-
         ds = input_pipeline.create_train_dataset(
             self.train_source,
             self._config.data,
@@ -612,11 +614,14 @@ class InputData:
             raise UnknownSplitError(
                 f"unknown split {split!r}; known: val, train, {', '.join(known)}"
             )
-        return builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+        # As load_sources opens val and train: raw records parsed by TfExampleSource.
+        raw = tfds.decode.DeserializeMethod.RAW_BYTES
+        return input_pipeline.TfExampleSource(
+            builder.as_data_source(split=split, deserialize_method=raw)
+        )
 
     def eval_batches(self, split: str = "val") -> Iterable[dict[str, np.ndarray]]:
         """One padded pass over a split (mask False on padding)."""
-
         return input_pipeline.create_eval_dataset(
             self.source(split), self._config.data, int(self._config.eval.batch_size)
         )
@@ -763,6 +768,7 @@ def train_and_evaluate(
 
         state = par.replicate(state)
         rng = par.replicate(train_rng)
+        augment = augment_config(config)
         p_train = par.compile_train_step(
             functools.partial(
                 train_step,
@@ -772,12 +778,10 @@ def train_and_evaluate(
                 class_weights=class_weights,
                 axis_name=par.axis_name,
                 ema_decay=float(config.optim.ema_decay),
-                augment=augment_config(config),
+                augment=augment,
             )
         )
-        p_eval = par.compile_eval_step(
-            functools.partial(eval_step, model=model, augment=augment_config(config))
-        )
+        p_eval = par.compile_eval_step(functools.partial(eval_step, model=model, augment=augment))
         batch = int(config.train.batch_size)
         _print(
             is_main,
@@ -948,14 +952,7 @@ def _print(enabled: bool, message: str) -> None:
 def _json_line(obj: Any) -> str:
     import json
 
-    def default(o: Any) -> Any:
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-        if isinstance(o, (np.integer, np.floating)):
-            return o.item()
-        return str(o)
-
-    return json.dumps(obj, default=default, sort_keys=True)
+    return json.dumps(to_json_compatible(obj), sort_keys=True)
 
 
 def signal_name(signum: int | None) -> str:
