@@ -10,7 +10,7 @@ Resolution and width follow the CPU measurements in DESIGN.md: ResNet-18 at half
 `train` sets on CPU; 40 epochs of the 320 training images take ~2-6 minutes.
 """
 
-from configs import default
+from isic_jax.configs import default
 
 
 def get_config():

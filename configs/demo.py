@@ -3,7 +3,7 @@
 `isic-jax demo` generates the data (`isic-jax synth`), prepares it and trains with this preset.
 """
 
-from configs import default
+from isic_jax.configs import default
 
 
 def get_config():

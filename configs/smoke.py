@@ -1,6 +1,6 @@
 """A tiny model and a few steps on synthetic data: for tests and a quick look."""
 
-from configs import default
+from isic_jax.configs import default
 
 
 def get_config():

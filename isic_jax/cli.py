@@ -2,16 +2,18 @@
 
 Each subcommand lives in its own module that defines absl flags at import time, so only the
 flags of the chosen command exist in a process. The command then runs under `absl.app.run`, which
-parses flags before any Grain worker process is spawned.
+parses flags before any Grain worker process is spawned. Process-wide settings (XLA flags, log
+levels) are made here and only here, through `runtime`.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 
 from absl import app, flags
+
+from isic_jax import runtime
 
 COMMANDS: dict[str, str] = {
     "synth": "writes a synthetic ISIC-like dataset in an official layout",
@@ -31,20 +33,17 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def _make_configs_importable(args: list[str]) -> None:
-    """Presets do `from configs import default`: put the folder above each config on sys.path."""
-    roots = [os.getcwd()]
-    for i, arg in enumerate(args):
-        path = None
+def _preset_paths(args: list[str]) -> list[str]:
+    """`--config NAME` / `--config=NAME[:arg]` with a shipped preset's name -> its file path."""
+    from isic_jax import config_utils
+
+    out = list(args)
+    for i, arg in enumerate(out):
         if arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
-        elif arg == "--config" and i + 1 < len(args):
-            path = args[i + 1]
-        if path:
-            roots.append(os.path.dirname(os.path.dirname(os.path.abspath(path.split(":")[0]))))
-    for root in roots:
-        if root not in sys.path:
-            sys.path.insert(0, root)
+            out[i] = "--config=" + config_utils.config_file(arg.split("=", 1)[1])
+        elif arg == "--config" and i + 1 < len(out):
+            out[i + 1] = config_utils.config_file(out[i + 1])
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         print(f"isic-jax: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         sys.exit(2)
-    _make_configs_importable(argv[2:])
+    runtime.before_import(command)
     module = importlib.import_module(f"isic_jax.commands.{command}")
     if any(arg in ("-h", "--help", "-help") for arg in argv[2:]):
         # absl's --help lists only the flags of the __main__ module; ours live in `module`.
@@ -64,7 +63,12 @@ def main(argv: list[str] | None = None) -> None:
         print((module.__doc__ or "").strip() + "\n")
         print(flags.FLAGS.module_help(module))
         sys.exit(0)
-    app.run(module.main, argv=[f"isic-jax {command}", *argv[2:]])
+
+    def run(args: list[str]) -> None:
+        runtime.after_flags(verbosity_given=flags.FLAGS["verbosity"].present)
+        module.main(args)
+
+    app.run(run, argv=[f"isic-jax {command}", *_preset_paths(argv[2:])])
 
 
 if __name__ == "__main__":

@@ -1,32 +1,31 @@
-"""Config validation, saving/loading the resolved config, and XLA flag defaults.
+"""Config validation, presets by name, saving/loading the resolved config.
 
-    validate_config(config)              # ValueError naming the key, before anything is built
+    validate_config(config)              # ConfigError naming the key, before anything is built
+    config_file("smoke")                 # a shipped preset's file, for --config NAME
     save_config(config, workdir)         # workdir/config.json (also stored in every checkpoint)
     config = load_config(workdir)        # what `evaluate` runs with
 
-This module imports neither jax nor flax at module level: `set_default_xla_flags` must run
-before jax is imported.
+The schema is the default preset (`isic_jax.configs.default`, the repository's configs/ folder):
+its keys are the known keys, and `_CHECKS` holds the value check of each. Imports no jax.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import math
 import os
 import pathlib
-import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_collections
 
-CONFIG_FILENAME = "config.json"
+from isic_jax.data.image_ops import RESAMPLE
+from isic_jax.data.isic.labels import RELEASES
 
-# Must match isic_jax.datasets.isic.RELEASES (contracts.md); kept here so that validation does
-# not import TFDS.
-RELEASES = ("archive", "isic2016", "isic2017", "isic2018", "isic2019", "isic2020", "isic2024")
+CONFIG_FILENAME = "config.json"
+INTERPOLATIONS = tuple(sorted(RESAMPLE))
 PARALLELISM = ("pmap", "jit")
 TASKS = ("binary", "diagnosis")
 MODEL_DTYPES = ("float32", "bfloat16")
@@ -126,6 +125,14 @@ def _range(lo: float, hi: float | None) -> Callable[[Any], str | None]:
     return check
 
 
+def _model_name(v: Any) -> str | None:
+    from isic_jax.models.resnet import ARCHITECTURES  # flax: imported only to check this key
+
+    return _choice(tuple(ARCHITECTURES))(v)
+
+
+# The value check of every key of the default preset (isic_jax/configs/default.py, the schema:
+# tests/test_config.py checks that the two list the same keys).
 _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "seed": _int(0),
     "data.release": _choice(RELEASES),
@@ -141,6 +148,7 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "data.device_prefetch": _int(0),
     "data.augment.crop_scale": _range(0.0, 1.0),
     "data.augment.crop_ratio": _range(0.0, None),
+    "data.augment.interpolation": _choice(INTERPOLATIONS),
     "data.augment.dihedral": _bool,
     "data.augment.rotation": _num(0.0, 180.0),
     "data.augment.brightness": _num(0.0),
@@ -148,6 +156,7 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "data.augment.saturation": _num(0.0),
     "data.augment.hue": _num(0.0, 0.5),
     "data.augment.color_constancy": _bool,
+    "model.name": _model_name,
     "model.dropout": _num(0.0, 1.0, hi_open=True),
     "model.dtype": _choice(MODEL_DTYPES),
     "model.width": _int(1),
@@ -195,35 +204,46 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def reference_keys() -> set[str] | None:
-    """The keys of configs/default.py (the schema), or None when `configs` is not importable.
+def reference_keys() -> set[str]:
+    """The keys of the default preset (`isic_jax.configs.default`): the config schema."""
+    from isic_jax.configs import default
 
-    Presets live next to default.py and `isic-jax` puts their parent folder on sys.path, so the
-    schema is the default config itself: a key added to it is known here without a code change.
-    """
-    try:
-        from configs import default  # type: ignore[import-not-found]
-    except ImportError:
-        return None
     return set(_flatten(default.get_config()))
+
+
+def config_file(value: str) -> str:
+    """`--config` value -> a file path: a shipped preset's name ("smoke", "default:arg") becomes
+    its file in `isic_jax.configs`; anything else (a path) is returned as given."""
+    name, sep, arg = value.partition(":")
+    if os.path.exists(name) or "/" in name or os.sep in name or name.endswith(".py"):
+        return value
+    from isic_jax import configs
+
+    path = pathlib.Path(configs.__file__).parent / f"{name}.py"
+    return f"{path}{sep}{arg}" if path.is_file() else value
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped in `isic_jax.configs`."""
+    from isic_jax import configs
+
+    folder = pathlib.Path(configs.__file__).parent
+    return sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Checks every key and value of a resolved config; the first problem raises.
 
     Unknown keys (typos in a preset, which ConfigDict silently accepts) are rejected against the
-    schema of configs/default.py (or, when that is not importable, this module's own table).
-    Overrides on the command line are rejected earlier by ml_collections, which names the key.
+    keys of the default preset. Overrides on the command line are rejected earlier by
+    ml_collections, which names the key.
 
     Raises:
       ConfigError (a ValueError): naming the key, e.g. "config.train.parallelism must be one
         of pmap, jit; got 'foo'".
     """
     flat = _flatten(config)
-    known = reference_keys()
-    if known is None:
-        known = set(_CHECKS)
-    known = known | _OPTIONAL
+    known = reference_keys() | _OPTIONAL
     for key in sorted(flat):
         if key not in known:
             section = key.rsplit(".", 1)[0] if "." in key else ""
@@ -382,63 +402,3 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[s
         if va != vb:
             lines.append(f"{key}: {va!r} -> {vb!r}")
     return lines
-
-
-# ---------------------------------------------------------------------------------------------
-# XLA flags.
-
-# DESIGN.md: 2-3x faster ResNet training on the Zen 3 CPUs here. XLA aborts the process on an
-# unknown flag or value, so it is only set where this jaxlib is known (or probed) to accept it.
-YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=eltwise,reduce"
-_YNN_KNOWN_GOOD = ("0.10.2",)  # probed on this machine; >= 0.12 measured in DESIGN.md
-
-
-def _jaxlib_version() -> tuple[int, ...] | None:
-    try:
-        text = importlib.metadata.version("jaxlib")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    parts = []
-    for piece in text.split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
-
-
-def _probe_xla_flag(flag: str, timeout: float = 120.0) -> bool:
-    """Whether a fresh process with XLA_FLAGS=flag starts the CPU backend (an unknown flag
-    aborts it)."""
-    env = dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu")
-    try:
-        result = subprocess.run(
-            [sys.executable, "-c", "import jax; jax.devices('cpu')"],
-            env=env, capture_output=True, timeout=timeout, check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return result.returncode == 0
-
-
-def set_default_xla_flags() -> str | None:
-    """Sets XLA_FLAGS to the fast XLA:CPU fusion flags unless the user set XLA_FLAGS.
-
-    Call before jax is imported (the `train`/`evaluate` commands do it first thing). The flag
-    only changes how XLA:CPU compiles; GPU/TPU programs are unaffected.
-
-    Returns:
-      The flags set, or None when nothing was set (user flags, jax already imported, a non-CPU
-      JAX_PLATFORMS, or a jaxlib that rejects the flag).
-    """
-    if "XLA_FLAGS" in os.environ or "jax" in sys.modules:
-        return None
-    platforms = os.environ.get("JAX_PLATFORMS", "")
-    if platforms and "cpu" not in platforms.split(","):
-        return None
-    version = _jaxlib_version()
-    if version is None:
-        return None
-    known = ".".join(map(str, version)) in _YNN_KNOWN_GOOD or version[:2] >= (0, 12)
-    if not known and not _probe_xla_flag(YNN_FLAG):
-        return None
-    os.environ["XLA_FLAGS"] = YNN_FLAG
-    return YNN_FLAG

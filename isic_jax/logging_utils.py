@@ -16,8 +16,15 @@ import math
 import os
 import pathlib
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any, TextIO
+
+
+def say(enabled: bool, message: str) -> None:
+    """Prints `message` (flushed) when `enabled` (process 0 in a multi-process run)."""
+    if enabled:
+        print(message, flush=True)
 
 
 def use_progress_bar(requested: bool, stream: TextIO | None = None) -> bool:
@@ -80,14 +87,18 @@ class MetricWriter:
 
 
 class Progress:
-    """Step progress: a tqdm bar (interactive) or plain lines (CI, files). Process 0 only.
+    """Progress of a count (steps, images): a tqdm bar (interactive) or plain lines (CI, files).
+    Process 0 only.
 
     Args:
-      total: last step of the run.
+      total: last step of the run (or number of items).
       initial: step the run starts from (resume).
       enabled: False on processes other than 0 (nothing is printed).
-      bar: tqdm bar (True) or one plain line per `log` call (False).
+      bar: tqdm bar (True) or plain lines (False): one per `log` call, and with `label` one
+        about every 10 % of `total` ("label: done/total units (rate unit/s)").
       stream: where to write (stderr for the bar, stdout for lines by default).
+      unit: what is counted.
+      label: prefix of the 10 % lines (None: no such lines).
     """
 
     def __init__(
@@ -97,12 +108,17 @@ class Progress:
         enabled: bool = True,
         bar: bool = False,
         stream: TextIO | None = None,
+        unit: str = "step",
+        label: str | None = None,
     ):
         self.total = int(total)
         self.enabled = enabled
         self._bar = None
         self._step = int(initial)
         self._stream = stream
+        self._unit, self._label = unit, label
+        self._next_line = self._step + max(1, self.total // 10)
+        self._start = time.perf_counter()
         if enabled and bar:
             from tqdm import tqdm
 
@@ -116,15 +132,25 @@ class Progress:
                 dynamic_ncols=sized,
                 ncols=None if sized else 100,
                 nrows=None if sized else 24,
-                unit="step",
+                unit=unit,
                 mininterval=0.5,
             )
 
     def update(self, step: int) -> None:
-        """Cheap; call every step."""
+        """Cheap; call every step (with the count done so far)."""
         if self._bar is not None and step > self._step:
             self._bar.update(step - self._step)
         self._step = step
+        if (self._bar is None and self.enabled and self._label is not None
+                and (step >= self._next_line or step == self.total)):
+            rate = step / max(time.perf_counter() - self._start, 1e-9)
+            print(f"{self._label}: {step}/{self.total} {self._unit}s ({rate:.1f} "
+                  f"{self._unit}/s)", file=self._stream or sys.stdout, flush=True)
+            self._next_line = step + max(1, self.total // 10)
+
+    def advance(self, n: int = 1) -> None:
+        """`update` with a count of `n` more."""
+        self.update(self._step + n)
 
     def log(self, step: int, scalars: Mapping[str, Any], prefix: str = "train") -> None:
         """One line (or the bar's postfix) with the given scalars."""

@@ -4,7 +4,7 @@
 
 The augmentation is split: the host (Grain, one element per batch) decodes, crops + resizes and
 ships uint8 batches; flips, rotation, colour jitter, colour constancy and normalisation run
-batched on the accelerator inside the train step (`isic_jax.device_augment`). Prints, side by
+batched on the accelerator inside the train step (`isic_jax.data.device_augment`). Prints, side by
 side:
 - bare: read each record + full JPEG decode (the floor any pipeline pays), img/s per core,
 - host pipeline: the training pipeline's uint8 batches (decode + crop/resize + batch) with
@@ -40,17 +40,17 @@ from PIL import Image
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from configs import default  # noqa: E402
-from isic_jax import image_ops, input_pipeline  # noqa: E402
+from isic_jax.data import dataset, image_ops, pipeline  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
-RESIZE = "isic_jax.datasets.isic.images.process_image"  # the builder's resize-and-encode
+RESIZE = "isic_jax.data.isic.images.process_image"  # the builder's resize-and-encode
 
 
 def _builder_source(images_dir: str, stored_size: int, data_dir: str):
     """Prepares the sample with the TFDS builder; returns (train source, description)."""
     import tensorflow_datasets as tfds
 
-    from isic_jax.datasets.isic import make_builder
+    from isic_jax.data.isic import make_builder
 
     tfds.disable_progress_bar()
     builder = make_builder("archive", stored_size, data_dir, num_folds=5)
@@ -61,7 +61,7 @@ def _builder_source(images_dir: str, stored_size: int, data_dir: str):
     raw = builder.as_data_source(
         split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
     )
-    source = input_pipeline.TfExampleSource(raw)  # what load_sources returns
+    source = dataset.TfExampleSource(raw)  # what load_sources returns
     decoded = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
     n = min(len(source), 200)
     rates = [_best_rate(lambda s=s: [s[i] for i in range(n)], n, 2) for s in (source, decoded)]
@@ -74,7 +74,7 @@ def _builder_source(images_dir: str, stored_size: int, data_dir: str):
 
 def _folder_source(images_dir: str, stored_size: int):
     """Fallback: the sample JPEGs resized in memory to the stored size, labels from the JSON."""
-    from isic_jax.datasets.isic.images import process_image
+    from isic_jax.data.isic.images import process_image
 
     records = []
     for path in sorted(glob.glob(os.path.join(images_dir, "*.jpg"))):
@@ -92,7 +92,7 @@ def _folder_source(images_dir: str, stored_size: int):
                 "diagnosis": 0,
             }
         )
-    source = input_pipeline.ListSource(records)
+    source = pipeline.ListSource(records)
     return source, f"FALLBACK: {len(records)} sample JPEGs from {images_dir}, resized by {RESIZE}"
 
 
@@ -123,7 +123,7 @@ def bare_run(source, n: int):
 
 def pipeline_run(source, data_config, batch: int, n_batches: int):
     """fn() producing the first n_batches training batches (in-process, one thread)."""
-    ds = input_pipeline.train_map_dataset(
+    ds = pipeline.train_map_dataset(
         source, data_config, batch, seed=0, process_index=0, process_count=1
     )
 
@@ -218,7 +218,7 @@ def device_rate(size: int, batch: int, repeats: int = 5) -> tuple[float, float, 
     """
     import jax
 
-    from isic_jax import device_augment
+    from isic_jax.data import device_augment
 
     config = device_augment.DeviceAugmentConfig.from_config(default.get_config().data.augment)
     images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
@@ -239,7 +239,7 @@ def device_rate(size: int, batch: int, repeats: int = 5) -> tuple[float, float, 
 
 
 def prepare_rate(fullres_dir: str, stored_size: int, repeats: int) -> tuple[float, list]:
-    from isic_jax.datasets.isic.images import process_image
+    from isic_jax.data.isic.images import process_image
 
     paths = sorted(glob.glob(os.path.join(fullres_dir, "*.jpg")))
     sizes = [Image.open(p).size for p in paths]
@@ -271,7 +271,7 @@ def main() -> None:
         print(f"stored sizes (first 50): {sorted(sizes)[:4]}; output {args.size} px")
 
         start = time.perf_counter()
-        labels = input_pipeline.read_labels(source, "label")
+        labels = pipeline.read_labels(source, "label")
         seconds = time.perf_counter() - start
         print(
             f"read labels: {n} records in {seconds:.3f} s = {seconds / n * 1e6:.0f} us/record "

@@ -4,7 +4,7 @@
     python scripts/bench_train.py --only a,c # a subset
     python scripts/bench_train.py --gpu      # (d) ResNet-50 on the GPU (needs a GPU jaxlib)
 
-(a) loop overhead: steps/s of the real training loop (`train.train_and_evaluate`: Grain input
+(a) loop overhead: steps/s of the real training loop (`loop.train_and_evaluate`: Grain input
     pipeline on in-memory JPEGs, device prefetch, metric pulls every `log_every` steps, progress)
     vs a bare Python loop calling the same compiled step on one batch already on the device, for
     a tiny model. The ratio is the share of the step rate the loop keeps (goal >= 0.9).
@@ -87,18 +87,18 @@ def _records(n: int, size: int, seed: int = 0) -> list[dict]:
 def _data(config, n_train: int, n_val: int, size: int):
     import numpy as np
 
-    from isic_jax import input_pipeline, train
+    from isic_jax.data import dataset, pipeline
 
     tr, va = _records(n_train, size, 1), _records(n_val, size, 2)
     labels = np.array([r["label"] for r in tr], np.int32)
-    info = input_pipeline.SourceInfo(
+    info = dataset.SourceInfo(
         release="isic2020", task="binary", class_names=["benign", "malignant"],
         num_train=n_train, num_val=n_val, train_class_counts=np.bincount(labels, minlength=2),
         val_class_counts=np.array([n_val // 2, n_val - n_val // 2]), train_labels=labels,
         train_split="train", val_split="val", label_read_seconds=0.0,
     )  # fmt: skip
-    sources = (input_pipeline.ListSource(tr), input_pipeline.ListSource(va), info)
-    return train.InputData(config, sources=sources)
+    sources = (pipeline.ListSource(tr), pipeline.ListSource(va), info)
+    return dataset.InputData(config, sources=sources)
 
 
 class _ReadyBatches:
@@ -135,16 +135,17 @@ def _step_setup(config, par, batch_size: int, image_size: int):
     import jax
     import numpy as np
 
-    from isic_jax import train
     from isic_jax.models import create_model
-    from isic_jax.optim import create_optimizer
+    from isic_jax.training import state as train_state
+    from isic_jax.training import steps
+    from isic_jax.training.optim import create_optimizer
 
     tx, _ = create_optimizer(config.optim, total_steps=1000, steps_per_epoch=100)
     model = create_model(config.model, 2, axis_name=par.axis_name)
     init_model = create_model(config.model, 2)
-    state = train.create_train_state(init_model, tx, jax.random.PRNGKey(0), image_size)
-    step = functools.partial(train.train_step, model=model, tx=tx, loss_config=config.loss,
-                             axis_name=par.axis_name, augment=train.augment_config(config))
+    state = train_state.create_train_state(init_model, tx, jax.random.PRNGKey(0), image_size)
+    step = functools.partial(steps.train_step, model=model, tx=tx, loss_config=config.loss,
+                             axis_name=par.axis_name, augment=steps.augment_config(config))
     rs = np.random.RandomState(0)
     # As the input pipeline ships them: uint8 crops (augmented + normalised in the step).
     host = {"image": rs.randint(0, 256, (batch_size, image_size, image_size, 3)).astype(np.uint8),
@@ -205,7 +206,9 @@ def bench_loop(steps: int = 400, log_every: int = 100) -> dict:
     """(a) the real loop vs a bare loop of the same compiled step, tiny model, one device."""
     import jax
 
-    from isic_jax import logging_utils, parallel, train
+    from isic_jax import logging_utils
+    from isic_jax.testing import runs
+    from isic_jax.training import parallel
 
     config = _config(**{
         "model.width": 8, "data.image_size": 32, "data.stored_size": 40,
@@ -225,7 +228,7 @@ def bench_loop(steps: int = 400, log_every: int = 100) -> dict:
     def run_loop(data) -> tuple[float, list]:
         intervals.clear()
         with tempfile.TemporaryDirectory() as tmp:
-            train.train_and_evaluate(config, tmp, devices=devices, data=data)
+            runs.train(config, tmp, devices=devices, data=data)
         # The first interval holds the compilation; like the bare loop, the fastest of the
         # other intervals (of `log_every` steps each) counts.
         return min(t for _, t in intervals[1:]), list(intervals)
@@ -264,7 +267,7 @@ def bench_resnet50_cpu(batch_size: int = 8, steps: int = 3) -> dict:
     """(b) ResNet-50 at 224 px, float32, on one CPU device."""
     import jax
 
-    from isic_jax import parallel
+    from isic_jax.training import parallel
 
     config = _config(**{"model.name": "resnet50", "model.width": 64, "model.dtype": "float32"})
     par = parallel.DataParallel.create("jit", jax.devices()[:1])
@@ -289,7 +292,7 @@ def bench_pmap_vs_jit(steps: int = 10, batch_size: int = 16, image_size: int = 8
     """(c) the same step under pmap and under jit over a Mesh, on all (2 fake) devices."""
     import jax
 
-    from isic_jax import parallel
+    from isic_jax.training import parallel
 
     config = _config(**{"model.name": "resnet18", "model.width": 16, "model.dtype": "float32"})
     out = {"devices": jax.device_count(), "batch": batch_size, "image_size": image_size}
@@ -306,7 +309,7 @@ def bench_gpu(batch_size: int = 256, steps: int = 20) -> dict:
     """(d) ResNet-50 at 224 px, bfloat16 compute, on one GPU, batches already on the GPU."""
     import jax
 
-    from isic_jax import parallel
+    from isic_jax.training import parallel
 
     gpus = [d for d in jax.devices() if d.platform == "gpu"]
     if not gpus:
@@ -340,7 +343,7 @@ def main() -> None:
         _set_cpu_flags()
     import jax
 
-    from isic_jax.checkpointing import quiet_orbax_logging
+    from isic_jax.training.checkpointing import quiet_orbax_logging
 
     quiet_orbax_logging()
     print(f"jax {jax.__version__}, devices: {jax.devices()}, "

@@ -10,8 +10,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from isic_jax.datasets import isic
-from isic_jax.datasets.isic import images, releases, testing
+from isic_jax.data import isic
+from isic_jax.data.isic import images, releases, testing
 
 SIZE = 32
 

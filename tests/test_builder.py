@@ -10,8 +10,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from isic_jax.datasets import isic
-from isic_jax.datasets.isic import testing
+from isic_jax.data import isic
+from isic_jax.data.isic import testing
 
 IMAGE_SIZE = 32
 LAYOUTS = list(testing.IMAGE_DIRS)  # the 7 releases + the archive's legacy JSON records

@@ -13,8 +13,8 @@ import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import shuffle
 
-from isic_jax.datasets import isic
-from isic_jax.datasets.isic import testing, tfds_compat
+from isic_jax.data import isic
+from isic_jax.data.isic import testing, tfds_compat
 
 no_tensorflow = pytest.mark.skipif(
     tfds_compat.tensorflow_installed(), reason="the failure only exists without TensorFlow"

@@ -21,13 +21,13 @@ pytestmark = pytest.mark.usefixtures("compile_cache")
 
 
 def _checkpointer(path: pathlib.Path, **kwargs):
-    from isic_jax import checkpointing
+    from isic_jax.training import checkpointing
 
     return checkpointing.Checkpointer(path, **kwargs)
 
 
 def test_keeps_latest_n_and_the_best_separately(tmp_path: pathlib.Path) -> None:
-    from isic_jax import checkpointing
+    from isic_jax.training import checkpointing
 
     state = {"w": np.arange(4, dtype=np.float32), "step": np.array(0, np.int32)}
     aucs = {1: 0.5, 2: 0.95, 3: 0.6, 4: None, 5: 0.7, 6: 0.65}
@@ -72,24 +72,26 @@ def test_min_mode_and_non_finite_metrics(tmp_path: pathlib.Path) -> None:
 
 
 def test_resume_continues_from_latest_not_best(tmp_path: pathlib.Path, monkeypatch, capsys):
-    from isic_jax import train
+    from isic_jax.evaluation import predictions
+    from isic_jax.testing import runs
+    from isic_jax.training import loop
 
     # Validation AUC 0.9 at step 3, then worse: the best checkpoint is older than the latest.
     fake_auc = iter([0.9, 0.5, 0.4])
-    real_summarize = train.summarize
+    real_summarize = predictions.summarize
 
     def summarize(*args, **kwargs):
         return {**real_summarize(*args, **kwargs), "auc": next(fake_auc)}
 
-    monkeypatch.setattr(train, "summarize", summarize)
+    monkeypatch.setattr(loop, "summarize", summarize)
     config = standard_config(**{"train.keep_checkpoints": 1})
     data = make_data(config)
-    train.train_and_evaluate(config, tmp_path, data=data)
+    runs.train(config, tmp_path, data=data)
     with _checkpointer(tmp_path / "checkpoints", read_only=True) as ckpt:
         assert ckpt.all_steps() == [3, 6] and ckpt.best_step() == 3
     capsys.readouterr()
     config.train.num_steps = 9
-    result = train.train_and_evaluate(config, tmp_path, data=data)
+    result = runs.train(config, tmp_path, data=data)
     out = capsys.readouterr().out
     assert "checkpoints/6 (6/9)" in out
     assert "train.num_steps: 6 -> 9" in out  # the changed config is reported
@@ -101,7 +103,8 @@ def test_resume_continues_from_latest_not_best(tmp_path: pathlib.Path, monkeypat
 def test_checkpoint_from_4_devices_restores_and_evaluates_on_1(tmp_path: pathlib.Path) -> None:
     import jax
 
-    from isic_jax import evaluate
+    from isic_jax.testing import runs
+
 
     assert jax.device_count() == 1
     workdir = tmp_path / "run"
@@ -116,7 +119,7 @@ def test_checkpoint_from_4_devices_restores_and_evaluates_on_1(tmp_path: pathlib
         np.testing.assert_array_equal(restored[key], written[key], err_msg=key)
 
     config = tiny_config()
-    result = evaluate.evaluate_checkpoint(workdir, "val", "latest", data=make_data(config))
+    result = runs.evaluate(workdir, "val", "latest", data=make_data(config))
     assert result["step"] == 6 and result["num_examples"] == 12
     # The same checkpoint on 4 devices (during training) and on 1 gives the same figures.
     assert result["loss"] == pytest.approx(out["val_loss"], abs=1e-5)
@@ -153,18 +156,19 @@ def _truncate_state_data(step_dir: pathlib.Path) -> None:
 def test_damaged_checkpoints_fall_back_to_the_previous_good_one(tmp_path, capsys) -> None:
     import shutil
 
-    from isic_jax import train
+    from isic_jax.testing import runs
+
 
     config = standard_config()
     data = make_data(config)
-    train.train_and_evaluate(config, tmp_path, data=data)  # checkpoints 3 and 6
+    runs.train(config, tmp_path, data=data)  # checkpoints 3 and 6
     final = restore_params(tmp_path)
     ckpts = tmp_path / "checkpoints"
 
     # A truncated data file in the newest checkpoint: said, step 3 used, 6 set aside and redone.
     _truncate_state_data(ckpts / "6")
     capsys.readouterr()
-    assert train.train_and_evaluate(config, tmp_path, data=data)["step"] == 6
+    assert runs.train(config, tmp_path, data=data)["step"] == 6
     out = capsys.readouterr().out
     assert f"checkpoint {ckpts}/6 cannot be restored" in out
     assert "checkpoints/3 (3/6)" in out
@@ -175,7 +179,7 @@ def test_damaged_checkpoints_fall_back_to_the_previous_good_one(tmp_path, capsys
     # A missing item (the RNG key) in the newest checkpoint: the same fallback.
     shutil.rmtree(ckpts / "6" / "rng")
     capsys.readouterr()
-    assert train.train_and_evaluate(config, tmp_path, data=data)["step"] == 6
+    assert runs.train(config, tmp_path, data=data)["step"] == 6
     out = capsys.readouterr().out
     assert f"checkpoint {ckpts}/6 cannot be restored" in out and "rng" in out
     assert "checkpoints/3 (3/6)" in out
@@ -185,16 +189,17 @@ def test_damaged_checkpoints_fall_back_to_the_previous_good_one(tmp_path, capsys
 
 
 def test_no_readable_checkpoint_stops_instead_of_starting_over(tmp_path) -> None:
-    from isic_jax import checkpointing, train
+    from isic_jax.testing import runs
+    from isic_jax.training import checkpointing
 
     config = standard_config(**{"train.num_steps": 3})
     data = make_data(config)
-    train.train_and_evaluate(config, tmp_path, data=data)  # checkpoint 3 only
+    runs.train(config, tmp_path, data=data)  # checkpoint 3 only
     step_dir = tmp_path / "checkpoints" / "3"
     (step_dir / "state" / "_METADATA").write_text('{"tree_metadata": {')  # truncated JSON
     before = _digest(tmp_path)
     with pytest.raises(checkpointing.CheckpointError) as info:
-        train.train_and_evaluate(config, tmp_path, data=data)
+        runs.train(config, tmp_path, data=data)
     message = str(info.value)
     assert "None of the 1 checkpoint(s)" in message and "step 3:" in message
     assert "Not starting from scratch" in message and "new --workdir" in message
@@ -204,12 +209,12 @@ def test_no_readable_checkpoint_stops_instead_of_starting_over(tmp_path) -> None
 def test_incomplete_save_only_is_reported_and_the_run_starts_over(tmp_path, capsys) -> None:
     """A folder holding only an interrupted save (`<step>.orbax-checkpoint-tmp`, as a kill in the
     first save leaves) has no checkpoint: the run says so and starts from step 0."""
-    from isic_jax import train
+    from isic_jax.testing import runs
 
     config = standard_config(**{"train.num_steps": 3})
     tmp = tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp"
     (tmp / "state").mkdir(parents=True)
-    assert train.train_and_evaluate(config, tmp_path, data=make_data(config))["step"] == 3
+    assert runs.train(config, tmp_path, data=make_data(config))["step"] == 3
     out = capsys.readouterr().out
     assert f"Ignoring {tmp}: a save that never finished" in out
     assert "Resuming" not in out

@@ -130,8 +130,8 @@ def test_cli_rejects_unknown_override_and_bad_value(tmp_path: pathlib.Path) -> N
 
 def test_xla_flags_default_and_user_override() -> None:
     code = (
-        "import os, sys; from isic_jax import config_utils; "
-        "print(config_utils.set_default_xla_flags()); import jax; jax.devices(); "
+        "import os, sys; from isic_jax import runtime; "
+        "print(runtime.set_default_xla_flags()); import jax; jax.devices(); "
         "print(os.environ.get('XLA_FLAGS'))"
     )
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -148,6 +148,6 @@ def test_xla_flags_default_and_user_override() -> None:
 
 
 def test_xla_flag_probe_rejects_unknown_values() -> None:
-    from isic_jax import config_utils
+    from isic_jax import runtime
 
-    assert not config_utils._probe_xla_flag("--xla_cpu_experimental_ynn_fusion_type=bogus")
+    assert not runtime._probe_xla_flag("--xla_cpu_experimental_ynn_fusion_type=bogus")

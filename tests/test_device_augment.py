@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from isic_jax import device_augment as da
-from isic_jax import image_ops
+from isic_jax.data import device_augment as da
+from isic_jax.data import image_ops
 
 MEAN255 = image_ops.IMAGENET_MEAN * 255
 STD255 = image_ops.IMAGENET_STD * 255

@@ -1,5 +1,5 @@
-"""isic_jax.distributed: flag validation, cluster detection, the port check, a real two-process run,
-and the launch recipes in scripts/launch.
+"""isic_jax.training.distributed: flag validation, cluster detection, the port check, a real
+two-process run, and the launch recipes in scripts/launch.
 
 Only `test_two_processes_psum_and_preemption` starts JAX's distributed runtime (two subprocesses on
 this machine, bounded by a timeout: a lost peer makes JAX wait, then abort). The other tests replace
@@ -21,8 +21,8 @@ import jax
 import pytest
 from absl import flags
 
-from isic_jax import distributed
-from isic_jax.distributed import DistributedError
+from isic_jax.training import distributed
+from isic_jax.training.distributed import DistributedError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "scripts" / "launch"
@@ -202,7 +202,7 @@ def test_named_cluster_must_be_present(calls):
 WORKER = r"""
 import json, os, pathlib, sys, time
 port, pid, out = int(sys.argv[1]), int(sys.argv[2]), pathlib.Path(sys.argv[3])
-from isic_jax import distributed, preemption
+from isic_jax.training import distributed, preemption
 
 info = distributed.maybe_initialize(f"127.0.0.1:{port}", 2, pid, initialization_timeout=60)
 import jax, numpy as np
@@ -327,7 +327,7 @@ def test_k8s_manifest_meets_jax_kubernetes_requirements():
 
 TASK = r"""
 import os, pathlib, sys, time
-from isic_jax.preemption import EXIT_PREEMPTED, PreemptionGuard
+from isic_jax.training.preemption import EXIT_PREEMPTED, PreemptionGuard
 
 d = pathlib.Path(os.environ["STUB_DIR"])
 (d / "args").write_text(" ".join(sys.argv[1:]))

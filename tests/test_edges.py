@@ -31,8 +31,8 @@ TIMEOUT = 180
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> pathlib.Path:
     """A TFDS data_dir holding isic/isic2020_40 (synthetic, 2 folds of 16 images)."""
-    from isic_jax import prepare as prepare_lib
-    from isic_jax import synth
+    from isic_jax.data import prepare as prepare_lib
+    from isic_jax.data import synth
 
     root = tmp_path_factory.mktemp("data")
     synth.write_synthetic(root / "src", "isic2020", 32, 0)
@@ -161,14 +161,14 @@ def _data_config(data_dir, release: str = "isic2020", size: int = 40):
 
 
 def test_empty_data_dir_says_how_to_prepare(tmp_path) -> None:
-    from isic_jax import train
+    from isic_jax.data import dataset
 
     empty = tmp_path / "empty"
     empty.mkdir()
     # What an interrupted `prepare` leaves (TFDS's incomplete folder) counts as nothing.
     (empty / "isic" / "isic2020_40" / "incomplete.ABC123_1.0.0").mkdir(parents=True)
-    with pytest.raises(train.DataNotFoundError) as info:
-        train.check_prepared_dataset(_data_config(empty))
+    with pytest.raises(dataset.DataNotFoundError) as info:
+        dataset.check_prepared_dataset(_data_config(empty))
     message = _one_line(str(info.value))
     assert f"{empty} holds no prepared ISIC dataset" in message
     assert f"isic-jax prepare --source YOUR_ISIC2020_DOWNLOAD --data-dir {empty} " \
@@ -176,12 +176,12 @@ def test_empty_data_dir_says_how_to_prepare(tmp_path) -> None:
 
 
 def test_dataset_of_another_release_or_size_names_what_is_there(prepared) -> None:
-    from isic_jax import train
 
-    train.check_prepared_dataset(_data_config(prepared))  # the prepared one passes
+    from isic_jax.data import dataset
+    dataset.check_prepared_dataset(_data_config(prepared))  # the prepared one passes
     for release, size in [("isic2019", 40), ("isic2020", 96)]:
-        with pytest.raises(train.DataNotFoundError) as info:
-            train.check_prepared_dataset(_data_config(prepared, release, size))
+        with pytest.raises(dataset.DataNotFoundError) as info:
+            dataset.check_prepared_dataset(_data_config(prepared, release, size))
         message = _one_line(str(info.value))
         assert f"holds isic/isic2020_40 but not isic/{release}_{size}" in message
         assert "--config.data.release=isic2020 --config.data.stored_size=40" in message

@@ -42,7 +42,6 @@ def _ok(result: subprocess.CompletedProcess) -> str:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> pathlib.Path:
-    pytest.importorskip("isic_jax.datasets.isic")
     root = tmp_path_factory.mktemp("e2e")
     _ok(_run(["synth", "--output", str(root / "src"), "--format", "isic2020",
               "--num-images", "60"]))

@@ -44,14 +44,14 @@ def tiny_export_config(task: str = "binary", release: str = "isic2020"):
 
 def _state(config, num_classes: int, seed: int):
     """A TrainState whose EMA weights and BatchNorm statistics differ from the live ones."""
-    from isic_jax import train
     from isic_jax.models import create_model
-    from isic_jax.optim import create_optimizer
+    from isic_jax.training import state as train_state
+    from isic_jax.training.optim import create_optimizer
 
     model = create_model(config.model, num_classes)
     tx, _ = create_optimizer(config.optim, total_steps=1, steps_per_epoch=1)
-    init_rng, _ = train.seed_keys(config.seed)
-    state = train.create_train_state(
+    init_rng, _ = train_state.seed_keys(config.seed)
+    state = train_state.create_train_state(
         model, tx, init_rng, int(config.data.image_size), use_ema=True
     )
     rng = np.random.default_rng(seed)
@@ -75,12 +75,15 @@ def make_workdir(path: pathlib.Path, task: str = "binary", release: str = "isic2
     Returns:
       (config, {step: TrainState}).
     """
-    from isic_jax import checkpointing, config_utils, export, train
+    from isic_jax import config_utils
+    from isic_jax.inference import export
+    from isic_jax.training import checkpointing
+    from isic_jax.training import state as train_state
 
     config = tiny_export_config(task, release)
     num_classes = len(export.class_names_for(config))
     config_utils.save_config(config, path)
-    _, rng = train.seed_keys(config.seed)
+    _, rng = train_state.seed_keys(config.seed)
     states = {step: _state(config, num_classes, seed)
               for step, seed in ((BEST_STEP, 1), (LATEST_STEP, 2))}
     with checkpointing.Checkpointer(path / "checkpoints", best_metric="auc") as ckpt:
@@ -91,13 +94,14 @@ def make_workdir(path: pathlib.Path, task: str = "binary", release: str = "isic2
 
 
 def eval_probs(config, state, images: np.ndarray) -> np.ndarray:
-    """What evaluation computes: `train.eval_step` on uint8 images [B, S, S, 3]."""
-    from isic_jax import export, train
+    """What evaluation computes: `steps.eval_step` on uint8 images [B, S, S, 3]."""
+    from isic_jax.inference import export
     from isic_jax.models import create_model
+    from isic_jax.training import steps
 
     model = create_model(config.model, len(export.class_names_for(config)))
-    out = jax.jit(lambda s, x: train.eval_step(s, {"image": x}, model=model,
-                                               augment=train.augment_config(config)))(
+    out = jax.jit(lambda s, x: steps.eval_step(s, {"image": x}, model=model,
+                                               augment=steps.augment_config(config)))(
         state, images)
     return np.asarray(out)
 
@@ -115,7 +119,7 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(run, tmp_path_factory):
-    from isic_jax import export
+    from isic_jax.inference import export
 
     workdir, _, _ = run
     out = tmp_path_factory.mktemp("exports") / "best"
@@ -147,7 +151,7 @@ def test_metadata_describes_model_classes_and_preprocessing(exported) -> None:
 
 
 def test_exported_model_equals_eval_step_with_ema_weights(run, exported) -> None:
-    from isic_jax import export
+    from isic_jax.inference import export
 
     _, config, states = run
     out, meta = exported
@@ -167,7 +171,7 @@ def test_exported_model_equals_eval_step_with_ema_weights(run, exported) -> None
 
 
 def test_variables_are_the_ema_ones_without_optimizer_state(run, exported) -> None:
-    from isic_jax import export
+    from isic_jax.inference import export
 
     _, _, states = run
     out, _ = exported
@@ -214,7 +218,7 @@ PLAIN_JAX = textwrap.dedent(
 
 
 def test_artefact_runs_with_plain_jax_in_a_process_without_isic_jax(exported, tmp_path) -> None:
-    from isic_jax import export
+    from isic_jax.inference import export
 
     out, _ = exported
     images = random_images(3, 40, seed=4)
@@ -234,7 +238,7 @@ def test_artefact_runs_with_plain_jax_in_a_process_without_isic_jax(exported, tm
 
 
 def test_platform_that_cannot_lower_is_left_out_and_recorded(run, monkeypatch) -> None:
-    from isic_jax import export
+    from isic_jax.inference import export
 
     _, config, states = run
     forward = export.inference_forward(config, states[BEST_STEP].eval_variables(), 2)
@@ -274,7 +278,7 @@ def test_cli_exports_latest_and_refuses_to_overwrite(run, tmp_path) -> None:
 
 
 def test_output_in_the_way_is_refused(run, tmp_path) -> None:
-    from isic_jax import export
+    from isic_jax.inference import export
 
     workdir, _, _ = run
     (tmp_path / "notes.txt").write_text("mine")

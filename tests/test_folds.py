@@ -7,7 +7,7 @@ import collections
 import numpy as np
 import pytest
 
-from isic_jax.datasets.isic import folds
+from isic_jax.data.isic import folds
 
 
 def _isic2020_like(seed: int = 0, n: int = 3000, patients: int = 300):

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from isic_jax import gradcam, image_ops
+from isic_jax.data import image_ops
+from isic_jax.evaluation import gradcam
 from isic_jax.models import create_model, init_variables
 
 SIZE = 80  # >= 65 px: smaller inputs hit a slow XLA:CPU convolution path (DESIGN.md)

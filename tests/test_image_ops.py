@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from isic_jax import image_ops
+from isic_jax.data import image_ops
 
 
 def _jpeg(array: np.ndarray, quality: int = 95) -> bytes:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from isic_jax import input_pipeline as ip
+from isic_jax.data import pipeline as ip
 
 SIZE = 32
 
@@ -283,7 +283,7 @@ def prepared_sample(uda1_images, tmp_path_factory):
     """The real sample prepared with the TFDS builder at 64 px (a few seconds)."""
     import tensorflow_datasets as tfds
 
-    from isic_jax.datasets.isic import make_builder
+    from isic_jax.data.isic import make_builder
 
     data_dir = tmp_path_factory.mktemp("tfds")
     builder = make_builder("archive", 64, str(data_dir))
@@ -301,7 +301,9 @@ def test_load_sources_on_the_prepared_sample(prepared_sample):
     config = ml_collections.ConfigDict(config.to_dict())
     config.val_fold = 1
     config.balanced_sampling = True
-    train, val, info = ip.load_sources(config)
+    from isic_jax.data import dataset
+
+    train, val, info = dataset.load_sources(config)
     assert len(train) + len(val) == 400 and (info.num_train, info.num_val) == (320, 80)
     assert info.class_names == ["benign", "malignant"] and info.num_classes == 2
     assert info.train_class_counts.sum() == 320 and info.val_class_counts.sum() == 80

@@ -42,10 +42,10 @@ def _config():
 def _worker(workdir: str) -> dict:
     from test_train_lib import make_data
 
-    from isic_jax import train
+    from isic_jax.testing import runs
 
     config = _config()
-    result = train.train_and_evaluate(config, workdir, data=make_data(config))
+    result = runs.train(config, workdir, data=make_data(config))
     return {"step": result["step"], "val_loss": (result["val"] or {}).get("loss")}
 
 
@@ -75,11 +75,12 @@ def _on_disk(workdir: pathlib.Path) -> list[str]:
 def test_sigkill_anywhere_resumes_from_newest_complete_checkpoint(tmp_path) -> None:
     from test_train_lib import make_data
 
-    from isic_jax import train
+    from isic_jax.testing import runs
+
 
     # The uninterrupted reference, in this process (same devices and XLA flags as the runs).
     config = _config()
-    reference = train.train_and_evaluate(config, tmp_path / "reference", data=make_data(config))
+    reference = runs.train(config, tmp_path / "reference", data=make_data(config))
     assert reference["step"] == 8
     workdir = tmp_path / "run"
 

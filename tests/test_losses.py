@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from isic_jax.losses import (
+from isic_jax.training.losses import (
     class_weights_for_config,
     class_weights_from_counts,
     compute_loss,

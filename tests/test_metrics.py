@@ -1,4 +1,4 @@
-"""isic_jax.metrics against scikit-learn and against worked examples computed by hand."""
+"""isic_jax.evaluation.metrics against scikit-learn and against worked examples computed by hand."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from isic_jax import metrics
+from isic_jax.evaluation import metrics
 
 
 def _random_binary(seed: int, n: int = 300, ties: bool = False) -> tuple[np.ndarray, np.ndarray]:

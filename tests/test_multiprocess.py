@@ -42,7 +42,7 @@ TIMEOUT = 240  # seconds for one run of all its processes (they normally take ~1
 
 def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     """One process of a run: joins the others, trains, optionally dumps the final state."""
-    from isic_jax import distributed
+    from isic_jax.training import distributed
 
     n, pid = spec["num_processes"], spec["process_id"]
     if n > 1:
@@ -51,11 +51,11 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     import jax
     from test_train_lib import make_data, standard_config
 
-    from isic_jax import train
+    from isic_jax.testing import runs
 
     config = standard_config(**{"train.parallelism": spec["mode"], "model.dropout": 0.0,
                                 **spec.get("overrides", {})})
-    result = train.train_and_evaluate(config, spec["workdir"], data=make_data(config),
+    result = runs.train(config, spec["workdir"], data=make_data(config),
                                       stop_after_step=spec.get("stop_after_step"))
     state = jax.device_get(result["state"])
     if spec.get("dump") and jax.process_index() == 0:
@@ -105,7 +105,8 @@ def _device_count_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import jax
     from test_train_lib import make_data, standard_config
 
-    from isic_jax import train
+    from isic_jax.testing import runs
+
 
     root = pathlib.Path(spec["root"])
     config = standard_config(**{"train.num_steps": 9, "data.device_prefetch": 0})
@@ -115,7 +116,7 @@ def _device_count_worker(spec: dict[str, Any]) -> dict[str, Any]:
         data = make_data(config)
         make = data.train_iterator
         data.train_iterator = lambda: _Recorder(make(), positions)
-        result = train.train_and_evaluate(config, workdir, devices=jax.devices()[:n_devices],
+        result = runs.train(config, workdir, devices=jax.devices()[:n_devices],
                                           data=data, stop_after_step=stop)
         return jax.device_get(result["state"])
 

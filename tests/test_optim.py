@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from isic_jax.models import create_model
-from isic_jax.optim import create_optimizer, ema_update, weight_decay_mask
+from isic_jax.training.optim import create_optimizer, ema_update, weight_decay_mask
 
 
 def _config(**overrides):

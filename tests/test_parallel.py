@@ -99,7 +99,7 @@ class _CountingIterator:
 
 @pytest.mark.parametrize("size", [0, 1, 3])
 def test_prefetcher_keeps_order_and_states(size: int) -> None:
-    from isic_jax import parallel
+    from isic_jax.training import parallel
 
     it = _CountingIterator(5)
     shard_calls = []
@@ -120,7 +120,7 @@ def test_prefetcher_keeps_order_and_states(size: int) -> None:
 
 
 def test_prefetcher_reraises_errors() -> None:
-    from isic_jax import parallel
+    from isic_jax.training import parallel
 
     p = parallel.DevicePrefetcher(_CountingIterator(5, fail_at=2), lambda b: b, size=2)
     try:
@@ -133,7 +133,8 @@ def test_prefetcher_reraises_errors() -> None:
 
 
 def test_create_rejects_unknown_mode() -> None:
-    from isic_jax import config_utils, parallel
+    from isic_jax import config_utils
+    from isic_jax.training import parallel
 
     with pytest.raises(config_utils.ConfigError, match="config.train.parallelism"):
         parallel.DataParallel.create("foo")

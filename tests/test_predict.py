@@ -20,7 +20,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """(export dir, config, TrainState the export holds)."""
-    from isic_jax import export
+    from isic_jax.inference import export
 
     workdir = tmp_path_factory.mktemp("predict_run")
     config, states = make_workdir(workdir)
@@ -62,8 +62,8 @@ def _read(path: pathlib.Path) -> tuple[list[str], list[dict[str, str]]]:
 
 def _expected(config, state, paths: list[pathlib.Path]) -> np.ndarray:
     """Evaluation's numbers: prepare's resize + eval_image, then `train.eval_step`."""
-    from isic_jax import image_ops
-    from isic_jax.datasets.isic import images
+    from isic_jax.data import image_ops
+    from isic_jax.data.isic import images
 
     stored = [images.process_image(p, int(config.data.stored_size)) for p in paths]
     batch = np.stack([image_ops.eval_image(s, int(config.data.image_size)) for s in stored])
@@ -111,7 +111,7 @@ def test_cli_round_trip_on_two_devices_matches_evaluation(
 
 
 def test_checkpoint_backend_gives_the_export_numbers(model, folder, tmp_path) -> None:
-    from isic_jax import predict
+    from isic_jax.inference import predict
 
     export_dir, _, _ = model
     a = predict.predict_to_csv(export_dir, folder, tmp_path / "a.csv", progress=False)
@@ -123,7 +123,8 @@ def test_checkpoint_backend_gives_the_export_numbers(model, folder, tmp_path) ->
 
 
 def test_tta_is_invariant_to_flipping_the_input(model, tmp_path) -> None:
-    from isic_jax import image_ops, predict
+    from isic_jax.data import image_ops
+    from isic_jax.inference import predict
 
     export_dir, _, _ = model
     # Square, at the stored size and a multiple of 16 px: prepare does not resize it and the
@@ -152,7 +153,7 @@ def test_tta_is_invariant_to_flipping_the_input(model, tmp_path) -> None:
 
 
 def test_submission_files_have_the_exact_columns(model, folder, tmp_path) -> None:
-    from isic_jax import predict
+    from isic_jax.inference import predict
 
     export_dir, _, _ = model
     ref = predict.predict_to_csv(export_dir, folder, tmp_path / "ref.csv", progress=False)
@@ -177,7 +178,7 @@ def test_submission_files_have_the_exact_columns(model, folder, tmp_path) -> Non
 
 
 def test_isic2019_submission_of_a_diagnosis_model(tmp_path, folder) -> None:
-    from isic_jax import export, predict
+    from isic_jax.inference import export, predict
 
     make_workdir(tmp_path / "run", task="diagnosis", release="isic2019")
     export.export_checkpoint(tmp_path / "run", tmp_path / "model", verify=False)
@@ -193,8 +194,8 @@ def test_isic2019_submission_of_a_diagnosis_model(tmp_path, folder) -> None:
 
 
 def test_isic2019_columns_from_other_releases_classes() -> None:
-    from isic_jax import predict
-    from isic_jax.datasets.isic import labels
+    from isic_jax.data.isic import labels
+    from isic_jax.inference import predict
 
     probs = np.eye(len(labels.ARCHIVE_CLASSES), dtype=np.float32)
     header, rows = predict.submission_table("isic2019", labels.ARCHIVE_CLASSES, probs,
@@ -210,7 +211,7 @@ def test_isic2019_columns_from_other_releases_classes() -> None:
 
 
 def test_csv_input_refuses_paths_outside_its_folder(model, folder, tmp_path) -> None:
-    from isic_jax import predict
+    from isic_jax.inference import predict
 
     export_dir, _, _ = model
     images = tmp_path / "set"
@@ -241,7 +242,7 @@ def test_csv_input_refuses_paths_outside_its_folder(model, folder, tmp_path) -> 
 
 
 def test_folder_input_refuses_links_that_leave_it(tmp_path) -> None:
-    from isic_jax import predict
+    from isic_jax.inference import predict
 
     (tmp_path / "in").mkdir()
     Image.fromarray(_smooth(40, 40, 1)).save(tmp_path / "out.png")
@@ -253,7 +254,7 @@ def test_folder_input_refuses_links_that_leave_it(tmp_path) -> None:
 
 
 def test_bad_inputs_fail_clearly(model, tmp_path) -> None:
-    from isic_jax import predict
+    from isic_jax.inference import predict
 
     export_dir, _, _ = model
     with pytest.raises(predict.InputError, match="neither a folder nor a CSV"):

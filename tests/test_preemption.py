@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from isic_jax.preemption import PreemptionGuard
+from isic_jax.training.preemption import PreemptionGuard
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # "saves" (optionally slowly) and exits 0.
 LOOP = r"""
 import pathlib, sys, time
-from isic_jax.preemption import PreemptionGuard
+from isic_jax.training.preemption import PreemptionGuard
 
 out = pathlib.Path(sys.argv[1])
 save_seconds = float(sys.argv[2])
@@ -123,7 +123,7 @@ def test_guard_rejects_bad_arguments(kwargs):
 def test_worker_processes_can_ignore_stop_signals():
     code = (
         "import os, signal\n"
-        "from isic_jax.preemption import ignore_stop_signals\n"
+        "from isic_jax.training.preemption import ignore_stop_signals\n"
         "ignore_stop_signals(0, 1)\n"
         "os.kill(os.getpid(), signal.SIGTERM)\n"
         "os.kill(os.getpid(), signal.SIGINT)\n"

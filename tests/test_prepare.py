@@ -10,9 +10,9 @@ import textwrap
 
 import pytest
 
-from isic_jax import prepare as prepare_lib
-from isic_jax.datasets import isic
-from isic_jax.datasets.isic import images, testing
+from isic_jax.data import isic
+from isic_jax.data import prepare as prepare_lib
+from isic_jax.data.isic import images, testing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,8 +82,8 @@ def test_killed_build_is_not_read_as_complete(source, tmp_path):
     script = textwrap.dedent(
         f"""
         import os, signal
-        from isic_jax.datasets.isic import images
-        from isic_jax import prepare
+        from isic_jax.data.isic import images
+        from isic_jax.data import prepare
         real, calls = images.process_image, []
         def killing(*args, **kwargs):
             calls.append(1)

@@ -9,8 +9,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from isic_jax import prepare as prepare_lib
-from isic_jax.datasets import isic
+from isic_jax.data import isic
+from isic_jax.data import prepare as prepare_lib
 
 pytestmark = pytest.mark.shared_data
 

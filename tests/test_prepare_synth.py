@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from isic_jax import prepare as prepare_lib
-from isic_jax.datasets import isic
-
-synth = pytest.importorskip("isic_jax.synth")
+from isic_jax.data import isic, synth
+from isic_jax.data import prepare as prepare_lib
 
 
 @pytest.mark.parametrize("fmt", isic.RELEASES)

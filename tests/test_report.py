@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from isic_jax import metrics, report
+from isic_jax.evaluation import metrics, report
 
 SITES = np.array(["torso", "lower extremity", "head/neck", "oral/genital", "unknown"])
 

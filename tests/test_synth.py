@@ -1,4 +1,4 @@
-"""isic_jax.synth: official layouts, determinism, class balance, structure, learnability."""
+"""isic_jax.data.synth: official layouts, determinism, class balance, structure, learnability."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from isic_jax import synth
+from isic_jax.data import synth
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMALL = 48  # px: layout tests do not need big images
@@ -222,7 +222,7 @@ def test_same_bytes_across_processes(tmp_path):
         out = tmp_path / hash_seed
         env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(REPO)}
         code = (
-            "import sys; from isic_jax import synth\n"
+            "import sys; from isic_jax.data import synth\n"
             "for f in ('archive', 'isic2024'):\n"
             "    synth.write_synthetic(sys.argv[1] + '/' + f, f, 20, 3, image_size=40)"
         )

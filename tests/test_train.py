@@ -24,13 +24,13 @@ pytestmark = pytest.mark.usefixtures("compile_cache")
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, request) -> tuple[pathlib.Path, dict]:
     """The uninterrupted reference run (6 steps, checkpoints at 3 and 6)."""
-    from isic_jax import train
+    from isic_jax.testing import runs
 
     request.getfixturevalue("compile_cache")
 
     workdir = tmp_path_factory.mktemp("full")
     config = standard_config()
-    result = train.train_and_evaluate(config, workdir, data=make_data(config))
+    result = runs.train(config, workdir, data=make_data(config))
     assert result["step"] == 6
     return workdir, result
 
@@ -48,16 +48,16 @@ def _assert_same_final_state(full: pathlib.Path, other: pathlib.Path) -> None:
 
 
 def test_interrupted_run_resumes_bit_exactly(full_run, tmp_path: pathlib.Path, capsys) -> None:
-    from isic_jax import train
 
+    from isic_jax.testing import runs
     full_dir, full = full_run
     config = standard_config()
     data = make_data(config)
     # "Killed" after step 4: the latest checkpoint is step 3, step 4 is lost and redone.
-    part = train.train_and_evaluate(config, tmp_path, data=data, stop_after_step=4)
+    part = runs.train(config, tmp_path, data=data, stop_after_step=4)
     assert part["step"] == 4
     capsys.readouterr()
-    resumed = train.train_and_evaluate(config, tmp_path, data=data)
+    resumed = runs.train(config, tmp_path, data=data)
     assert "checkpoints/3 (3/6)" in capsys.readouterr().out
     assert resumed["step"] == 6
     _assert_same_final_state(full_dir, tmp_path)
@@ -95,20 +95,21 @@ class _SigtermAt:
 
 
 def test_sigterm_saves_and_resumes_bit_exactly(full_run, tmp_path: pathlib.Path, capsys) -> None:
-    from isic_jax import checkpointing, train
+    from isic_jax.testing import runs
+    from isic_jax.training import checkpointing
 
     full_dir, _ = full_run
     config = standard_config()
     data = make_data(config)
     original = data.train_iterator
     data.train_iterator = lambda: _SigtermAt(original(), at=2)
-    stopped = train.train_and_evaluate(config, tmp_path, data=data)
+    stopped = runs.train(config, tmp_path, data=data)
     assert "Stopped by signal" in capsys.readouterr().out
     assert stopped["step"] < 6
     with checkpointing.Checkpointer(tmp_path / "checkpoints", read_only=True) as ckpt:
         assert ckpt.latest_step() == stopped["step"]  # saved right where it stopped
     data.train_iterator = original
-    assert train.train_and_evaluate(config, tmp_path, data=data)["step"] == 6
+    assert runs.train(config, tmp_path, data=data)["step"] == 6
     _assert_same_final_state(full_dir, tmp_path)
 
 
@@ -144,14 +145,15 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
     import jax
     import jax.numpy as jnp
 
-    from isic_jax import checkpointing, train
+    from isic_jax.testing import runs
+    from isic_jax.training import checkpointing, loop, steps
 
     # Metrics are pulled every 5 steps, checkpoints every 2: the NaN at step 3 must still be
     # caught before the step-4 checkpoint is written.
     config = standard_config(**{"train.log_every": 5, "train.checkpoint_every": 2,
                                 "train.eval_every": 100})
     data = make_data(config)
-    real_step = train.train_step
+    real_step = steps.train_step
 
     def poisoned_step(state, batch, rng, **kwargs):
         # Step 3 diverges: NaN loss and NaN parameters from then on.
@@ -161,9 +163,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
         metrics = {**metrics, "loss": jnp.where(bad, jnp.nan, metrics["loss"])}
         return new_state.replace(params=params), metrics
 
-    monkeypatch.setattr(train, "train_step", poisoned_step)
-    with pytest.raises(train.NonFiniteError) as info:
-        train.train_and_evaluate(config, tmp_path, data=data)
+    monkeypatch.setattr(steps, "train_step", poisoned_step)
+    with pytest.raises(loop.NonFiniteError) as info:
+        runs.train(config, tmp_path, data=data)
     message = str(info.value)
     assert "Non-finite training loss" in message and "step 3" in message
     assert "(step 2) is the last good one" in message
@@ -177,9 +179,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
 
 
 def test_schedule_lengths() -> None:
-    from isic_jax import train
 
+    from isic_jax.training import loop
     config = tiny_config(**{"train.num_steps": -1, "train.num_epochs": 2.5})
-    assert train.schedule_lengths(config, num_train=33) == (10, 4)  # 33 // 8 = 4 per epoch
+    assert loop.schedule_lengths(config, num_train=33) == (10, 4)  # 33 // 8 = 4 per epoch
     config.train.num_steps = 7
-    assert train.schedule_lengths(config, num_train=33) == (7, 4)
+    assert loop.schedule_lengths(config, num_train=33) == (7, 4)

@@ -135,14 +135,14 @@ def make_records(n: int, size: int = 40, seed: int = 0) -> list[dict[str, Any]]:
 
 
 def make_data(config, n_train: int = 32, n_val: int = 12):
-    """A train.InputData over in-memory records (no TFDS), deterministic."""
-    from isic_jax import input_pipeline, train
+    """A dataset.InputData over in-memory records (no TFDS), deterministic."""
+    from isic_jax.data import dataset, pipeline
 
     train_records = make_records(n_train, seed=1)
     val_records = make_records(n_val, seed=2)
     labels = np.array([r["label"] for r in train_records], np.int32)
     val_labels = np.array([r["label"] for r in val_records], np.int32)
-    info = input_pipeline.SourceInfo(
+    info = dataset.SourceInfo(
         release="isic2020",
         task="binary",
         class_names=["benign", "malignant"],
@@ -156,11 +156,11 @@ def make_data(config, n_train: int = 32, n_val: int = 12):
         label_read_seconds=0.0,
     )
     sources = (
-        input_pipeline.ListSource(train_records),
-        input_pipeline.ListSource(val_records),
+        pipeline.ListSource(train_records),
+        pipeline.ListSource(val_records),
         info,
     )
-    return train.InputData(config, sources=sources)
+    return dataset.InputData(config, sources=sources)
 
 
 def restore_params(
@@ -170,11 +170,13 @@ def restore_params(
     restored the way `isic-jax evaluate` does it, onto this process's first device."""
     import jax
 
-    from isic_jax import config_utils, evaluate, parallel
+    from isic_jax import config_utils
+    from isic_jax.evaluation import evaluate
+    from isic_jax.training import parallel
 
     config = config_utils.load_config(workdir)
     par = parallel.DataParallel.create("jit", jax.devices()[:1])
-    state, _ = evaluate.restore_for_eval(workdir, config, 2, par, checkpoint)
+    state, _, _ = evaluate.restore_for_eval(workdir, config, 2, par, checkpoint)
     flat = jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]
     return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in flat}
 
@@ -211,9 +213,11 @@ def worker_equivalence(steps: int = 3, optimizer: str = "sgd") -> dict:
 
     import jax
 
-    from isic_jax import parallel, train
     from isic_jax.models import create_model
-    from isic_jax.optim import create_optimizer
+    from isic_jax.training import parallel
+    from isic_jax.training import state as train_state
+    from isic_jax.training import steps as train_steps
+    from isic_jax.training.optim import create_optimizer
 
     compiles: list[str] = []
 
@@ -254,12 +258,12 @@ def worker_equivalence(steps: int = 3, optimizer: str = "sgd") -> dict:
     ]:
         par = parallel.DataParallel.create(mode, devices)
         model = create_model(config.model, 2, axis_name=par.axis_name)
-        state = train.create_train_state(init_model, tx, jax.random.PRNGKey(0), size)
+        state = train_state.create_train_state(init_model, tx, jax.random.PRNGKey(0), size)
 
         def train_step(state, b, rng, par=par, model=model):
-            return train.train_step(state, b, rng, model=model, tx=tx, loss_config=config.loss,
-                                    axis_name=par.axis_name,
-                                    augment=train.augment_config(config))
+            return train_steps.train_step(state, b, rng, model=model, tx=tx,
+                                          loss_config=config.loss, axis_name=par.axis_name,
+                                          augment=train_steps.augment_config(config))
 
         p_step = par.compile_train_step(functools.partial(train_step))
         state = par.replicate(state)
@@ -297,11 +301,12 @@ def worker_equivalence(steps: int = 3, optimizer: str = "sgd") -> dict:
 def worker_train(workdir: str, overrides: dict[str, Any] | None = None,
                  dump: str | None = None) -> dict:
     """train_and_evaluate on all (fake) devices with in-memory data; optionally dumps the state."""
-    from isic_jax import config_utils, train
+    from isic_jax import config_utils
+    from isic_jax.testing import runs
 
     config = tiny_config(**(overrides or {}))
     try:
-        result = train.train_and_evaluate(config, workdir, data=make_data(config))
+        result = runs.train(config, workdir, data=make_data(config))
     except config_utils.ConfigError as e:
         return {"config_error": str(e)}
     if dump:
@@ -317,11 +322,12 @@ def worker_process(process_id: int, port: int, workdir: str, mode: str) -> dict:
     """One of 2 JAX processes (1 CPU device each) training together on localhost."""
     import jax
 
+    from isic_jax.testing import runs
+
     jax.distributed.initialize(f"127.0.0.1:{port}", 2, process_id)
-    from isic_jax import train
 
     config = standard_config(**{"train.parallelism": mode, "model.dropout": 0.0})
-    result = train.train_and_evaluate(config, workdir, data=make_data(config))
+    result = runs.train(config, workdir, data=make_data(config))
     flat = jax.tree.leaves(jax.device_get(result["state"].params))
     return {
         "process": jax.process_index(),

@@ -19,8 +19,9 @@ import shlex
 import subprocess
 import sys
 
-from absl import app, flags
+from absl import flags
 
+from isic_jax import config_utils
 from isic_jax.commands import no_arguments, underscore_alias
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Folder for data, checkpoints, metrics.")
@@ -32,20 +33,10 @@ _NUM_EPOCHS = underscore_alias(
     flags.DEFINE_float("num-epochs", None, "Overrides config.train.num_epochs.")
 )
 _CONFIG = flags.DEFINE_string(
-    "config", None, "Config file to train with (default: configs/demo.py of this checkout)."
+    "config", "demo", "Config to train with: a preset name or a config file."
 )
 
 STORED_SIZE = 128
-
-
-def _default_config() -> pathlib.Path:
-    path = pathlib.Path(__file__).resolve().parents[2] / "configs" / "demo.py"
-    if not path.exists():
-        raise app.UsageError(
-            f"{path} not found: run the demo from a checkout of the repository "
-            "(pip install -e .), or pass --config"
-        )
-    return path
 
 
 def _run(args: list[str]) -> None:
@@ -61,7 +52,9 @@ def _run(args: list[str]) -> None:
 def main(argv: list[str]) -> None:
     no_arguments(argv)
     workdir = pathlib.Path(_WORKDIR.value).expanduser().absolute()
-    config = pathlib.Path(_CONFIG.value).absolute() if _CONFIG.value else _default_config()
+    config = config_utils.config_file(_CONFIG.value)
+    if config == _CONFIG.value:  # a path, not a preset: absolute, as the steps run elsewhere
+        config = str(pathlib.Path(config).absolute())
     download, data_dir, run = workdir / "download", workdir / "tfds", workdir / "train"
     workdir.mkdir(parents=True, exist_ok=True)
 

@@ -12,13 +12,10 @@ from __future__ import annotations
 import json
 import os
 
+from absl import app, flags
+
 from isic_jax import config_utils
 from isic_jax.commands import checkpoint_flag_value, fail, no_arguments
-
-# Before jax is imported (see commands/train.py).
-config_utils.set_default_xla_flags()
-
-from absl import app, flags  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder written by `isic-jax train`.")
 _SPLIT = flags.DEFINE_string(
@@ -39,15 +36,14 @@ EXIT_USAGE = 2
 def main(argv: list[str]) -> None:
     no_arguments(argv)
     which = checkpoint_flag_value(_CHECKPOINT.value)
-    from isic_jax import evaluate, train
-    from isic_jax.checkpointing import quiet_orbax_logging
+    from isic_jax.data import dataset
+    from isic_jax.evaluation import evaluate
 
-    quiet_orbax_logging()
     try:
         result = evaluate.evaluate_checkpoint(
             _WORKDIR.value, _SPLIT.value, which, report=_REPORT.value
         )
-    except (FileNotFoundError, config_utils.ConfigError, train.UnknownSplitError) as e:
+    except (FileNotFoundError, config_utils.ConfigError, dataset.UnknownSplitError) as e:
         fail("evaluate", e, EXIT_USAGE)
     shown = {k: result[k] for k in ("step", "num_examples", "loss", "auc", "pauc_80",
                                     "balanced_accuracy", "sensitivity", "specificity")

@@ -9,13 +9,10 @@ checkpoint, or the output folder is in the way; 3 when the export does not repro
 
 from __future__ import annotations
 
+from absl import app, flags
+
 from isic_jax import config_utils
 from isic_jax.commands import checkpoint_flag_value, fail, no_arguments
-
-# Before jax is imported (see commands/train.py).
-config_utils.set_default_xla_flags()
-
-from absl import app, flags  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder written by `isic-jax train`.")
 _OUTPUT = flags.DEFINE_string("output", None, "Export folder to write (empty or new).")
@@ -38,10 +35,8 @@ EXIT_MISMATCH = 3
 def main(argv: list[str]) -> None:
     no_arguments(argv)
     which = checkpoint_flag_value(_CHECKPOINT.value)
-    from isic_jax import export
-    from isic_jax.checkpointing import quiet_orbax_logging
+    from isic_jax.inference import export
 
-    quiet_orbax_logging()
     try:
         meta = export.export_checkpoint(
             _WORKDIR.value, _OUTPUT.value, which, platforms=_PLATFORMS.value,

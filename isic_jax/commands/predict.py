@@ -14,13 +14,9 @@ from __future__ import annotations
 
 import sys
 
-from isic_jax import config_utils
+from absl import app, flags
+
 from isic_jax.commands import fail, no_arguments
-
-# Before jax is imported (see commands/train.py).
-config_utils.set_default_xla_flags()
-
-from absl import app, flags  # noqa: E402
 
 _MODEL = flags.DEFINE_string("model", None, "Folder written by `isic-jax export`.")
 _INPUT = flags.DEFINE_string("input", None, "Folder of images, or a CSV listing them.")
@@ -49,10 +45,8 @@ EXIT_USAGE = 2
 
 def main(argv: list[str]) -> None:
     no_arguments(argv)
-    from isic_jax import predict
-    from isic_jax.checkpointing import quiet_orbax_logging
+    from isic_jax.inference import predict
 
-    quiet_orbax_logging()
     try:
         summary = predict.predict_to_csv(
             _MODEL.value, _INPUT.value, _OUTPUT.value, tta_flips=_TTA.value,

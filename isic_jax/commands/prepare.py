@@ -12,12 +12,12 @@ same output is a no-op and says so.
 from __future__ import annotations
 
 import tensorflow_datasets as tfds
-from absl import flags, logging
+from absl import flags
 
 from isic_jax import logging_utils
-from isic_jax import prepare as prepare_lib
 from isic_jax.commands import fail, no_arguments, underscore_alias
-from isic_jax.datasets.isic import isic as isic_lib
+from isic_jax.data import prepare as prepare_lib
+from isic_jax.data.isic import isic as isic_lib
 
 _SOURCE = flags.DEFINE_string("source", None, "Folder holding the manual download.", required=True)
 # Dashed names as the docs spell them (--data-dir); the underscore spellings are aliases.
@@ -65,8 +65,6 @@ _FOLD_SEED = underscore_alias(
 
 def main(argv: list[str]) -> None:
     no_arguments(argv)
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # TFDS logs every shard at INFO
     if not logging_utils.use_progress_bar(True):
         tfds.disable_progress_bar()  # no TTY or CI: TFDS's bars would only litter the log
     try:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from absl import flags
 
-from isic_jax import synth
 from isic_jax.commands import no_arguments, underscore_alias
+from isic_jax.data import synth
 
 _OUTPUT = flags.DEFINE_string("output", None, "Folder to write the dataset into.", required=True)
 _FORMAT = flags.DEFINE_enum("format", "isic2020", list(synth.FORMATS), "Release layout to write.")

@@ -30,16 +30,12 @@ from __future__ import annotations
 
 import sys
 
+from absl import app, flags
+from ml_collections import config_flags
+
 from isic_jax import config_utils
 from isic_jax.commands import fail, no_arguments
-
-# Before jax is imported: the fast XLA:CPU fusion flags (DESIGN.md), unless XLA_FLAGS is set.
-config_utils.set_default_xla_flags()
-
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from isic_jax import distributed  # noqa: E402  (imports no jax backend)
+from isic_jax.training import distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Python config file with get_config(), e.g. configs/default.py.",
@@ -75,16 +71,16 @@ def main(argv: list[str]) -> None:
     except distributed.DistributedError as e:
         fail("train", e, EXIT_CONFIG)
 
-    from isic_jax import checkpointing, preemption, train
+    from isic_jax.data import dataset
+    from isic_jax.training import checkpointing, loop, preemption
 
-    checkpointing.quiet_orbax_logging()
     try:
-        result = train.train_and_evaluate(config, _WORKDIR.value)
+        result = loop.train_and_evaluate(config, _WORKDIR.value)
     except config_utils.ConfigError as e:
         fail("train", e, EXIT_CONFIG)
-    except train.NonFiniteError as e:
+    except loop.NonFiniteError as e:
         fail("train", e, EXIT_NON_FINITE)
-    except train.DataNotFoundError as e:
+    except dataset.DataNotFoundError as e:
         fail("train", e, EXIT_DATA)
     except checkpointing.CheckpointError as e:
         fail("train", e, EXIT_CHECKPOINT)

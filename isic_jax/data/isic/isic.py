@@ -33,9 +33,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from isic_jax.datasets.isic import folds as folds_lib
-from isic_jax.datasets.isic import images, releases, tfds_compat
-from isic_jax.datasets.isic import labels as L
+from isic_jax.data.isic import folds as folds_lib
+from isic_jax.data.isic import images, releases, tfds_compat
+from isic_jax.data.isic import labels as L
 
 VERSION = "1.0.0"
 STANDARD_SIZES: tuple[int, ...] = (64, 96, 128, 192, 224, 256, 384, 512, 768, 1024)

@@ -19,10 +19,10 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from isic_jax.datasets.isic import isic as isic_lib
-from isic_jax.datasets.isic import labels as L
-from isic_jax.datasets.isic import releases
-from isic_jax.datasets.isic.images import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_PIXELS
+from isic_jax.data.isic import isic as isic_lib
+from isic_jax.data.isic import labels as L
+from isic_jax.data.isic import releases
+from isic_jax.data.isic.images import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_PIXELS
 
 FORMATS: tuple[str, ...] = ("auto", *L.RELEASES)
 DEFAULT_IMAGE_SIZE = 512

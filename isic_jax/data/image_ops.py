@@ -3,7 +3,7 @@
 The host does only what shrinks the data: JPEG decode (at a reduced DCT scale where possible) and
 the random resized crop + resize to the output size in one PIL call per image, into one uint8
 [B, S, S, 3] batch. The dihedral flips, rotation, colour jitter, colour constancy and float
-normalisation run batched on the accelerator inside the step (`isic_jax.device_augment`), which
+normalisation run batched on the accelerator inside the step (`isic_jax.data.device_augment`), which
 also makes host->device traffic 4x smaller than float32.
 
 Randomness is a pure function of (seed, example position): `position_uniforms` hashes them
@@ -151,15 +151,20 @@ def position_uniforms(seed: int, positions: np.ndarray | Sequence[int], n: int) 
 # --------------------------------------------------------------------------- geometry
 
 
-def dihedral(image: np.ndarray, k: int) -> np.ndarray:
-    """Element k (0..7) of the dihedral group of the square on an array [H, W, ...].
+def dihedral(image: Any, k: int, axes: tuple[int, int] = (0, 1)) -> Any:
+    """Element k (0..7) of the dihedral group of the square on the two `axes` of an array
+    ([H, W, ...] by default; (1, 2) for a batch [B, H, W, C]); numpy and jax arrays alike.
 
-    k % 4 = number of 90-degree counter-clockwise rotations; k >= 4 transposes first.
-    (`device_augment` applies the same elements on the device.)
+    k % 4 = number of 90-degree counter-clockwise rotations (as np.rot90); k >= 4 transposes
+    first. (`device_augment` applies the same elements on the device.)
     """
+    a, b = axes
     if k >= 4:
-        image = np.swapaxes(image, 0, 1)
-    return np.rot90(image, k % 4)
+        image = image.swapaxes(a, b)
+    flip = tuple(slice(None, None, -1) if i == b else slice(None) for i in range(image.ndim))
+    for _ in range(k % 4):
+        image = image[flip].swapaxes(a, b)  # np.rot90(m, 1, axes) = flip(m, b) then swap
+    return image
 
 
 def dihedral_variants(image: np.ndarray) -> Sequence[np.ndarray]:

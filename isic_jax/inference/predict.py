@@ -52,7 +52,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from isic_jax import export as export_lib
+from isic_jax import config_utils, logging_utils
+from isic_jax.data import image_ops
+from isic_jax.data.isic import images
+from isic_jax.data.isic.releases import SourceTree
+from isic_jax.inference import export as export_lib
+from isic_jax.utils import write_csv
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 ID_COLUMNS: tuple[str, ...] = ("image", "image_name", "isic_id")
@@ -111,8 +116,6 @@ def _inside(real: str, root: str) -> bool:
 
 def list_folder(folder: str | os.PathLike) -> list[Item]:
     """The image files of a folder tree (see the module docstring), sorted by relative path."""
-    from isic_jax.datasets.isic.releases import SourceTree
-
     tree = SourceTree(folder)
     rels = [f for f in tree.files if f.lower().endswith(IMAGE_EXTENSIONS)]
     outside = [f for f in tree.outside if f.lower().endswith(IMAGE_EXTENSIONS)]
@@ -208,9 +211,6 @@ def load_image(path: str, stored_size: int, image_size: int, max_pixels: int) ->
     Raises:
       datasets.isic.images.BadImage: with the reason.
     """
-    from isic_jax import image_ops
-    from isic_jax.datasets.isic import images
-
     stored = images.process_image(path, stored_size, max_pixels=max_pixels)
     return image_ops.eval_image(stored, image_size)
 
@@ -270,8 +270,6 @@ def _checkpoint_forward(
     export_dir: str | os.PathLike, meta: dict[str, Any]
 ) -> Callable[[jax.Array], jax.Array]:
     """The forward pass from the Orbax variables and the model code, preprocessing per meta."""
-    from isic_jax import config_utils, image_ops
-
     pre = meta["preprocessing"]
     if not (
         np.allclose(pre["mean"], image_ops.IMAGENET_MEAN)
@@ -284,19 +282,13 @@ def _checkpoint_forward(
     return export_lib.inference_forward(config, variables, len(meta["class_names"]))
 
 
-def dihedral(images: jax.Array, k: int) -> jax.Array:
-    """`image_ops.dihedral` element k on a batch [B, S, S, C] (axes 1, 2)."""
-    if k >= 4:
-        images = jnp.swapaxes(images, 1, 2)
-    return jnp.rot90(images, k % 4, axes=(1, 2))
-
-
 def tta(forward: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
     """f(x) -> mean over the 8 flips/transposes k of f(dihedral(x, k)); one call on 8B images."""
 
     def averaged(images: jax.Array) -> jax.Array:
         batch = images.shape[0]
-        variants = jnp.concatenate([dihedral(images, k) for k in range(8)], axis=0)
+        variants = jnp.concatenate(
+            [image_ops.dihedral(images, k, axes=(1, 2)) for k in range(8)], axis=0)
         probs = forward(variants)
         return jnp.mean(probs.reshape(8, batch, probs.shape[-1]), axis=0)
 
@@ -435,42 +427,10 @@ class Summary:
         return sum(e is not None for e in self.errors)
 
 
-class _Progress:
-    """A tqdm bar on a TTY (not under CI), else a plain line every ~10 % (stderr)."""
-
-    def __init__(self, total: int, enabled: bool = True):
-        from isic_jax.logging_utils import use_progress_bar
-
-        self.total, self.done, self.enabled = total, 0, enabled
-        self._bar = None
-        self._next = max(1, total // 10)
-        self._start = time.perf_counter()
-        if enabled and use_progress_bar(True):
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, unit="img", file=sys.stderr, mininterval=0.5)
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self._bar is not None:
-            self._bar.update(n)
-        elif self.enabled and (self.done >= self._next or self.done == self.total):
-            rate = self.done / max(time.perf_counter() - self._start, 1e-9)
-            print(f"predict: {self.done}/{self.total} images ({rate:.1f} img/s)",
-                  file=sys.stderr, flush=True)
-            self._next = self.done + max(1, self.total // 10)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-
 def _decoded(
     items: Sequence[Item], pre: dict[str, Any], image_size: int, num_workers: int
 ) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
     """(index, uint8 image or None, error or None) per item, in order, decoded on threads."""
-    from isic_jax.datasets.isic import images
-
     stored, max_pixels = int(pre["stored_size"]), int(pre["max_pixels"])
 
     def work(i: int) -> tuple[int, np.ndarray | None, str | None]:
@@ -498,8 +458,6 @@ def predict_items(
     progress: bool = True,
 ) -> tuple[np.ndarray, list[str | None]]:
     """Probabilities of every item: (float32 [N, C] with NaN rows where it failed, errors)."""
-    from isic_jax.datasets.isic import images
-
     num_classes = len(model.class_names)
     probs = np.full((len(items), num_classes), np.nan, np.float32)
     errors: list[str | None] = [None] * len(items)
@@ -511,14 +469,16 @@ def predict_items(
     runner = Runner(tta(model.forward) if tta_flips else model.forward, batch_size, devices)
     pre = model.meta["preprocessing"]
     workers = num_workers or images.default_num_workers()
-    bar = _Progress(len(items), enabled=progress)
+    bar = logging_utils.Progress(len(items), enabled=progress,
+                                 bar=logging_utils.use_progress_bar(True), stream=sys.stderr,
+                                 unit="image", label="predict")
     pending: list[tuple[list[int], jax.Array]] = []
 
     def drain(keep: int) -> None:
         while len(pending) > keep:
             indices, out = pending.pop(0)
             probs[indices] = np.asarray(out)[: len(indices)]
-            bar.update(len(indices))
+            bar.advance(len(indices))
 
     batch_idx: list[int] = []
     batch_img: list[np.ndarray] = []
@@ -527,7 +487,7 @@ def predict_items(
             for i, image, error in _decoded(items, pre, model.image_size, workers):
                 if image is None:
                     errors[i] = error
-                    bar.update(1)
+                    bar.advance(1)
                     continue
                 batch_idx.append(i)
                 batch_img.append(image)
@@ -541,16 +501,6 @@ def predict_items(
     finally:
         bar.close()
     return probs, errors
-
-
-def _write_csv(path: pathlib.Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    tmp.replace(path)
 
 
 def errors_path(output: str | os.PathLike) -> pathlib.Path:
@@ -603,15 +553,15 @@ def predict_to_csv(
                              names[int(np.argmax(p))], _fmt(p[malignant].sum()), ""])
             else:
                 rows.append([item.image_id, item.shown, *[""] * len(names), "", "", errors[i]])
-        _write_csv(output, header, rows)
+        write_csv(output, header, rows)
     else:
         header, rows = submission_table(
             submission, [items[i].image_id for i in ok], probs[ok], names, malignant
         )
-        _write_csv(output, header, rows)
+        write_csv(output, header, rows)
         if len(ok) < len(items):
             errors_file = errors_path(output)
-            _write_csv(errors_file, ["image_id", "path", "error"],
+            write_csv(errors_file, ["image_id", "path", "error"],
                        [[it.image_id, it.shown, errors[i]] for i, it in enumerate(items)
                         if errors[i] is not None])
     return Summary(

@@ -42,9 +42,7 @@ uninterrupted run would have produced (grain checkpoint, per process).
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 import sys
 import threading
 import time
@@ -54,7 +52,7 @@ from typing import Any, Protocol
 import grain
 import numpy as np
 
-from isic_jax import image_ops
+from isic_jax.data import image_ops
 
 BATCH_KEYS = (
     "image", "label", "mask", "index", "position", "image_id", "patient_id", "sex", "age",
@@ -516,13 +514,8 @@ def _to_iter(
     prefetch = int(data_config.get("prefetch_buffer_size", 2))
     it = ds.to_iter_dataset(read_options or _read_options(num_workers, prefetch))
     if num_workers > 0:
-        # Grain reads absl flags when it starts workers; outside `absl.app.run` (scripts,
-        # notebooks, tests) they are unparsed and it raises. Defaults are what we want there.
-        from absl import flags
-
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        from isic_jax import preemption
+        _grain_flags_readable()
+        from isic_jax.training import preemption
 
         # Workers ignore SIGTERM/SIGINT: a scheduler signals the whole process group, and dead
         # workers would fail the trainer before it can save its preemption checkpoint.
@@ -535,147 +528,18 @@ def _to_iter(
     return it
 
 
-# --------------------------------------------------------------------------- prepared dataset
+def _grain_flags_readable() -> None:
+    """Lets Grain read its own absl flags outside `absl.app.run` (a notebook, a script).
 
-
-class TfExampleSource:
-    """Record dicts from a TFDS source opened with `deserialize_method=RAW_BYTES`.
-
-    Parses the serialized tf.Example with protobuf (upb) and returns each single-value feature as
-    bytes (bytes_list: image JPEG, texts) or int (int64_list: labels, age, fold). Same values as
-    `as_data_source(decoders={"image": SkipDecoding()})`, but ~15 us per record instead of ~190 us
-    (TFDS's per-feature Python decoding), measured on the prepared sample on this machine.
+    Grain's parent process reads `--grain_*` flags (e.g. worker profiling) when it starts worker
+    processes, and absl raises on reading an unparsed flag. Marking only Grain's flags present,
+    at their defaults, is what Grain itself does in its workers; all other absl flags, and a
+    later `absl.app.run`, are untouched. A no-op once flags are parsed.
     """
+    from absl import flags
 
-    def __init__(self, raw_source: Any):
-        self._source = raw_source
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    @staticmethod
-    def parse(serialized: bytes) -> dict[str, Any]:
-        """One serialized tf.Example -> {feature: bytes | int | float} (first value of each)."""
-        from tensorflow_datasets.proto import tf_example_pb2
-
-        record: dict[str, Any] = {}
-        for key, feature in tf_example_pb2.Example.FromString(serialized).features.feature.items():
-            kind = feature.WhichOneof("kind")
-            values = getattr(feature, kind).value if kind else ()
-            record[key] = values[0] if len(values) == 1 else list(values)
-        return record
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.parse(self._source[index])
-
-    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-        return [self.parse(r) for r in self._source.__getitems__(list(indices))]
-
-    def __repr__(self) -> str:
-        return f"TfExampleSource({self._source!r})"
-
-
-@dataclasses.dataclass
-class SourceInfo:
-    """What the trainer needs to know about the opened splits.
-
-    class_names: names of the task's classes (index = label).
-    train_class_counts / val_class_counts: int64 [num_classes] (from the builder's metadata).
-    train_labels: int32 [num_train], the class of each train record, read from the records when
-      balanced sampling is on (else None); pass it to `create_train_dataset(labels=...)`.
-    """
-
-    release: str
-    task: str
-    class_names: list[str]
-    num_train: int
-    num_val: int
-    train_class_counts: np.ndarray
-    val_class_counts: np.ndarray
-    train_split: str
-    val_split: str
-    train_labels: np.ndarray | None = None
-    label_read_seconds: float = 0.0
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-
-def _split_counts(metadata: Mapping[str, Any], key: str, split: str) -> np.ndarray | None:
-    """Class counts of feature `key` in a "foldA+foldB" split from the builder metadata
-    ("<key>_counts"; None if absent)."""
-    per_fold = metadata.get(f"{key}_counts")
-    if not per_fold:
-        return None
-    try:
-        return np.sum([np.asarray(per_fold[f], np.int64) for f in split.split("+")], axis=0)
-    except KeyError:
-        return None
-
-
-def load_sources(
-    data_config: Any, *, read_train_labels: bool | None = None
-) -> tuple[TfExampleSource, TfExampleSource, SourceInfo]:
-    """Opens the prepared builder: train = all folds but `val_fold`, val = that fold.
-
-    Args:
-      data_config: `config.data` (release, stored_size, data_dir, val_fold, task,
-        balanced_sampling; num_folds optional, the prepared dataset's own folds are used).
-      read_train_labels: read the label of every train record (default: when balanced
-        sampling is on). Costs one pass over the records without JPEG decoding: ~80 us/record on
-        the sample at 256 px (mostly reading the record bytes), so ~3 s for ISIC 2020's 33k.
-
-    Returns:
-      (train_source, val_source, info); the sources yield record dicts with raw JPEG bytes.
-    """
-    import tensorflow_datasets as tfds
-
-    from isic_jax.datasets.isic import make_builder, train_val_splits
-
-    builder = make_builder(
-        data_config.release,
-        data_config.stored_size,
-        os.path.expanduser(str(data_config.data_dir)),
-        num_folds=int(data_config.get("num_folds", 5)),
-    )
-    metadata = dict(builder.info.metadata or {})
-    num_folds = int(
-        metadata.get("num_folds") or sum(str(s).startswith("fold") for s in builder.info.splits)
-    )
-    train_split, val_split = train_val_splits(num_folds, int(data_config.val_fold))
-    raw = tfds.decode.DeserializeMethod.RAW_BYTES
-    train = TfExampleSource(builder.as_data_source(split=train_split, deserialize_method=raw))
-    val = TfExampleSource(builder.as_data_source(split=val_split, deserialize_method=raw))
-    key = label_key(data_config.task)
-    names = list(builder.info.features[key].names)
-
-    if read_train_labels is None:
-        read_train_labels = bool(data_config.get("balanced_sampling", False))
-    train_counts = _split_counts(metadata, key, train_split)
-    val_counts = _split_counts(metadata, key, val_split)
-    train_labels, seconds = None, 0.0
-    if read_train_labels or train_counts is None:
-        start = time.perf_counter()
-        train_labels = read_labels(train, key)
-        seconds = time.perf_counter() - start
-        counts = np.bincount(train_labels, minlength=len(names)).astype(np.int64)
-        if train_counts is not None and not np.array_equal(counts, train_counts):
-            raise ValueError(f"labels read {counts} differ from the metadata's {train_counts}")
-        train_counts = counts
-    if val_counts is None:
-        val_counts = np.bincount(read_labels(val, key), minlength=len(names)).astype(np.int64)
-    info = SourceInfo(
-        release=data_config.release,
-        task=data_config.task,
-        class_names=names,
-        num_train=len(train),
-        num_val=len(val),
-        train_class_counts=train_counts,
-        val_class_counts=val_counts,
-        train_split=train_split,
-        val_split=val_split,
-        train_labels=train_labels,
-        label_read_seconds=seconds,
-    )
-    return train, val, info
+    if flags.FLAGS.is_parsed():
+        return
+    for name in list(flags.FLAGS):
+        if name.startswith("grain_") and not flags.FLAGS[name].present:
+            flags.FLAGS[name].present = 1

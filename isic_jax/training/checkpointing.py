@@ -12,7 +12,7 @@ records the topology that wrote it: processes, devices, parallelism). Retention:
 LatestN and BestN), so the newest checkpoint is never deleted for being worse than the best and
 resuming always continues from the newest step.
 
-Safety (what `train.py` builds on):
+Safety (what `resume.py` builds on):
 - A save is atomic: Orbax writes `<step>.orbax-checkpoint-tmp` and renames it when every item and
   every process is done. A process killed mid-save leaves only the tmp folder, which Orbax never
   lists as a step; `incomplete_saves()` names them, `remove_incomplete_saves()` deletes them
@@ -28,82 +28,39 @@ Safety (what `train.py` builds on):
   process: with this project's pipeline, the state counts global batches and is the same on every
   process (see `Checkpointer.restore`).
 
-Test hook: the environment variable `ISIC_JAX_TEST_KILL_AT=<point>:<step>` makes the process
-SIGKILL itself at a named point (`kill_point`), so that tests can kill a run at an exact place:
-`during_save:<step>` inside the background commit of that step's asynchronous save (its tmp folder
-exists, the checkpoint is not finalized), `after_step:<step>` right after that training step, once
-the saves of earlier steps are finalized (see train.py). Never set it outside tests.
+Test hook (`isic_jax.testing.hooks`): `ISIC_JAX_TEST_KILL_AT=during_save:<step>` SIGKILLs the
+process inside the background commit of that step's asynchronous save.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import os
 import pathlib
-import signal
-import sys
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging as absl_logging
 from orbax.checkpoint import checkpoint_managers as ocm
+
+from isic_jax import config_utils
+from isic_jax.testing import hooks
 
 PyTree = Any
 
 # Composite item names.
 STATE, RNG, DATA_ITER, CONFIG = "state", "rng", "data_iter", "config"
+CHECKPOINTS_DIR = "checkpoints"  # inside a run folder
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's suffix of a save in progress
 CORRUPT_SUFFIX = ".corrupt"  # a finalized step that could not be restored, set aside
-TEST_KILL_ENV = "ISIC_JAX_TEST_KILL_AT"
 
 
 class CheckpointError(RuntimeError):
     """The workdir's checkpoints cannot be used (another model, or none readable); the message
     says what to do. Raised before anything in the checkpoint folder is changed."""
-
-
-def kill_point(point: str, step: int, before: Any = None) -> None:
-    """Test hook: SIGKILL this process if `ISIC_JAX_TEST_KILL_AT` is `<point>:<step>`.
-
-    A no-op (one dict lookup) unless the variable is set; see the module docstring. `before`
-    (a callable) runs first, e.g. to let earlier asynchronous saves finish so that what is on
-    disk at the kill does not depend on timing.
-    """
-    wanted = os.environ.get(TEST_KILL_ENV)
-    if wanted and wanted == f"{point}:{int(step)}":
-        if before is not None:
-            before()
-        print(f"isic-jax: test hook {TEST_KILL_ENV}={wanted}: SIGKILL", file=sys.stderr,
-              flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-# Orbax warnings that are expected here: checkpoints between evaluations carry no metrics, and
-# `evaluate` opens the checkpoint folder read-only on purpose.
-_EXPECTED_WARNINGS = ("did not provide metrics", "directory is read only")
-
-
-class _DropExpected(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(text in message for text in _EXPECTED_WARNINGS)
-
-
-_FILTER = _DropExpected()
-
-
-def quiet_orbax_logging() -> None:
-    """Orbax logs every save/restore step at INFO through absl: show warnings and errors only,
-    minus the expected ones above."""
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    logger = logging.getLogger("absl")
-    if _FILTER not in logger.filters:
-        logger.addFilter(_FILTER)
 
 
 class IteratorState:
@@ -156,7 +113,7 @@ class _KillDuringCommit(IteratorState):
         self._step = step
 
     def get_state(self) -> bytes:
-        kill_point("during_save", self._step)
+        hooks.kill_point("during_save", self._step)
         return super().get_state()
 
 
@@ -215,7 +172,6 @@ class Checkpointer:
         async_save: bool = True,
         read_only: bool = False,
     ):
-        quiet_orbax_logging()
         self.directory = pathlib.Path(directory).absolute()
         # Listed now, removed by `remove_incomplete_saves` once the run decided to go on.
         self.found_incomplete = [] if read_only else self.incomplete_saves()
@@ -379,12 +335,12 @@ class Checkpointer:
         if data_iter is not None:
             import grain
 
-            if os.environ.get(TEST_KILL_ENV):
+            if os.environ.get(hooks.TEST_KILL_ENV):
                 data_iter = _KillDuringCommit(data_iter, step)
             items[DATA_ITER] = grain.checkpoint.CheckpointSave(data_iter)
         clean = None
         if metrics is not None:
-            clean = {k: float(v) for k, v in metrics.items() if _is_scalar(v)}
+            clean = {k: float(v) for k, v in metrics.items() if is_scalar(v)}
         return self._manager.save(
             step, args=ocp.args.Composite(**items), metrics=clean, force=force
         )
@@ -460,7 +416,21 @@ class Checkpointer:
         self.close()
 
 
-def _is_scalar(v: Any) -> bool:
+def open_checkpointer(workdir: str | os.PathLike, config: Any, *, read_only: bool = False
+                      ) -> Checkpointer:
+    """The `Checkpointer` of a run folder (`workdir/checkpoints`), with the config's retention
+    (train.keep_checkpoints, train.best_metric). `read_only` for evaluate and export."""
+    best = str(config.train.best_metric)
+    return Checkpointer(
+        pathlib.Path(workdir) / CHECKPOINTS_DIR,
+        keep=int(config.train.keep_checkpoints),
+        best_metric=best,
+        best_mode=config_utils.best_metric_mode(best),
+        read_only=read_only,
+    )
+
+
+def is_scalar(v: Any) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 
 
@@ -549,26 +519,6 @@ def _restore_resliced(directory: pathlib.Path, data_iter: IteratorState) -> str:
         f"the input pipeline was saved by {saved_count} process(es) and resumes on "
         f"{jax.process_count()}: the same global batches continue, re-sliced over the processes"
     )
-
-
-def quiet_failed_restore_noise() -> None:
-    """Call before restoring what may be damaged. When one read fails, TensorStore still
-    completes the other reads of the restore and posts them to the asyncio loop Orbax already
-    closed; each prints an "Event loop is closed" traceback (~100 for a small model, through
-    `sys.unraisablehook`) that says nothing about the checkpoint. Drops those and nothing else;
-    installed once per process."""
-    previous = sys.unraisablehook
-    if getattr(previous, "_isic_jax_quiet", False):
-        return
-
-    def hook(unraisable: Any) -> None:
-        error = unraisable.exc_value
-        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
-            return
-        previous(unraisable)
-
-    hook._isic_jax_quiet = True  # type: ignore[attr-defined]
-    sys.unraisablehook = hook
 
 
 def _sync(name: str) -> None:

@@ -11,7 +11,7 @@ writes
                           kept them: the ones evaluation uses); no optimiser state
       config.json         the run's resolved config (rebuilds the model with isic_jax)
 
-The exported function is the evaluation forward pass, `train.eval_step`, with the variables
+The exported function is the evaluation forward pass, `steps.eval_step`, with the variables
 baked in as constants: colour constancy (if the run used it) and ImageNet normalisation run
 inside it, so a caller only decodes, resizes and centre-crops (`model.json["preprocessing"]`,
 which `isic-jax predict` follows). The batch size is symbolic ("b"): any batch works. It is
@@ -29,7 +29,7 @@ joint lowering fails; the platforms that worked are in model.json). Loading it n
     probs = np.asarray(model.call(images))     # float32 [4, C]; columns: meta["class_names"]
 
 Numbers: at export the artefact is deserialised and run on random images against
-`train.eval_step` on the same variables; the largest absolute difference of the probabilities
+`steps.eval_step` on the same variables; the largest absolute difference of the probabilities
 is stored as `export.verified_max_abs_diff` and must be within `export.tolerance` (1e-5 for
 float32 compute, 1e-2 for bfloat16), or the export fails.
 
@@ -52,6 +52,12 @@ import numpy as np
 from jax import export as jax_export
 
 from isic_jax import config_utils
+from isic_jax.data import dataset, image_ops
+from isic_jax.data.isic import images, labels
+from isic_jax.evaluation import evaluate
+from isic_jax.models import create_model
+from isic_jax.training import parallel, steps
+from isic_jax.training import state as train_state
 
 PyTree = Any
 
@@ -84,8 +90,6 @@ def class_names_for(config: Any) -> list[str]:
 
     task "binary": ["benign", "malignant"]; "diagnosis": DIAGNOSIS_CLASSES[release].
     """
-    from isic_jax.datasets.isic import labels
-
     if config.data.task == "binary":
         return list(labels.LABEL_NAMES)
     return list(labels.DIAGNOSIS_CLASSES[config.data.release])
@@ -93,9 +97,7 @@ def class_names_for(config: Any) -> list[str]:
 
 def malignant_classes_for(config: Any, class_names: Sequence[str]) -> list[int]:
     """Indices of the classes whose probabilities sum to the malignant probability."""
-    from isic_jax import train
-
-    return train.malignant_class_indices(config.data.task, config.data.release, list(class_names))
+    return dataset.malignant_class_indices(config.data.task, config.data.release, list(class_names))
 
 
 def inference_forward(
@@ -110,14 +112,11 @@ def inference_forward(
 
     Returns:
       f(images uint8 [B, S, S, 3] RGB) -> float32 [B, C] softmax probabilities: exactly
-      `train.eval_step` (colour constancy if configured, ImageNet normalisation, the model).
+      `steps.eval_step` (colour constancy if configured, ImageNet normalisation, the model).
     """
-    from isic_jax import train
-    from isic_jax.models import create_model
-
     model = create_model(config.model, num_classes)
-    augment = train.augment_config(config)
-    state = train.TrainState(
+    augment = steps.augment_config(config)
+    state = train_state.TrainState(
         step=jnp.zeros((), jnp.int32),
         params=variables["params"],
         batch_stats=variables["batch_stats"],
@@ -126,7 +125,7 @@ def inference_forward(
     )
 
     def forward(images: jax.Array) -> jax.Array:
-        return train.eval_step(state, {"image": images}, model=model, augment=augment)
+        return steps.eval_step(state, {"image": images}, model=model, augment=augment)
 
     return forward
 
@@ -202,9 +201,6 @@ def save_variables(path: str | os.PathLike, variables: dict[str, PyTree]) -> Non
     """Writes {"params", "batch_stats"} with Orbax (synchronously) to `path` (must not exist)."""
     import orbax.checkpoint as ocp
 
-    from isic_jax.checkpointing import quiet_orbax_logging
-
-    quiet_orbax_logging()
     tree = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
     # Host copies: no sharding is recorded, so nothing ties the checkpoint to these devices.
     tree = jax.device_get(tree)
@@ -230,9 +226,6 @@ def restore_variables(
     """
     import orbax.checkpoint as ocp
 
-    from isic_jax.checkpointing import quiet_orbax_logging
-
-    quiet_orbax_logging()
     path = pathlib.Path(export_dir).absolute()
     if (path / VARIABLES_DIR).is_dir():
         path = path / VARIABLES_DIR
@@ -253,9 +246,6 @@ def restore_variables(
 
 def preprocessing_metadata(config: Any, max_pixels: int | None = None) -> dict[str, Any]:
     """What happens to an image before and inside the exported function (model.json)."""
-    from isic_jax import image_ops
-    from isic_jax.datasets.isic import images
-
     stored = int(config.data.stored_size)
     size = int(config.data.image_size)
     constancy = bool(config.data.augment.get("color_constancy", False))
@@ -378,7 +368,7 @@ def export_checkpoint(
       checkpoint: "latest", "best" or a step number.
       platforms: jax.export platforms to lower for (those that fail are left out and recorded).
       overwrite: replace an earlier export in `output`.
-      verify: run the deserialised artefact against `train.eval_step` (fails beyond tolerance).
+      verify: run the deserialised artefact against `steps.eval_step` (fails beyond tolerance).
 
     Returns:
       The metadata written to model.json.
@@ -387,8 +377,6 @@ def export_checkpoint(
       FileNotFoundError: no such run or checkpoint. FileExistsError: `output` in the way.
       ExportError: nothing could be lowered, or the artefact does not reproduce the model.
     """
-    from isic_jax import evaluate, parallel
-
     if jax.process_count() > 1:
         raise ExportError("export runs in a single process (it needs one device)")
     workdir = pathlib.Path(workdir).absolute()
@@ -401,7 +389,8 @@ def export_checkpoint(
 
     # One device: the artefact is a single-device program (predict shards the batch itself).
     par = parallel.DataParallel.create("jit", [jax.local_devices()[0]])
-    state, step = evaluate.restore_for_eval(workdir, config, num_classes, par, checkpoint)
+    state, step, metrics = evaluate.restore_for_eval(workdir, config, num_classes, par,
+                                                     checkpoint)
     use_ema = bool(state.ema)
     variables = state.eval_variables()
     forward = inference_forward(config, variables, num_classes)
@@ -419,13 +408,6 @@ def export_checkpoint(
                 f"the exported model differs from the trained model by {max_diff:.3g} "
                 f"(tolerance {tolerance:g}) on {here}"
             )
-
-    from isic_jax.checkpointing import Checkpointer
-
-    with Checkpointer(workdir / "checkpoints", read_only=True,
-                      best_metric=config.train.best_metric,
-                      best_mode=config_utils.best_metric_mode(config.train.best_metric)) as ckpt:
-        metrics = ckpt.metrics(step)
 
     meta: dict[str, Any] = {
         "format": FORMAT,

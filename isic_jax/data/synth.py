@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from isic_jax.datasets.isic.labels import DIAGNOSIS_CLASSES, RELEASES
+from isic_jax.data.isic.labels import DIAGNOSIS_CLASSES, RELEASES
 
 # One layout per release the builder reads.
 FORMATS: tuple[str, ...] = RELEASES

@@ -12,7 +12,6 @@ batch; the devices are whatever this process has (a checkpoint written on 4 devi
 
 from __future__ import annotations
 
-import csv
 import functools
 import json
 import os
@@ -22,8 +21,15 @@ from typing import Any
 import jax
 import numpy as np
 
-from isic_jax import checkpointing, config_utils, parallel, train
-from isic_jax.metrics import to_json_compatible
+from isic_jax import config_utils
+from isic_jax.data import dataset, device_augment, image_ops
+from isic_jax.evaluation import gradcam, predictions
+from isic_jax.evaluation import report as report_lib
+from isic_jax.evaluation.metrics import to_json_compatible
+from isic_jax.models import create_model
+from isic_jax.training import checkpointing, parallel, steps
+from isic_jax.training import state as train_state
+from isic_jax.utils import as_bytes
 
 # Images in the mistakes figure (a 4 x 4 grid of image + Grad-CAM pairs).
 NUM_MISTAKES = 16
@@ -36,69 +42,24 @@ def restore_for_eval(
     num_classes: int,
     par: parallel.DataParallel,
     checkpoint: str | int = "latest",
-) -> tuple[train.TrainState, int]:
+) -> tuple[train_state.TrainState, int, dict[str, Any] | None]:
     """Restores one checkpoint of `workdir` onto `par`'s devices (replicated for `par`).
 
     Returns:
-      (state as `par.compile_eval_step` expects it, the checkpoint's step).
+      (state as `par.compile_eval_step` expects it, the checkpoint's step, the validation
+      metrics saved with it (None when it has none)).
     """
-    from isic_jax.models import create_model
-    from isic_jax.optim import create_optimizer
-
-    ckpt = checkpointing.Checkpointer(pathlib.Path(workdir) / "checkpoints", read_only=True,
-                                      best_metric=config.train.best_metric,
-                                      best_mode=config_utils.best_metric_mode(
-                                          config.train.best_metric))
-    try:
+    abstract = train_state.abstract_train_state(config, num_classes)
+    with checkpointing.open_checkpointer(workdir, config, read_only=True) as ckpt:
         step = ckpt.resolve_step(checkpoint)
-        model = create_model(config.model, num_classes)
-        # The optimiser only shapes opt_state here (the schedule lengths do not matter).
-        tx, _ = create_optimizer(config.optim, total_steps=1, steps_per_epoch=1)
-        init_rng, _ = train.seed_keys(config.seed)
-        use_ema = float(config.optim.ema_decay) > 0
-        abstract = jax.eval_shape(
-            lambda: train.create_train_state(
-                model, tx, init_rng, int(config.data.image_size), use_ema=use_ema
-            )
-        )
         target = checkpointing.abstract_target(abstract, par.state_sharding())
         restored = ckpt.restore(step, target, with_rng=False, with_config=False)
-    finally:
-        ckpt.close()
-    return par.replicate(restored.state), step
-
-
-def write_predictions(path: pathlib.Path, preds: train.Predictions, class_names: list[str]) -> None:
-    """CSV: image_id, patient_id, label, index, prob_<class> for each class."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(
-            ["image_id", "patient_id", "label", "index", *[f"prob_{n}" for n in class_names]]
-        )
-        for i in range(len(preds.labels)):
-            writer.writerow(
-                [
-                    preds.image_id[i],
-                    preds.patient_id[i],
-                    int(preds.labels[i]),
-                    int(preds.index[i]),
-                    *[f"{p:.6g}" for p in preds.probs[i]],
-                ]
-            )
-
-
-def _as_bytes(value: Any) -> bytes:
-    """A record's bytes feature (bytes, np.bytes_, str or a 0-d array of them) as bytes."""
-    if isinstance(value, np.ndarray):
-        value = value.item()
-    if isinstance(value, str):
-        return value.encode("utf-8")
-    return bytes(value)
+        metrics = ckpt.metrics(step)
+    return par.replicate(restored.state), step, metrics
 
 
 def mistake_images(
-    source: Any, preds: train.Predictions, rows: np.ndarray, image_size: int
+    source: Any, preds: predictions.Predictions, rows: np.ndarray, image_size: int
 ) -> np.ndarray:
     """The evaluation pipeline's images of some predictions, re-read from the split's source.
 
@@ -115,25 +76,23 @@ def mistake_images(
     Raises:
       ValueError: a record's image_id is not the prediction's (source and predictions disagree).
     """
-    from isic_jax import image_ops
-
     images = np.zeros((len(rows), image_size, image_size, 3), np.uint8)
     for k, row in enumerate(np.asarray(rows, np.int64)):
         record = source[int(preds.index[row])]
         if "image_id" in record and preds.image_id[row]:
-            found = _as_bytes(record["image_id"]).decode("utf-8", "replace")
+            found = as_bytes(record["image_id"]).decode("utf-8", "replace")
             if found != preds.image_id[row]:
                 raise ValueError(
                     f"record {int(preds.index[row])} of the split is {found!r}, but the "
                     f"prediction is for {preds.image_id[row]!r}"
                 )
-        images[k] = image_ops.eval_image(_as_bytes(record["image"]), image_size)
+        images[k] = image_ops.eval_image(as_bytes(record["image"]), image_size)
     return images
 
 
 def write_report(
     out_dir: pathlib.Path,
-    preds: train.Predictions,
+    preds: predictions.Predictions,
     *,
     class_names: list[str],
     malignant_classes: list[int],
@@ -150,7 +109,7 @@ def write_report(
     Args:
       out_dir: folder for the PNGs (beside metrics.json).
       preds: the split's predictions (with sex, age, anatom_site, patient_id for the subgroups).
-      class_names, malignant_classes, threshold: as for `train.summarize`.
+      class_names, malignant_classes, threshold: as for `predictions.summarize`.
       source: the split's records (`InputData.source(split)`), for the mistakes' images.
       image_size: config.data.image_size (the evaluation crop).
       model: the evaluated `flax.linen.Module` (no axis_name).
@@ -164,10 +123,8 @@ def write_report(
       auc_se}}}, "figures": [PNG file names written], "most_confident_mistakes": [{image_id,
       label, predicted, probability, index}] in figure order}.
     """
-    from isic_jax import gradcam, report
-
     metadata = {key: getattr(preds, key) for key in ("sex", "age", "anatom_site", "patient_id")}
-    rep = report.write_report(
+    rep = report_lib.write_report(
         out_dir,
         probs=preds.probs,
         labels=preds.labels,
@@ -202,41 +159,52 @@ def evaluate_checkpoint(
     split: str = "val",
     checkpoint: str | int = "latest",
     *,
-    devices: list[jax.Device] | None = None,
-    data: train.InputData | None = None,
+    report: bool = True,
+) -> dict[str, Any]:
+    """Evaluates one checkpoint of a run on a split, on all of this process's devices, with the
+    data the run's saved config names; see `evaluate_run`."""
+    workdir = pathlib.Path(workdir).absolute()
+    config = config_utils.load_config(workdir)
+    par = parallel.DataParallel.create(config.train.parallelism)
+    data = dataset.InputData(config, read_train_labels=False)  # no sampling here
+    return evaluate_run(workdir, config, data, par, split, checkpoint, report=report)
+
+
+def evaluate_run(
+    workdir: pathlib.Path,
+    config: Any,
+    data: dataset.InputData,
+    par: parallel.DataParallel,
+    split: str = "val",
+    checkpoint: str | int = "latest",
+    *,
     report: bool = True,
 ) -> dict[str, Any]:
     """Evaluates one checkpoint of a run on a split; writes metrics.json, predictions.csv and
     (with `report`) the report's figures (see `write_report`).
 
     Args:
-      workdir: the `isic-jax train` run folder.
+      workdir: the `isic-jax train` run folder (absolute).
+      config: its saved config (`config_utils.load_config(workdir)`).
+      data: the run's data (`dataset.InputData(config)`).
+      par: the devices to run on.
       split: "val" (the validation fold), "train" (the other folds) or a builder split name.
       checkpoint: "latest", "best" or a step number.
-      devices: devices to run on (default all of this process's).
-      data: an `train.InputData` (default: opened from the saved config); for tests.
       report: also write the PNG figures, and add "subgroup_auc", "figures" and
         "most_confident_mistakes" to the metrics (process 0 only).
 
     Returns:
       The metrics dict written to `workdir/eval/<split>/metrics.json`.
     """
-    workdir = pathlib.Path(workdir).absolute()
-    config = config_utils.load_config(workdir)
-    par = parallel.DataParallel.create(config.train.parallelism, devices)
     par.check_global_batch(int(config.eval.batch_size), "config.eval.batch_size")
-    data = data or train.InputData(config, read_train_labels=False)  # no sampling here
-    state, step = restore_for_eval(workdir, config, data.num_classes, par, checkpoint)
-
-    from isic_jax.models import create_model
-
+    state, step, _ = restore_for_eval(workdir, config, data.num_classes, par, checkpoint)
     model = create_model(config.model, data.num_classes)
-    aug = train.augment_config(config)
-    p_eval = par.compile_eval_step(functools.partial(train.eval_step, model=model, augment=aug))
-    preds = train.predict(p_eval, state, data.eval_batches(split), par,
-                          prefetch=max(1, int(config.data.device_prefetch)))
-    metrics = train.summarize(preds, data.class_names, data.malignant_classes,
-                              float(config.eval.threshold))
+    aug = steps.augment_config(config)
+    p_eval = par.compile_eval_step(functools.partial(steps.eval_step, model=model, augment=aug))
+    preds = predictions.predict_split(p_eval, state, data.eval_batches(split), par,
+                                      prefetch=max(1, int(config.data.device_prefetch)))
+    metrics = predictions.summarize(preds, data.class_names, data.malignant_classes,
+                                    float(config.eval.threshold))
     result = {
         "split": split,
         "checkpoint": str(checkpoint),
@@ -252,10 +220,8 @@ def evaluate_checkpoint(
     out_dir.mkdir(parents=True, exist_ok=True)
     # Metrics and predictions first: they stay even if drawing the report fails.
     _write_json(out_dir / "metrics.json", result)
-    write_predictions(out_dir / "predictions.csv", preds, data.class_names)
+    predictions.write_predictions(out_dir / "predictions.csv", preds, data.class_names)
     if report:
-        from isic_jax import device_augment
-
         # One host copy of what was evaluated (EMA when kept): Grad-CAM then runs on this
         # process's default device alone, whatever the sharding of the restored state.
         variables = jax.device_get(par.unreplicate(state).eval_variables())

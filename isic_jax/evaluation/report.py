@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 from sklearn import metrics as skm
 from sklearn.calibration import CalibrationDisplay
 
-from isic_jax import metrics as isic_metrics
+from isic_jax.evaluation import metrics as isic_metrics
 
 __all__ = [
     "AGE_BANDS",

@@ -35,8 +35,8 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from isic_jax.datasets.isic import labels as L
-from isic_jax.datasets.isic.images import IMAGE_EXTENSIONS
+from isic_jax.data.isic import labels as L
+from isic_jax.data.isic.images import IMAGE_EXTENSIONS
 
 MAX_DEPTH = 3  # folder levels searched below --source
 

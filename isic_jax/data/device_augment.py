@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy import ndimage
 
-from isic_jax.image_ops import IMAGENET_MEAN, IMAGENET_STD
+from isic_jax.data.image_ops import IMAGENET_MEAN, IMAGENET_STD
 
 # Luma weights (ITU-R 601, as torchvision's rgb_to_grayscale) and RGB <-> YIQ for hue rotation
 # about the grey axis (a linear map, so it folds into the colour matrix).

@@ -1,0 +1,367 @@
+"""The training loop behind `isic-jax train`, in four named phases.
+
+    result = train_and_evaluate(config, workdir)
+
+1. `set_up`: validate the config, pick the devices, open the data, build model and optimiser.
+   Nothing is written before this succeeds (a missing dataset or a bad value stops here).
+2. `resume.restore_or_init`: the newest readable checkpoint of the workdir onto these devices,
+   or a fresh state.
+3. `TrainLoop.run`: the steps. Metrics stay on the devices until every `log_every` steps;
+   evaluation every `eval_every` steps and at the end; asynchronous Orbax checkpoints every
+   `checkpoint_every` steps, at each evaluation and at the end; SIGTERM/SIGINT (checked every
+   step on every process) -> finish the step, checkpoint it, stop with "stopped_by_signal".
+4. finish: one ExitStack closes what phases 2-3 opened, in reverse: device prefetcher, progress,
+   TensorBoard writer, Grain workers, the checkpointer (waiting for its saves), the signal guard.
+
+Data parallel on every device (parallel.py: pmap or jit over a Mesh). Several processes
+(jax.distributed): each reads its slice of every global batch; process 0 alone prints and writes
+config.json, TensorBoard events and eval_history.jsonl; every process takes part in the saves.
+Data order after a resume: the input state counts global batches, so the same global batches
+follow whatever the device or process count (only their split changes, hence float-rounding
+differences); changing train.batch_size shifts the stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+import signal
+import time
+from typing import Any
+
+import flax
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from isic_jax import config_utils, logging_utils
+from isic_jax.data.dataset import InputData
+from isic_jax.evaluation.metrics import to_json_compatible
+from isic_jax.evaluation.predictions import predict_split, summarize
+from isic_jax.logging_utils import say
+from isic_jax.models import create_model
+from isic_jax.testing import hooks
+from isic_jax.training import checkpointing, parallel, preemption, resume, steps
+from isic_jax.training.losses import class_weights_for_config
+from isic_jax.training.optim import create_optimizer
+from isic_jax.training.state import TrainState, create_train_state, seed_keys
+from isic_jax.utils import close_iterator
+
+EVAL_HISTORY = "eval_history.jsonl"
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss (or the state) became NaN/Inf; nothing from that point on was checkpointed."""
+
+
+def schedule_lengths(config: ml_collections.ConfigDict, num_train: int) -> tuple[int, int]:
+    """(total micro-steps, micro-steps per epoch) for a train split of `num_train` examples."""
+    batch = int(config.train.batch_size)
+    steps_per_epoch = max(1, num_train // batch)
+    if int(config.train.num_steps) > 0:
+        return int(config.train.num_steps), steps_per_epoch
+    return max(1, math.ceil(float(config.train.num_epochs) * steps_per_epoch)), steps_per_epoch
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 1: set up.
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What a run is made of, before any state exists (phase 1's result)."""
+
+    config: ml_collections.ConfigDict
+    workdir: pathlib.Path
+    par: parallel.DataParallel
+    data: InputData
+    model: flax.linen.Module
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    total_steps: int
+    steps_per_epoch: int
+    class_weights: np.ndarray | None
+    init_rng: jax.Array
+    train_rng: jax.Array
+    config_dict: dict[str, Any]
+    is_main: bool
+
+    @property
+    def topology(self) -> dict[str, Any]:
+        """Where the run is, as recorded with each checkpoint."""
+        return {"processes": jax.process_count(), "devices": self.par.num_devices,
+                "parallelism": self.par.mode}
+
+    def init_state(self) -> TrainState:
+        return create_train_state(self.model, self.tx, self.init_rng,
+                                  int(self.config.data.image_size),
+                                  use_ema=float(self.config.optim.ema_decay) > 0)
+
+    def abstract_state(self) -> TrainState:
+        """The state's shapes and dtypes, without allocating (restore target)."""
+        return jax.eval_shape(self.init_state)
+
+
+def set_up(
+    config: ml_collections.ConfigDict,
+    workdir: str | pathlib.Path,
+    *,
+    devices: list[jax.Device] | None = None,
+    data: InputData | None = None,
+) -> Setup:
+    """Phase 1: checks and builds everything that does not depend on the workdir's contents.
+
+    Args:
+      config: a resolved config (configs/default.py schema); validated first.
+      workdir: run folder (created here, once the data is known to exist).
+      devices: devices to use (default: all).
+      data: the run's data (default: `InputData(config)`, opened from config.data).
+
+    Raises:
+      config_utils.ConfigError: a bad config value; ValueError: a global batch that does not
+        divide over the devices; dataset.DataNotFoundError: the dataset is not prepared.
+    """
+    config_utils.validate_config(config)
+    workdir = pathlib.Path(workdir).absolute()
+    is_main = jax.process_index() == 0
+    par = parallel.DataParallel.create(config.train.parallelism, devices)
+    par.check_global_batch(int(config.train.batch_size), "config.train.batch_size")
+    par.check_global_batch(int(config.eval.batch_size), "config.eval.batch_size")
+    data = data or InputData(config)  # a missing dataset fails here, before the workdir is made
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+    total_steps, steps_per_epoch = schedule_lengths(config, data.num_train)
+    k = int(config.optim.accumulation_steps)
+    tx, schedule = create_optimizer(
+        config.optim, total_steps=max(1, total_steps // k),
+        steps_per_epoch=max(1, steps_per_epoch // k),
+    )
+    init_rng, train_rng = seed_keys(config.seed)
+    return Setup(
+        config=config, workdir=workdir, par=par, data=data,
+        model=create_model(config.model, data.num_classes, axis_name=par.axis_name),
+        tx=tx, schedule=schedule, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+        class_weights=class_weights_for_config(config.loss, data.train_class_counts),
+        init_rng=init_rng, train_rng=train_rng,
+        config_dict=config_utils.config_to_dict(config), is_main=is_main,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole loop.
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
+                       ) -> dict[str, Any]:
+    """Trains (resuming from the newest readable checkpoint in `workdir`), evaluates, saves.
+
+    Returns:
+      {"step": last step, "val": last validation metrics (None if no evaluation ran), "train":
+      last train scalars, "state": the final TrainState (one copy, on the devices),
+      "stopped_by_signal": True when SIGTERM/SIGINT (on any process) stopped the run early after
+      saving a checkpoint (`isic-jax train` then exits with preemption.EXIT_PREEMPTED)}.
+
+    Raises:
+      NonFiniteError: the loss or state became NaN/Inf; the latest checkpoint is the last good one.
+      config_utils.ConfigError / ValueError / dataset.DataNotFoundError: from `set_up`.
+      checkpointing.CheckpointError: the workdir holds another model's checkpoints, or none of
+        its checkpoints can be restored (nothing in it is changed in either case).
+    """
+    return run(set_up(config, workdir))
+
+
+def run(setup: Setup, until: int | None = None) -> dict[str, Any]:
+    """Phases 2-4 on a `set_up` result; `until` ends the steps after that one (as a kill would:
+    nothing more is saved)."""
+    config = setup.config
+    with contextlib.ExitStack() as stack:  # phase 4: closes all of this, in reverse
+        ckpt = stack.enter_context(checkpointing.open_checkpointer(setup.workdir, config))
+        guard = stack.enter_context(
+            preemption.PreemptionGuard(sync_every=int(config.train.log_every)))
+        train_iter = setup.data.train_iterator()
+        stack.callback(close_iterator, train_iter)  # stops Grain worker processes
+        start = resume.restore_or_init(setup, ckpt, train_iter)
+        # Written only once the checkpoints proved usable: a refused workdir stays as it was.
+        if setup.is_main:
+            config_utils.save_config(config, setup.workdir)
+        loop = TrainLoop(setup, ckpt, start, train_iter, stack)
+        return loop.run(guard, until)
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 3: the steps.
+
+
+@dataclasses.dataclass
+class _Pending:
+    """Device metrics of the steps since the last pull (no host sync until `log_every`)."""
+
+    first_step: int = 0
+    metrics: list = dataclasses.field(default_factory=list)
+    t_start: float = 0.0
+
+
+class TrainLoop:
+    """The steps from `start` to the end of the schedule (or a signal), with their metric pulls,
+    evaluations and checkpoints. Opens its writer, progress and prefetcher on `stack`."""
+
+    def __init__(self, setup: Setup, ckpt: checkpointing.Checkpointer, start: resume.Start,
+                 train_iter: Any, stack: contextlib.ExitStack):
+        self.setup, self.ckpt = setup, ckpt
+        config, par = setup.config, setup.par
+        self.start_step = self.last_saved = start.step
+        self.base_rng = start.rng  # what each checkpoint stores
+        self.state = par.replicate(start.state)
+        self.rng = par.replicate(start.rng)
+        augment = steps.augment_config(config)
+        self.p_train = par.compile_train_step(functools.partial(
+            steps.train_step, model=setup.model, tx=setup.tx, loss_config=config.loss,
+            class_weights=setup.class_weights, axis_name=par.axis_name,
+            ema_decay=float(config.optim.ema_decay), augment=augment,
+        ))
+        self.p_eval = par.compile_eval_step(
+            functools.partial(steps.eval_step, model=setup.model, augment=augment))
+        self.writer = logging_utils.MetricWriter(setup.workdir / "tensorboard",
+                                                 enabled=setup.is_main)
+        stack.callback(self.writer.close)
+        say(setup.is_main,
+            f"Training {config.model.name} on {par.num_devices} {jax.devices()[0].platform} "
+            f"device(s) ({par.mode}), global batch {config.train.batch_size}, "
+            f"{setup.total_steps} steps ({setup.steps_per_epoch} per epoch, "
+            f"{setup.data.num_train} train examples), workdir {setup.workdir}")
+        self.progress = logging_utils.Progress(
+            setup.total_steps, initial=start.step, enabled=setup.is_main,
+            bar=logging_utils.use_progress_bar(bool(config.train.progress)),
+        )
+        stack.callback(self.progress.close)
+        self.prefetcher = stack.enter_context(parallel.DevicePrefetcher(
+            train_iter, lambda b: par.shard_batch(steps.device_batch(b, steps.TRAIN_KEYS)),
+            size=int(config.data.device_prefetch), get_state=checkpointing.iterator_state,
+        ))
+        self.last_val: dict[str, Any] | None = None
+        self.last_train: dict[str, float] = {}
+        self.pending = _Pending(first_step=start.step + 1, t_start=time.perf_counter())
+
+    def run(self, guard: preemption.PreemptionGuard, until: int | None = None) -> dict[str, Any]:
+        train = self.setup.config.train
+        total = self.setup.total_steps
+        step, interrupted = self.start_step, False
+        if step >= total:
+            say(self.setup.is_main,
+                f"Nothing to do: {self.setup.workdir} holds step {step}/{total}.")
+        for step in range(self.start_step + 1, total + 1):
+            item = next(self.prefetcher)
+            self.state, metrics = self.p_train(self.state, item.device, self.rng)
+            self.pending.metrics.append(metrics)
+            self.progress.update(step)
+            hooks.kill_point("after_step", step, self.ckpt.wait_until_finished)
+            final = step == total
+            do_eval = step % int(train.eval_every) == 0 or final
+            do_save = step % int(train.checkpoint_every) == 0 or final or do_eval
+            # Every step, every process: the processes agree on the step to stop after.
+            interrupted = guard.should_stop(step) and not final
+            if step % int(train.log_every) == 0 or final or do_save or interrupted:
+                self.pull_metrics(step)
+            val = self.evaluate(step) if do_eval else None
+            if do_save or interrupted:
+                self.save(step, item, val)
+            if do_eval or do_save:
+                self.pending.t_start = time.perf_counter()  # eval/save time is not step time
+            if interrupted:
+                cause = (f"signal {signal_name(guard.signal_received)}"
+                         if guard.signal_received else "a stop signal to one of the processes")
+                say(self.setup.is_main, f"Stopped by {cause} after step {step}; checkpoint "
+                    f"saved, rerun the same command to resume.")
+                break
+            if until is not None and step >= until:
+                break
+        return {"step": step, "val": self.last_val, "train": self.last_train,
+                "state": self.setup.par.unreplicate(self.state), "stopped_by_signal": interrupted}
+
+    def pull_metrics(self, step: int) -> None:
+        """Host sync: fetch the pending metrics, check them, log their means."""
+        pending = self.pending
+        if not pending.metrics:
+            return
+        values = jax.device_get(pending.metrics)
+        elapsed = time.perf_counter() - pending.t_start
+        rows = [{k: float(np.asarray(v).reshape(-1)[0]) for k, v in m.items()} for m in values]
+        for i, row in enumerate(rows):
+            if not math.isfinite(row["loss"]):
+                raise NonFiniteError(
+                    f"Non-finite training loss ({row['loss']}) at step {pending.first_step + i}: "
+                    f"stopping. Nothing after step {self.last_saved} was checkpointed; the latest "
+                    f"checkpoint (step {self.ckpt.latest_step()}) is the last good one. Lower "
+                    f"config.optim.learning_rate or check the data."
+                )
+        means = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+        update = (step - 1) // int(self.setup.config.optim.accumulation_steps)
+        n, batch = len(rows), int(self.setup.config.train.batch_size)
+        scalars = {
+            "loss": means["loss"],
+            "accuracy": means["accuracy"],
+            "grad_norm": means["grad_norm"],
+            "learning_rate": float(self.setup.schedule(update)),
+            "images_per_sec": n * batch / max(elapsed, 1e-9),
+            "step_time": elapsed / n,
+        }
+        self.last_train = scalars
+        self.writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
+        self.progress.log(step, {
+            "loss": scalars["loss"],
+            "lr": scalars["learning_rate"],
+            "img/s": f"{scalars['images_per_sec']:.1f}",
+            "s/step": f"{scalars['step_time']:.4f}",
+        })
+        pending.metrics.clear()
+        pending.first_step = step + 1
+        pending.t_start = time.perf_counter()
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        """Validation metrics of the current state: TensorBoard, console, eval_history.jsonl."""
+        setup = self.setup
+        preds = predict_split(self.p_eval, self.state, setup.data.eval_batches("val"), setup.par,
+                              prefetch=max(1, int(setup.config.data.device_prefetch)))
+        result = summarize(preds, setup.data.class_names, setup.data.malignant_classes,
+                           float(setup.config.eval.threshold))
+        scalars = {k: v for k, v in result.items() if checkpointing.is_scalar(v)}
+        self.writer.write_scalars(step, {f"val/{k}": v for k, v in scalars.items()})
+        shown = {k: scalars[k] for k in ("loss", "auc", "pauc_80", "balanced_accuracy",
+                                         "sensitivity", "specificity") if k in scalars}
+        self.progress.log(step, shown, prefix="val")
+        self.last_val = result
+        if setup.is_main:
+            with open(setup.workdir / EVAL_HISTORY, "a") as f:
+                f.write(json.dumps(to_json_compatible({"step": step, **result}),
+                                   sort_keys=True) + "\n")
+        return result
+
+    def save(self, step: int, item: parallel.PrefetchedBatch, metrics: dict | None) -> None:
+        """Starts an asynchronous checkpoint of this step (never of a non-finite state)."""
+        single = self.setup.par.unreplicate(self.state)
+        if not bool(steps.tree_all_finite(single)):
+            raise NonFiniteError(
+                f"Non-finite parameters at step {step}: stopping without saving. The latest "
+                f"checkpoint (step {self.ckpt.latest_step()}) is the last good one."
+            )
+        # Orbax copies device arrays to the host before save() returns (its default,
+        # synchronous D2H transfer), so the next step may donate these buffers.
+        self.ckpt.save(
+            step, single, rng=self.base_rng,
+            data_iter=checkpointing.IteratorState(item.iterator_state),
+            config=self.setup.config_dict, metrics=metrics, topology=self.setup.topology,
+        )
+        self.last_saved = step
+
+
+def signal_name(signum: int | None) -> str:
+    """"SIGTERM" for 15, etc."""
+    try:
+        return signal.Signals(int(signum)).name
+    except (TypeError, ValueError):
+        return str(signum)

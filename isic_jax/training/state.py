@@ -1,0 +1,95 @@
+"""The train state: everything that changes during training, as one pytree.
+
+    state = create_train_state(model, tx, init_rng, image_size, use_ema=True)
+    abstract = jax.eval_shape(lambda: create_train_state(...))   # restore targets, no allocation
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from isic_jax.models import init_variables
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training (a pytree; checkpointed as is).
+
+    Attributes:
+      step: int32 [] micro-steps (batches) done.
+      params: model parameters (float32).
+      batch_stats: BatchNorm running statistics (float32).
+      opt_state: optimiser state (optax; MultiStepsState under gradient accumulation).
+      ema: {"params", "batch_stats"} exponential moving average of both, used for evaluation;
+        an empty dict when EMA is off.
+    """
+
+    step: jax.Array
+    params: PyTree
+    batch_stats: PyTree
+    opt_state: PyTree
+    ema: PyTree
+
+    def eval_variables(self) -> dict[str, PyTree]:
+        """The variables evaluation uses: the EMA ones when kept, else the live ones."""
+        if self.ema:
+            return {"params": self.ema["params"], "batch_stats": self.ema["batch_stats"]}
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def create_train_state(
+    model: flax.linen.Module,
+    tx: optax.GradientTransformation,
+    rng: jax.Array,
+    image_size: int,
+    use_ema: bool = False,
+) -> TrainState:
+    """Initialises parameters, BatchNorm statistics and the optimiser (on the default device).
+
+    Works under `jax.eval_shape` (to build restore targets without allocating).
+    """
+
+    variables = init_variables(model, rng, image_size)
+    params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
+    ema = {}
+    if use_ema:
+        # Copies: the state is donated to the step, and one buffer cannot be donated twice.
+        ema = jax.tree.map(jnp.copy, {"params": params, "batch_stats": batch_stats})
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+        ema=ema,
+    )
+
+
+def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(init key, training key) from config.seed (uint32 [2] raw keys: plain to checkpoint)."""
+    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(int(seed)))
+    return init_rng, train_rng
+
+
+def abstract_train_state(config: Any, num_classes: int) -> TrainState:
+    """Shapes and dtypes of a run's train state from its config alone (jax.ShapeDtypeStruct
+    leaves, nothing allocated): the restore target of `evaluate` and `export`."""
+    from isic_jax.models import create_model
+    from isic_jax.training.optim import create_optimizer
+
+    model = create_model(config.model, num_classes)
+    # The optimiser only shapes opt_state here (the schedule lengths do not matter).
+    tx, _ = create_optimizer(config.optim, total_steps=1, steps_per_epoch=1)
+    init_rng, _ = seed_keys(config.seed)
+    use_ema = float(config.optim.ema_decay) > 0
+    return jax.eval_shape(
+        lambda: create_train_state(model, tx, init_rng, int(config.data.image_size),
+                                   use_ema=use_ema)
+    )

@@ -1,0 +1,62 @@
+"""Small helpers every layer uses: byte/str conversion of record features, CSV writing, closing
+iterators. Imports nothing heavy (no jax, no TFDS)."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+
+def as_bytes(value: Any) -> bytes:
+    """A record's bytes feature (bytes, np.bytes_, str, a 0-d array of them, or any value's str)
+    as bytes."""
+    if isinstance(value, np.ndarray):
+        value = value.item()
+    if isinstance(value, (bytes, np.bytes_)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    return str(value).encode("utf-8")
+
+
+def to_str(values: Iterable[Any]) -> np.ndarray:
+    """bytes/str [N] -> object array of str (invalid UTF-8 replaced)."""
+    return np.array(
+        [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in values],
+        dtype=object,
+    )
+
+
+def write_csv(
+    path: str | os.PathLike,
+    header: Sequence[str] | None,
+    rows: Iterable[Sequence[Any]],
+) -> None:
+    """Writes a UTF-8 CSV (no header row when `header` is None), creating the parent folder;
+    atomically (a sibling temporary file renamed into place): a crash leaves no half file."""
+    path = os.fspath(path)
+    folder, name = os.path.split(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            if header is not None:
+                writer.writerow(header)
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def close_iterator(iterator: Any) -> None:
+    """Closes an iterator that has a `close` (Grain's, with worker processes); others are left."""
+    close = getattr(iterator, "close", None)
+    if callable(close):
+        close()
