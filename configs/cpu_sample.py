@@ -5,9 +5,9 @@ Prepare the sample first (legacy per-image JSON records of the ISIC Archive):
     isic-jax prepare --source ../shared/data/isic-uda1/images --image-size 128 --data-dir /tmp/d
     isic-jax train --config configs/cpu_sample.py --workdir /tmp/run --config.data.data_dir=/tmp/d
 
-Resolution and width follow the CPU measurements in DESIGN.md: ResNet-18 at half width and
-112 px trains at ~90-120 img/s on 2 idle cores with the YNN eltwise,reduce fusion flags that
-`train` sets on CPU; 40 epochs of the 320 training images take ~2-6 minutes.
+Resolution and width follow CPU measurements on the development machines: ResNet-18 at half
+width and 112 px trains at ~90-120 img/s on 2 idle cores with the YNN eltwise,reduce fusion
+flags that `train` sets on CPU; 40 epochs of the 320 training images take ~2-6 minutes.
 """
 
 from isic_jax.configs import default

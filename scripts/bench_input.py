@@ -39,7 +39,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from configs import default  # noqa: E402
+from isic_jax.configs import default  # noqa: E402
+
 from isic_jax.data import dataset, image_ops, pipeline  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")

@@ -52,7 +52,7 @@ def _set_cpu_flags() -> None:
 
 
 def _config(**overrides):
-    from configs import smoke
+    from isic_jax.configs import smoke
 
     config = smoke.get_config()
     config.optim.name = "sgd"

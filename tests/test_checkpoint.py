@@ -8,7 +8,7 @@ import pathlib
 
 import numpy as np
 import pytest
-from test_train_lib import (  # noqa: F401
+from train_helpers import (  # noqa: F401
     compile_cache,
     make_data,
     restore_params,

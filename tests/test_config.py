@@ -11,22 +11,13 @@ import sys
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 
 def _configs():
-    from configs import cpu_sample, default, smoke
+    from isic_jax.configs import cpu_sample, default, demo, smoke
 
-    out = {"default": default.get_config(), "smoke": smoke.get_config(),
-           "cpu_sample": cpu_sample.get_config()}
-    try:
-        from configs import demo
-
-        out["demo"] = demo.get_config()
-    except ImportError:
-        pass
-    return out
+    return {"default": default.get_config(), "smoke": smoke.get_config(),
+            "cpu_sample": cpu_sample.get_config(), "demo": demo.get_config()}
 
 
 def test_presets_are_valid() -> None:
@@ -67,6 +58,36 @@ def test_bad_values_name_the_key(key: str, value, message: str) -> None:
         config_utils.validate_config(config)
     assert isinstance(info.value, config_utils.ConfigError)
     assert message in str(info.value)
+
+
+def test_every_key_of_the_default_preset_has_a_value_check() -> None:
+    """One schema: the default preset's keys are the known keys, each with its check (and the
+    optional keys the code reads with a default)."""
+    from isic_jax import config_utils
+
+    keys = config_utils.reference_keys()
+    assert keys == set(config_utils._CHECKS) - config_utils._OPTIONAL
+    assert set(config_utils._CHECKS) >= config_utils._OPTIONAL
+    config = _configs()["smoke"]
+    config.data.augment.interpolation = "cubic"
+    with pytest.raises(config_utils.ConfigError, match="config.data.augment.interpolation"):
+        config_utils.validate_config(config)
+    config = _configs()["smoke"]
+    config.model.name = "resnet19"
+    with pytest.raises(config_utils.ConfigError, match="config.model.name must be one of"):
+        config_utils.validate_config(config)
+
+
+def test_presets_by_name_resolve_to_the_shipped_files(tmp_path: pathlib.Path) -> None:
+    from isic_jax import config_utils, configs
+
+    folder = pathlib.Path(configs.__file__).parent
+    assert config_utils.preset_names() == ["cpu_sample", "default", "demo", "smoke"]
+    assert config_utils.config_file("smoke") == str(folder / "smoke.py")
+    assert config_utils.config_file("default:arg") == f"{folder / 'default.py'}:arg"
+    own = tmp_path / "mine.py"
+    assert config_utils.config_file(str(own)) == str(own)  # a path stays a path
+    assert config_utils.config_file("no_such_preset") == "no_such_preset"
 
 
 def test_unknown_key_in_a_preset_is_rejected() -> None:
@@ -126,6 +147,41 @@ def test_cli_rejects_unknown_override_and_bad_value(tmp_path: pathlib.Path) -> N
     assert bad.returncode == 2, bad.stderr[-2000:]
     assert "config.train.parallelism must be one of pmap, jit; got 'foo'" in bad.stderr
     assert not workdir.exists()  # failed before anything was written
+
+
+def test_cli_takes_a_preset_by_name(tmp_path: pathlib.Path) -> None:
+    workdir = tmp_path / "w"
+    bad = _cli(["train", "--config=smoke", "--workdir", str(workdir),
+                "--config.train.parallelism=foo"], tmp_path)
+    assert bad.returncode == 2, bad.stderr[-2000:]  # the preset loaded, then its value failed
+    assert "config.train.parallelism must be one of pmap, jit; got 'foo'" in bad.stderr
+
+
+def test_importing_the_library_changes_nothing_global(tmp_path: pathlib.Path) -> None:
+    """XLA_FLAGS, log levels, warning hooks, absl flags and sys.path are set by the CLI's
+    runtime setup only; importing every module (as a notebook would) leaves them alone."""
+    code = """
+import importlib, logging, os, pkgutil, sys
+from absl import flags, logging as absl_logging
+before = (os.environ.get("XLA_FLAGS"), absl_logging.get_verbosity(), sys.unraisablehook,
+          list(sys.path), flags.FLAGS.is_parsed(), list(logging.getLogger("absl").filters),
+          "configs" in sys.modules)
+import isic_jax
+for info in pkgutil.walk_packages(isic_jax.__path__, "isic_jax."):
+    if info.name.startswith("isic_jax.commands."):
+        continue  # command modules define absl flags: the CLI imports exactly one
+    importlib.import_module(info.name)
+after = (os.environ.get("XLA_FLAGS"), absl_logging.get_verbosity(), sys.unraisablehook,
+         list(sys.path), flags.FLAGS.is_parsed(), list(logging.getLogger("absl").filters),
+         "configs" in sys.modules)
+assert "jax" in sys.modules and "isic_jax.training.loop" in sys.modules
+print("same" if before == after else f"changed: {before} -> {after}")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=str(tmp_path),
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "same"
 
 
 def test_xla_flags_default_and_user_override() -> None:

@@ -21,7 +21,7 @@ import threading
 import time
 
 import pytest
-from test_train_lib import REPO, cache_env, compile_cache  # noqa: F401  (fixture)
+from train_helpers import REPO, cache_env, compile_cache  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("compile_cache")
 
@@ -151,7 +151,7 @@ def test_sigterm_exits_75_and_bad_inputs_leave_checkpoints_untouched(prepared, t
 
 
 def _data_config(data_dir, release: str = "isic2020", size: int = 40):
-    from configs import smoke
+    from isic_jax.configs import smoke
 
     config = smoke.get_config()
     config.data.data_dir = str(data_dir)

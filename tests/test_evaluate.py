@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-from test_train_lib import cache_env, compile_cache  # noqa: F401
+from train_helpers import cache_env, compile_cache  # noqa: F401
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIGURES = ("roc.png", "pr.png", "confusion_matrix.png", "calibration.png",

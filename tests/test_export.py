@@ -19,8 +19,6 @@ import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 # The checkpoint "best" picks (higher auc) and the latest one.
 BEST_STEP, LATEST_STEP = 3, 5
@@ -29,7 +27,7 @@ BEST_STEP, LATEST_STEP = 3, 5
 def tiny_export_config(task: str = "binary", release: str = "isic2020"):
     """configs/smoke.py, smaller: resnet_tiny width 4, stored 48 px, model input 40 px, EMA on,
     colour constancy on (so the exported function carries it)."""
-    from configs import smoke
+    from isic_jax.configs import smoke
 
     config = smoke.get_config()
     config.data.release = release

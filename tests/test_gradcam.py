@@ -13,7 +13,7 @@ from isic_jax.data import image_ops
 from isic_jax.evaluation import gradcam
 from isic_jax.models import create_model, init_variables
 
-SIZE = 80  # >= 65 px: smaller inputs hit a slow XLA:CPU convolution path (DESIGN.md)
+SIZE = 80  # >= 65 px: smaller inputs hit a slow XLA:CPU convolution path (models/resnet.py)
 
 
 @pytest.fixture(scope="module")

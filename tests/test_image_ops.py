@@ -34,7 +34,7 @@ NO_AUGMENT = image_ops.AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0
 
 def test_dihedral_gives_8_distinct_transforms_of_an_asymmetric_image():
     image = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3)
-    variants = image_ops.dihedral_variants(image)
+    variants = [image_ops.dihedral(image, k) for k in range(8)]
     assert len({v.tobytes() for v in variants}) == 8
     # The group is closed: transforming a variant again stays among the 8.
     for v in variants:
@@ -89,16 +89,16 @@ def test_train_batch_shape_dtype_and_determinism(size):
     np.testing.assert_array_equal(a, image_ops.train_batch(datas, [0, 1, 2], 7, size, ALL_AUGMENT))
     assert not np.array_equal(a, image_ops.train_batch(datas, [0, 1, 2], 8, size, ALL_AUGMENT))
     # An example's crop depends on its position only, not on the rest of the batch.
-    single = image_ops.train_image(datas[2], 2, 7, size, ALL_AUGMENT)
+    single = _train_image(datas[2], 2, 7, size, ALL_AUGMENT)
     np.testing.assert_array_equal(single, a[2])
-    assert not np.array_equal(image_ops.train_image(datas[2], 3, 7, size, ALL_AUGMENT), a[2])
+    assert not np.array_equal(_train_image(datas[2], 3, 7, size, ALL_AUGMENT), a[2])
 
 
 @pytest.mark.parametrize("interpolation", ["nearest", "box", "bilinear"])
 def test_train_image_without_augmentation_is_a_resize(interpolation):
     image = _smooth_image(64, 64)
     config = dataclasses.replace(NO_AUGMENT, interpolation=interpolation)
-    out = image_ops.train_image(_jpeg(image), 0, 0, 32, config)
+    out = _train_image(_jpeg(image), 0, 0, 32, config)
     expected = np.asarray(Image.fromarray(image).resize((32, 32), Image.Resampling.BILINEAR))
     assert np.abs(out.astype(int) - expected).mean() < 4
 
@@ -107,7 +107,7 @@ def test_train_image_is_the_sampled_crop():
     image = _smooth_image(40, 60)
     config = image_ops.AugmentConfig(crop_scale=(0.3, 0.3), crop_ratio=(1.0, 1.0))
     for position in range(4):
-        out = image_ops.train_image(_jpeg(image, 98), position, 5, 24, config)
+        out = _train_image(_jpeg(image, 98), position, 5, 24, config)
         u = image_ops.position_uniforms(5, [position], image_ops.CROP_DRAWS)
         cx, cy, w, h = (v[0] for v in image_ops.sample_crops(u, [60], [40], (0.3, 0.3), (1, 1)))
         box = (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
@@ -159,7 +159,7 @@ def test_normalize_statistics():
 
 
 def test_augment_config_from_default_config():
-    from configs import default
+    from isic_jax.configs import default
 
     config = image_ops.AugmentConfig.from_config(default.get_config().data.augment)
     assert config.crop_scale == (0.4, 1.0) and config.crop_ratio == pytest.approx((0.75, 4 / 3))
@@ -181,3 +181,8 @@ def test_real_sample_images_augment_and_draft(uda1_images):
         full = image_ops.eval_image(data, 64, draft=False)
         assert drafted.shape == (64, 64, 3)
         assert np.abs(drafted.astype(int) - full).mean() < 4
+
+
+def _train_image(data, position, seed, size, config):
+    """`train_batch` of one image: the same pixels as within a batch."""
+    return image_ops.train_batch([data], [position], seed, size, config)[0]

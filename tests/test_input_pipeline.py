@@ -40,7 +40,7 @@ def make_source(n: int, num_positive: int | None = None) -> ip.ListSource:
 
 
 def data_config(**overrides) -> ml_collections.ConfigDict:
-    from configs import default
+    from isic_jax.configs import default
 
     config = default.get_config().data
     config.image_size = SIZE

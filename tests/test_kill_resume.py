@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 import pytest
-from test_train_lib import REPO, cache_env, compile_cache, restore_params  # noqa: F401
+from train_helpers import REPO, cache_env, compile_cache, restore_params  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("compile_cache")
 
@@ -34,13 +34,13 @@ TIMEOUT = 180
 
 
 def _config():
-    from test_train_lib import standard_config
+    from train_helpers import standard_config
 
     return standard_config(**OVERRIDES)
 
 
 def _worker(workdir: str) -> dict:
-    from test_train_lib import make_data
+    from train_helpers import make_data
 
     from isic_jax.testing import runs
 
@@ -73,7 +73,7 @@ def _on_disk(workdir: pathlib.Path) -> list[str]:
 
 @pytest.mark.slow
 def test_sigkill_anywhere_resumes_from_newest_complete_checkpoint(tmp_path) -> None:
-    from test_train_lib import make_data
+    from train_helpers import make_data
 
     from isic_jax.testing import runs
 

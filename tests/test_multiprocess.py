@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_train_lib import REPO, cache_env, compile_cache  # noqa: F401  (fixture)
+from train_helpers import REPO, cache_env, compile_cache  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("compile_cache")
 
@@ -49,7 +49,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         distributed.maybe_initialize(f"127.0.0.1:{spec['port']}", n, pid,
                                      initialization_timeout=60)
     import jax
-    from test_train_lib import make_data, standard_config
+    from train_helpers import make_data, standard_config
 
     from isic_jax.testing import runs
 
@@ -103,7 +103,7 @@ def _device_count_worker(spec: dict[str, Any]) -> dict[str, Any]:
     `data.device_prefetch=0`: no look-ahead, so the batches drawn are the batches trained on.
     """
     import jax
-    from test_train_lib import make_data, standard_config
+    from train_helpers import make_data, standard_config
 
     from isic_jax.testing import runs
 

@@ -1,6 +1,6 @@
 """pmap and jit-over-Mesh wrap the same step and agree with a single-device run; prefetching.
 
-The multi-device checks run in a subprocess with 4 fake CPU devices (see test_train_lib.py).
+The multi-device checks run in a subprocess with 4 fake CPU devices (see train_helpers.py).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import threading
 
 import numpy as np
 import pytest
-from test_train_lib import compile_cache, run_two_processes, run_worker  # noqa: F401
+from train_helpers import compile_cache, run_two_processes, run_worker  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("compile_cache")
 

@@ -10,7 +10,7 @@ import signal
 
 import numpy as np
 import pytest
-from test_train_lib import (  # noqa: F401
+from train_helpers import (  # noqa: F401
     compile_cache,
     make_data,
     restore_params,

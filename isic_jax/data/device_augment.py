@@ -10,7 +10,7 @@ the size of the image or needs float maths runs here, batched:
     preprocess_eval(images, aug_config)                        eval/predict: constancy, normalise
 
 Both take uint8 [B, H, W, 3] and return float32 [B, H, W, 3], ImageNet mean/std normalised: the
-model input of contracts.md. They are jit / pmap / vmap / shard_map friendly: no Python control
+model input the steps expect. They are jit / pmap / vmap / shard_map friendly: no Python control
 flow on traced values (the config is static Python), every per-example draw comes from that
 example's own key, and each example is processed independently of the others.
 

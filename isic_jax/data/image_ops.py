@@ -167,11 +167,6 @@ def dihedral(image: Any, k: int, axes: tuple[int, int] = (0, 1)) -> Any:
     return image
 
 
-def dihedral_variants(image: np.ndarray) -> Sequence[np.ndarray]:
-    """All 8 dihedral transforms of an array [H, W, C] (for tests and test-time augmentation)."""
-    return [dihedral(image, k) for k in range(8)]
-
-
 def sample_crops(
     uniforms: np.ndarray,
     widths: np.ndarray | Sequence[float],
@@ -306,13 +301,6 @@ def train_batch(
         chunks.append(_crop_resize(image, tuple(box), size, resample, draft).tobytes())
         image.close()
     return _stack(chunks, size)
-
-
-def train_image(
-    data: bytes, position: int, seed: int, size: int, config: AugmentConfig, draft: bool = True
-) -> np.ndarray:
-    """`train_batch` of one image: uint8 [size, size, 3], the same pixels as within a batch."""
-    return train_batch([data], [position], seed, size, config, draft)[0]
 
 
 def _eval_resize(data: bytes, size: int, draft: bool) -> Image.Image:

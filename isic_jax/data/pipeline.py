@@ -1,8 +1,7 @@
 """Grain input pipelines: infinite, resumable training batches and padded one-pass evaluation.
 
 Sources are anything with `__len__` and `__getitem__(i) -> record dict` holding the features of
-contracts.md (TFDS's `builder.as_data_source(split, decoders={"image": SkipDecoding()})` is one);
-`load_sources` opens the prepared ISIC builder.
+the prepared dataset (`dataset.load_sources` opens the prepared ISIC builder's splits so).
 
 Batches (per JAX process, B = global_batch_size // process_count, S = data.image_size):
 

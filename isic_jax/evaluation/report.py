@@ -29,7 +29,9 @@ from matplotlib.figure import Figure
 from sklearn import metrics as skm
 from sklearn.calibration import CalibrationDisplay
 
+from isic_jax.data.isic import labels
 from isic_jax.evaluation import metrics as isic_metrics
+from isic_jax.utils import to_str
 
 __all__ = [
     "AGE_BANDS",
@@ -40,7 +42,7 @@ __all__ = [
     "write_report",
 ]
 
-SEX_NAMES: tuple[str, ...] = ("unknown", "female", "male")
+SEX_NAMES: tuple[str, ...] = tuple(labels.SEX_NAMES)
 AGE_BANDS: tuple[str, ...] = ("<30", "30-44", "45-59", "60-74", "75+", "unknown")
 _AGE_EDGES = (30, 45, 60, 75)
 UNKNOWN = "unknown"
@@ -81,11 +83,8 @@ def age_bands(age: Any) -> np.ndarray:
 
 def _as_str(values: Any) -> np.ndarray:
     """str/bytes[N] -> object[N] of str; "" becomes "unknown"."""
-    out = []
-    for v in np.asarray(values, dtype=object).reshape(-1):
-        s = v.decode("utf-8", "replace") if isinstance(v, bytes | np.bytes_) else str(v)
-        out.append(s.strip() or UNKNOWN)
-    return np.asarray(out, dtype=object)
+    return np.asarray([s.strip() or UNKNOWN for s in to_str(np.asarray(values).reshape(-1))],
+                      dtype=object)
 
 
 def _sex_names(sex: Any) -> np.ndarray:

@@ -54,14 +54,15 @@ from jax.sharding import PartitionSpec as P
 
 from isic_jax import config_utils, logging_utils
 from isic_jax.data import image_ops
-from isic_jax.data.isic import images
+from isic_jax.data.isic import images, labels
 from isic_jax.data.isic.releases import SourceTree
 from isic_jax.inference import export as export_lib
 from isic_jax.utils import write_csv
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 ID_COLUMNS: tuple[str, ...] = ("image", "image_name", "isic_id")
-ISIC2019_CLASSES: tuple[str, ...] = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK")
+# The submission columns: the 8 training diagnoses plus UNK (test set only).
+ISIC2019_CLASSES: tuple[str, ...] = (*labels.DIAGNOSIS_CLASSES["isic2019"], "UNK")
 SUBMISSION_COLUMNS: dict[str, tuple[str, ...]] = {
     "isic2019": ("image", *ISIC2019_CLASSES),
     "isic2020": ("image_name", "target"),

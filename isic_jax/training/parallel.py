@@ -68,7 +68,7 @@ class DataParallel:
             )
         if mode == "pmap":
             devs = list(devices) if devices is not None else jax.local_devices()
-            # An explicit Mesh: jax.make_mesh would default to Explicit axes (DESIGN.md).
+            # An explicit Mesh: jax.make_mesh would default to Explicit axes.
             return cls(mode, Mesh(np.asarray(devs), (PMAP_AXIS,)))
         devs = list(devices) if devices is not None else jax.devices()
         return cls(mode, Mesh(np.asarray(devs), (MESH_AXIS,)))

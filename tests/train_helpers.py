@@ -1,6 +1,6 @@
 """Helpers for the trainer tests (no tests here): tiny configs, in-memory data, a 4-device worker.
 
-The worker runs as `python tests/test_train_lib.py WORKER ARGS_JSON` in a subprocess, because the
+The worker runs as `python tests/train_helpers.py WORKER ARGS_JSON` in a subprocess, because the
 number of fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N) must be set
 before jax is imported, and other test modules import jax first.
 """
@@ -19,8 +19,6 @@ import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 
 def _cache_dir(base: pathlib.Path) -> str:
@@ -63,7 +61,7 @@ def cache_env(env: dict[str, str]) -> dict[str, str]:
 
 def tiny_config(**overrides: Any):
     """configs/smoke.py made smaller still: resnet_tiny width 4 at 32 px, SGD, 6 steps."""
-    from configs import smoke
+    from isic_jax.configs import smoke
 
     config = smoke.get_config()
     config.data.stored_size = 40
