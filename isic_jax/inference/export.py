@@ -39,6 +39,7 @@ The variables restore with Orbax on any device count, without the model code
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -351,6 +352,137 @@ def _prepare_output(output: pathlib.Path, overwrite: bool) -> None:
             )
 
 
+@dataclasses.dataclass
+class Artefact:
+    """A lowered, serialised and (where this platform allows) verified forward pass."""
+
+    serialized: bytes
+    exported: jax_export.Exported
+    platforms: list[str]  # covered
+    failed: dict[str, str]  # platform -> why it did not lower
+    verified_on: str | None
+    max_abs_diff: float | None
+    tolerance: float
+
+    def metadata(self) -> dict[str, Any]:
+        """model.json's "export" entry."""
+        return {
+            "file": EXPORTED_FILE,
+            "function": "uint8 [b, S, S, 3] RGB -> float32 [b, C] probabilities",
+            "platforms": self.platforms,
+            "platforms_failed": self.failed,
+            "symbolic_batch": "b",
+            "nr_devices": int(self.exported.nr_devices),
+            "calling_convention_version": int(self.exported.calling_convention_version),
+            "jax_version": jax.__version__,
+            "verified_on": self.verified_on,
+            "verified_max_abs_diff": self.max_abs_diff,
+            "tolerance": self.tolerance,
+            "bytes": len(self.serialized),
+        }
+
+
+def build_artefact(
+    forward: Callable[[jax.Array], jax.Array],
+    image_size: int,
+    dtype: str,
+    platforms: Sequence[str] = DEFAULT_PLATFORMS,
+    verify: bool = True,
+) -> Artefact:
+    """Lowers `forward` (`export_forward`), serialises it and, when this platform is covered
+    and `verify`, checks the deserialised artefact against `forward` within the tolerance of
+    the compute `dtype`.
+
+    Raises:
+      ExportError: nothing lowered, or the artefact differs from `forward` beyond tolerance.
+    """
+    exported, covered, failed = export_forward(forward, image_size, platforms)
+    serialized = exported.serialize()
+    tolerance = TOLERANCE.get(dtype, TOLERANCE["bfloat16"])
+    here, max_diff = current_platform(), None
+    if verify and here in covered:
+        max_diff = _verify(forward, jax_export.deserialize(bytearray(serialized)), image_size)
+        if not max_diff <= tolerance:
+            raise ExportError(
+                f"the exported model differs from the trained model by {max_diff:.3g} "
+                f"(tolerance {tolerance:g}) on {here}"
+            )
+    return Artefact(serialized, exported, covered, failed,
+                    here if max_diff is not None else None, max_diff, tolerance)
+
+
+def model_metadata(
+    config: Any, class_names: list[str], artefact: Artefact, *, ema: bool,
+    checkpoint: dict[str, Any],
+) -> dict[str, Any]:
+    """model.json: which model, classes in order, input, preprocessing, the artefact, where the
+    weights come from (`checkpoint`: workdir, requested, step, metrics)."""
+    image_size, num_classes = int(config.data.image_size), len(class_names)
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": {
+            "name": str(config.model.name),
+            "width": int(config.model.get("width", 64)),
+            "dtype": str(config.model.get("dtype", "float32")),
+            "dropout": float(config.model.get("dropout", 0.0)),
+            "num_classes": num_classes,
+        },
+        "task": str(config.data.task),
+        "release": str(config.data.release),
+        "class_names": class_names,
+        "malignant_classes": malignant_classes_for(config, class_names),
+        "threshold": float(config.eval.threshold),
+        "input": {
+            "image_size": image_size,
+            "shape": [None, image_size, image_size, 3],
+            "dtype": "uint8",
+            "layout": "NHWC",
+            "channel_order": "RGB",
+            "value_range": [0, 255],
+            "normalized_inside": True,
+        },
+        "output": {
+            "shape": [None, num_classes],
+            "dtype": "float32",
+            "kind": "softmax probabilities, columns in class_names order",
+        },
+        "preprocessing": preprocessing_metadata(config),
+        "export": artefact.metadata(),
+        "variables": {
+            "dir": VARIABLES_DIR,
+            "format": "orbax StandardCheckpointer: {params, batch_stats}",
+            "ema": ema,
+        },
+        "checkpoint": checkpoint,
+    }
+    return _jsonable(meta)
+
+
+def write_export(
+    output: pathlib.Path, artefact: Artefact, variables: dict[str, PyTree], config: Any,
+    meta: dict[str, Any],
+) -> None:
+    """Writes the export folder atomically: a sibling folder renamed into place, so there is
+    never a half-written export under `output`."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # mkdir, not mkdtemp: the folder gets the umask's permissions, not 0700.
+    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        (tmp / EXPORTED_FILE).write_bytes(artefact.serialized)
+        save_variables(tmp / VARIABLES_DIR, variables)
+        config_utils.save_config(config, tmp)  # tmp/config.json
+        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if output.exists():
+            shutil.rmtree(output) if output.is_dir() else output.unlink()
+        tmp.replace(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def export_checkpoint(
     workdir: str | os.PathLike,
     output: str | os.PathLike,
@@ -384,104 +516,18 @@ def export_checkpoint(
     _prepare_output(output, overwrite)
     config = config_utils.load_config(workdir)
     class_names = class_names_for(config)
-    num_classes = len(class_names)
-    image_size = int(config.data.image_size)
-
     # One device: the artefact is a single-device program (predict shards the batch itself).
     par = parallel.DataParallel.create("jit", [jax.local_devices()[0]])
-    state, step, metrics = evaluate.restore_for_eval(workdir, config, num_classes, par,
+    state, step, metrics = evaluate.restore_for_eval(workdir, config, len(class_names), par,
                                                      checkpoint)
-    use_ema = bool(state.ema)
     variables = state.eval_variables()
-    forward = inference_forward(config, variables, num_classes)
-
-    exported, covered, failed = export_forward(forward, image_size, platforms)
-    serialized = exported.serialize()
-    dtype = str(config.model.get("dtype", "float32"))
-    tolerance = TOLERANCE.get(dtype, TOLERANCE["bfloat16"])
-    max_diff = None
-    here = current_platform()
-    if verify and here in covered:
-        max_diff = _verify(forward, jax_export.deserialize(bytearray(serialized)), image_size)
-        if not max_diff <= tolerance:
-            raise ExportError(
-                f"the exported model differs from the trained model by {max_diff:.3g} "
-                f"(tolerance {tolerance:g}) on {here}"
-            )
-
-    meta: dict[str, Any] = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "model": {
-            "name": str(config.model.name),
-            "width": int(config.model.get("width", 64)),
-            "dtype": dtype,
-            "dropout": float(config.model.get("dropout", 0.0)),
-            "num_classes": num_classes,
-        },
-        "task": str(config.data.task),
-        "release": str(config.data.release),
-        "class_names": class_names,
-        "malignant_classes": malignant_classes_for(config, class_names),
-        "threshold": float(config.eval.threshold),
-        "input": {
-            "image_size": image_size,
-            "shape": [None, image_size, image_size, 3],
-            "dtype": "uint8",
-            "layout": "NHWC",
-            "channel_order": "RGB",
-            "value_range": [0, 255],
-            "normalized_inside": True,
-        },
-        "output": {
-            "shape": [None, num_classes],
-            "dtype": "float32",
-            "kind": "softmax probabilities, columns in class_names order",
-        },
-        "preprocessing": preprocessing_metadata(config),
-        "export": {
-            "file": EXPORTED_FILE,
-            "function": "uint8 [b, S, S, 3] RGB -> float32 [b, C] probabilities",
-            "platforms": covered,
-            "platforms_failed": failed,
-            "symbolic_batch": "b",
-            "nr_devices": int(exported.nr_devices),
-            "calling_convention_version": int(exported.calling_convention_version),
-            "jax_version": jax.__version__,
-            "verified_on": here if max_diff is not None else None,
-            "verified_max_abs_diff": max_diff,
-            "tolerance": tolerance,
-            "bytes": len(serialized),
-        },
-        "variables": {
-            "dir": VARIABLES_DIR,
-            "format": "orbax StandardCheckpointer: {params, batch_stats}",
-            "ema": use_ema,
-        },
-        "checkpoint": {
-            "workdir": str(workdir),
-            "requested": str(checkpoint),
-            "step": int(step),
-            "metrics": metrics,
-        },
-    }
-    meta = _jsonable(meta)
-
-    output.parent.mkdir(parents=True, exist_ok=True)
-    # A sibling folder renamed into place: no half-written export under `output`. (mkdir, not
-    # mkdtemp: the folder gets the umask's permissions, not 0700.)
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        (tmp / EXPORTED_FILE).write_bytes(serialized)
-        save_variables(tmp / VARIABLES_DIR, variables)
-        config_utils.save_config(config, tmp)  # tmp/config.json
-        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if output.exists():
-            shutil.rmtree(output) if output.is_dir() else output.unlink()
-        tmp.replace(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    forward = inference_forward(config, variables, len(class_names))
+    artefact = build_artefact(forward, int(config.data.image_size),
+                              str(config.model.get("dtype", "float32")), platforms, verify)
+    meta = model_metadata(
+        config, class_names, artefact, ema=bool(state.ema),
+        checkpoint={"workdir": str(workdir), "requested": str(checkpoint), "step": int(step),
+                    "metrics": metrics},
+    )
+    write_export(output, artefact, variables, config, meta)
     return meta
