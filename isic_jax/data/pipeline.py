@@ -52,6 +52,7 @@ import grain
 import numpy as np
 
 from isic_jax.data import image_ops
+from isic_jax.utils import as_bytes
 
 BATCH_KEYS = (
     "image", "label", "mask", "index", "position", "image_id", "patient_id", "sex", "age",
@@ -114,18 +115,6 @@ def _process_info(process_index: int | None, process_count: int | None) -> tuple
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     return process_index, process_count
-
-
-def _as_bytes(value: Any) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
-        return value.encode("utf-8")
-    if isinstance(value, np.ndarray):
-        return _as_bytes(value.item())
-    if isinstance(value, np.bytes_):
-        return bytes(value)
-    return str(value).encode("utf-8")
 
 
 def _split_seed(seed: int, n: int) -> list[int]:
@@ -349,12 +338,12 @@ def _collate(
         "mask": mask,
         "index": np.array([i for _, i, _ in elements], np.int64),  # -1 on padding
         "position": np.array([p for p, _, _ in elements], np.int64),
-        "image_id": np.array([_as_bytes(r.get("image_id", b"")) for r in records], np.bytes_),
-        "patient_id": np.array([_as_bytes(r.get("patient_id", b"")) for r in records], np.bytes_),
+        "image_id": np.array([as_bytes(r.get("image_id", b"")) for r in records], np.bytes_),
+        "patient_id": np.array([as_bytes(r.get("patient_id", b"")) for r in records], np.bytes_),
         "sex": np.array([int(r.get("sex", 0)) for r in records], np.int32),
         "age": np.array([int(r.get("age", -1)) for r in records], np.int32),
         "anatom_site": np.array(
-            [_as_bytes(r.get("anatom_site", b"unknown")) for r in records], np.bytes_
+            [as_bytes(r.get("anatom_site", b"unknown")) for r in records], np.bytes_
         ),
     }
 
@@ -384,7 +373,7 @@ class TrainBatch(grain.transforms.Map):
 
     def map(self, elements: Sequence[Element]) -> dict[str, np.ndarray]:
         images = image_ops.train_batch(
-            [_as_bytes(r["image"]) for _, _, r in elements],
+            [as_bytes(r["image"]) for _, _, r in elements],
             [p for p, _, _ in elements],
             self.seed,
             self.image_size,
@@ -403,7 +392,7 @@ class EvalBatch(grain.transforms.Map):
         self.label_key = label_key_
 
     def map(self, elements: Sequence[Element]) -> dict[str, np.ndarray]:
-        datas = [None if r is None else _as_bytes(r["image"]) for _, _, r in elements]
+        datas = [None if r is None else as_bytes(r["image"]) for _, _, r in elements]
         images = image_ops.eval_batch(datas, self.image_size)
         return _collate(images, elements, self.label_key)
 
