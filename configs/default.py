@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.stored_size = 512  # shorter side the builder resized to at prepare time
     config.data.data_dir = "~/tensorflow_datasets"  # TFDS data_dir holding the prepared dataset
     config.data.val_fold = 0  # this fold is the validation set; the others are trained on
+    # (-1: train on every fold: a final model, no validation and no best checkpoint)
     config.data.task = "binary"  # binary (benign/malignant) | diagnosis (the release's classes)
     config.data.image_size = 384  # train/eval crop side, px
     config.data.balanced_sampling = False  # oversample classes to equal frequency

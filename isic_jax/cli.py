@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "synth": "writes a synthetic ISIC-like dataset in an official layout",
     "prepare": "builds the TFDS dataset from a manual ISIC download",
     "train": "trains (and resumes) a model from a config file",
+    "cv": "cross-validation: a run per fold, out-of-fold predictions, CV summary",
     "evaluate": "writes metrics.json and plots for a split",
     "export": "writes inference artefacts from a checkpoint",
     "predict": "class probabilities per image, as CSV",

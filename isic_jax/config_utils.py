@@ -139,7 +139,7 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "data.stored_size": _int(32),
     "data.data_dir": _str,
     "data.num_folds": _int(2),
-    "data.val_fold": _int(0),
+    "data.val_fold": _int(-1),  # -1: a final model on all folds, no validation
     "data.task": _choice(TASKS),
     "data.image_size": _int(32),
     "data.balanced_sampling": _bool,

@@ -3,9 +3,12 @@ iterators. Imports nothing heavy (no jax, no TFDS)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
-from collections.abc import Iterable, Sequence
+import pathlib
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -60,3 +63,26 @@ def close_iterator(iterator: Any) -> None:
     close = getattr(iterator, "close", None)
     if callable(close):
         close()
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+    """Yields a sibling temporary folder to fill; on success it replaces `path` (an existing
+    folder or file there is removed first), on an exception it is deleted: `path` is never left
+    half-written."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # mkdir, not mkdtemp: the folder gets the umask's permissions, not 0700.
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        tmp.replace(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

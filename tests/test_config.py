@@ -34,7 +34,7 @@ def test_presets_are_valid() -> None:
         ("train.parallelism", "foo", "config.train.parallelism must be one of pmap, jit"),
         ("data.image_size", 16, "config.data.image_size must be >= 32"),
         ("data.val_fold", 5, "config.data.val_fold=5 must be < the number of folds (5"),
-        ("data.val_fold", -1, "config.data.val_fold must be >= 0"),
+        ("data.val_fold", -2, "config.data.val_fold must be >= -1"),
         ("train.batch_size", 0, "config.train.batch_size must be >= 1"),
         ("train.best_metric", "f1", "config.train.best_metric must be one of"),
         ("optim.ema_decay", 1.0, "config.optim.ema_decay must be < 1.0"),

@@ -124,7 +124,7 @@ def test_checkpoint_backend_gives_the_export_numbers(model, folder, tmp_path) ->
 
 def test_tta_is_invariant_to_flipping_the_input(model, tmp_path) -> None:
     from isic_jax.data import image_ops
-    from isic_jax.inference import predict
+    from isic_jax.inference import export, predict
 
     export_dir, _, _ = model
     # Square, at the stored size and a multiple of 16 px: prepare does not resize it and the
@@ -144,7 +144,7 @@ def test_tta_is_invariant_to_flipping_the_input(model, tmp_path) -> None:
 
     # On the device arrays themselves (no JPEG on the way): equal to float rounding.
     loaded = predict.load_model(export_dir)
-    f = predict.Runner(predict.tta(loaded.forward), batch_size=8)
+    f = predict.Runner(export.with_tta(loaded.forward), batch_size=8)
     x = np.random.default_rng(0).integers(0, 256, (2, 40, 40, 3), dtype=np.uint8)
     base = f(x)
     for k in range(1, 8):

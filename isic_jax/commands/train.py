@@ -64,6 +64,12 @@ def main(argv: list[str]) -> None:
         fail("train", " ".join(str(e).split()), EXIT_CONFIG)
     except config_utils.ConfigError as e:
         fail("train", e, EXIT_CONFIG)
+    from isic_jax.evaluation import cv
+
+    if cv.is_cv_workdir(_WORKDIR.value):
+        fail("train", f"{_WORKDIR.value} is a cross-validation workdir ({cv.MANIFEST}): resume "
+             f"it with `isic-jax cv --config ... --workdir {_WORKDIR.value}`, or train into a new "
+             f"--workdir", EXIT_CONFIG)
     # First JAX call of the process: joining the other processes must come before anything
     # touches a device (importing jax alone does not).
     try:

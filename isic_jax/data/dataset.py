@@ -110,14 +110,17 @@ class InputData:
         self._config = config
         if sources is None:
             check_prepared_dataset(config.data)
-            sources = load_sources(
-                config.data, read_train_labels=read_train_labels
-            )
+            sources = load_sources(config.data, read_train_labels=read_train_labels)
         self.train_source, self.val_source, self.info = sources
 
     @property
     def num_train(self) -> int:
         return len(self.train_source)
+
+    @property
+    def has_val(self) -> bool:
+        """False for a final model trained on all folds (config.data.val_fold = -1)."""
+        return self.val_source is not None
 
     @property
     def num_classes(self) -> int:
@@ -150,20 +153,17 @@ class InputData:
         """"val" (the validation fold), "train" (the other folds) or a builder split name
         (e.g. "fold3", "fold1+fold2")."""
         if split == "val":
+            if self.val_source is None:
+                raise UnknownSplitError(
+                    "this run has no validation fold (config.data.val_fold=-1 trains on all "
+                    "folds); evaluate a split of the prepared dataset instead, e.g. --split fold0"
+                )
             return self.val_source
         if split == "train":
             return self.train_source
         import tensorflow_datasets as tfds
 
-        from isic_jax.data.isic import make_builder
-
-        data = self._config.data
-        builder = make_builder(
-            data.release,
-            int(data.stored_size),
-            str(pathlib.Path(str(data.data_dir)).expanduser()),
-            num_folds=int(data.get("num_folds", config_utils.DEFAULT_NUM_FOLDS)),
-        )
+        builder = _builder(self._config.data)
         known = sorted(builder.info.splits)
         parts = split.split("+")
         if not all(p in known for p in parts):
@@ -172,9 +172,7 @@ class InputData:
             )
         # As load_sources opens val and train: raw records parsed by TfExampleSource.
         raw = tfds.decode.DeserializeMethod.RAW_BYTES
-        return TfExampleSource(
-            builder.as_data_source(split=split, deserialize_method=raw)
-        )
+        return TfExampleSource(builder.as_data_source(split=split, deserialize_method=raw))
 
     def eval_batches(self, split: str = "val") -> Iterable[dict[str, np.ndarray]]:
         """One padded pass over a split (mask False on padding)."""
@@ -185,7 +183,6 @@ class InputData:
 
 # ---------------------------------------------------------------------------------------------
 # The prepared builder's splits as record sources.
-
 
 
 class TfExampleSource:
@@ -243,9 +240,14 @@ class SourceInfo:
     train_class_counts: np.ndarray
     val_class_counts: np.ndarray
     train_split: str
-    val_split: str
+    val_split: str | None
     train_labels: np.ndarray | None = None
     label_read_seconds: float = 0.0
+
+    @property
+    def has_val(self) -> bool:
+        """False for a final model trained on all folds (config.data.val_fold = -1)."""
+        return self.val_source is not None
 
     @property
     def num_classes(self) -> int:
@@ -264,10 +266,34 @@ def _split_counts(metadata: Mapping[str, Any], key: str, split: str) -> np.ndarr
         return None
 
 
+def _builder(data_config: Any) -> Any:
+    from isic_jax.data.isic import make_builder
+
+    return make_builder(
+        data_config.release,
+        data_config.stored_size,
+        os.path.expanduser(str(data_config.data_dir)),
+        num_folds=int(data_config.get("num_folds", config_utils.DEFAULT_NUM_FOLDS)),
+    )
+
+
+def _num_folds(builder: Any) -> int:
+    metadata = dict(builder.info.metadata or {})
+    return int(
+        metadata.get("num_folds") or sum(str(s).startswith("fold") for s in builder.info.splits)
+    )
+
+
+def prepared_num_folds(data_config: Any) -> int:
+    """The number of folds (splits fold0..foldK-1) of the prepared dataset config.data names."""
+    return _num_folds(_builder(data_config))
+
+
 def load_sources(
     data_config: Any, *, read_train_labels: bool | None = None
-) -> tuple[TfExampleSource, TfExampleSource, SourceInfo]:
-    """Opens the prepared builder: train = all folds but `val_fold`, val = that fold.
+) -> tuple[TfExampleSource, TfExampleSource | None, SourceInfo]:
+    """Opens the prepared builder: train = all folds but `val_fold`, val = that fold; with
+    val_fold = -1 (a final model), train = every fold and val = None.
 
     Args:
       data_config: `config.data` (release, stored_size, data_dir, val_fold, task,
@@ -281,29 +307,29 @@ def load_sources(
     """
     import tensorflow_datasets as tfds
 
-    from isic_jax.data.isic import make_builder, train_val_splits
+    from isic_jax.data.isic import fold_names, train_val_splits
 
-    builder = make_builder(
-        data_config.release,
-        data_config.stored_size,
-        os.path.expanduser(str(data_config.data_dir)),
-        num_folds=int(data_config.get("num_folds", 5)),
-    )
+    builder = _builder(data_config)
     metadata = dict(builder.info.metadata or {})
-    num_folds = int(
-        metadata.get("num_folds") or sum(str(s).startswith("fold") for s in builder.info.splits)
-    )
-    train_split, val_split = train_val_splits(num_folds, int(data_config.val_fold))
+    num_folds = _num_folds(builder)
+    val_fold = int(data_config.val_fold)
+    if val_fold < 0:
+        train_split, val_split = "+".join(fold_names(num_folds)), None
+    else:
+        train_split, val_split = train_val_splits(num_folds, val_fold)
     raw = tfds.decode.DeserializeMethod.RAW_BYTES
     train = TfExampleSource(builder.as_data_source(split=train_split, deserialize_method=raw))
-    val = TfExampleSource(builder.as_data_source(split=val_split, deserialize_method=raw))
+    val = None
+    if val_split is not None:
+        val = TfExampleSource(builder.as_data_source(split=val_split, deserialize_method=raw))
     key = pipeline.label_key(data_config.task)
     names = list(builder.info.features[key].names)
 
     if read_train_labels is None:
         read_train_labels = bool(data_config.get("balanced_sampling", False))
     train_counts = _split_counts(metadata, key, train_split)
-    val_counts = _split_counts(metadata, key, val_split)
+    val_counts = (np.zeros(len(names), np.int64) if val is None
+                  else _split_counts(metadata, key, val_split))
     train_labels, seconds = None, 0.0
     if read_train_labels or train_counts is None:
         start = time.perf_counter()
@@ -321,7 +347,7 @@ def load_sources(
         task=data_config.task,
         class_names=names,
         num_train=len(train),
-        num_val=len(val),
+        num_val=0 if val is None else len(val),
         train_class_counts=train_counts,
         val_class_counts=val_counts,
         train_split=train_split,

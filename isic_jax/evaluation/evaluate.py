@@ -170,6 +170,29 @@ def evaluate_checkpoint(
     return evaluate_run(workdir, config, data, par, split, checkpoint, report=report)
 
 
+def predict_checkpoint(
+    workdir: pathlib.Path,
+    config: Any,
+    data: dataset.InputData,
+    par: parallel.DataParallel,
+    split: str = "val",
+    checkpoint: str | int = "latest",
+) -> tuple[predictions.Predictions, int, Any, Any]:
+    """One checkpoint of a run over one padded pass of a split.
+
+    Returns:
+      (predictions, the checkpoint's step, the restored state (replicated for `par`), the model).
+    """
+    par.check_global_batch(int(config.eval.batch_size), "config.eval.batch_size")
+    state, step, _ = restore_for_eval(workdir, config, data.num_classes, par, checkpoint)
+    model = create_model(config.model, data.num_classes)
+    aug = steps.augment_config(config)
+    p_eval = par.compile_eval_step(functools.partial(steps.eval_step, model=model, augment=aug))
+    preds = predictions.predict_split(p_eval, state, data.eval_batches(split), par,
+                                      prefetch=max(1, int(config.data.device_prefetch)))
+    return preds, step, state, model
+
+
 def evaluate_run(
     workdir: pathlib.Path,
     config: Any,
@@ -196,31 +219,12 @@ def evaluate_run(
     Returns:
       The metrics dict written to `workdir/eval/<split>/metrics.json`.
     """
-    par.check_global_batch(int(config.eval.batch_size), "config.eval.batch_size")
-    state, step, _ = restore_for_eval(workdir, config, data.num_classes, par, checkpoint)
-    model = create_model(config.model, data.num_classes)
-    aug = steps.augment_config(config)
-    p_eval = par.compile_eval_step(functools.partial(steps.eval_step, model=model, augment=aug))
-    preds = predictions.predict_split(p_eval, state, data.eval_batches(split), par,
-                                      prefetch=max(1, int(config.data.device_prefetch)))
-    metrics = predictions.summarize(preds, data.class_names, data.malignant_classes,
-                                    float(config.eval.threshold))
-    result = {
-        "split": split,
-        "checkpoint": str(checkpoint),
-        "step": int(step),
-        "ema": float(config.optim.ema_decay) > 0,
-        "class_names": data.class_names,
-        **metrics,
-    }
-    result = to_json_compatible(result)
+    preds, step, state, model = predict_checkpoint(workdir, config, data, par, split, checkpoint)
+    result = evaluation_result(preds, data, config, split, checkpoint, step)
     if jax.process_index() != 0:
         return result
-    out_dir = workdir / "eval" / split
-    out_dir.mkdir(parents=True, exist_ok=True)
     # Metrics and predictions first: they stay even if drawing the report fails.
-    _write_json(out_dir / "metrics.json", result)
-    predictions.write_predictions(out_dir / "predictions.csv", preds, data.class_names)
+    out_dir = write_evaluation(workdir, split, result, preds, data.class_names)
     if report:
         # One host copy of what was evaluated (EMA when kept): Grad-CAM then runs on this
         # process's default device alone, whatever the sharding of the restored state.
@@ -236,12 +240,42 @@ def evaluate_run(
                 image_size=int(config.data.image_size),
                 model=model,
                 variables=variables,
-                preprocess=lambda x: device_augment.preprocess_eval(x, aug),
+                preprocess=lambda x: device_augment.preprocess_eval(
+                    x, steps.augment_config(config)),
             )
         )
         result = to_json_compatible(result)
         _write_json(out_dir / "metrics.json", result)
     return result
+
+
+def evaluation_result(
+    preds: predictions.Predictions, data: dataset.InputData, config: Any, split: str,
+    checkpoint: str | int, step: int,
+) -> dict[str, Any]:
+    """metrics.json's content (JSON-ready): which checkpoint on which split, and its metrics."""
+    metrics = predictions.summarize(preds, data.class_names, data.malignant_classes,
+                                    float(config.eval.threshold))
+    return to_json_compatible({
+        "split": split,
+        "checkpoint": str(checkpoint),
+        "step": int(step),
+        "ema": float(config.optim.ema_decay) > 0,
+        "class_names": data.class_names,
+        **metrics,
+    })
+
+
+def write_evaluation(
+    workdir: pathlib.Path, split: str, result: dict[str, Any], preds: predictions.Predictions,
+    class_names: list[str],
+) -> pathlib.Path:
+    """Writes `workdir/eval/<split>/{metrics.json, predictions.csv}`; returns that folder."""
+    out_dir = workdir / "eval" / split
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(out_dir / "metrics.json", result)
+    predictions.write_predictions(out_dir / "predictions.csv", preds, class_names)
+    return out_dir
 
 
 def _write_json(path: pathlib.Path, obj: Any) -> None:

@@ -43,7 +43,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import shutil
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -59,11 +58,14 @@ from isic_jax.evaluation import evaluate
 from isic_jax.models import create_model
 from isic_jax.training import parallel, steps
 from isic_jax.training import state as train_state
+from isic_jax.utils import atomic_directory
 
 PyTree = Any
 
 FORMAT = "isic_jax.export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # what a single-model export writes
+# Newest model.json this isic_jax reads (2: an ensemble, inference/ensemble.py).
+READ_VERSION = 2
 METADATA_FILE = "model.json"
 EXPORTED_FILE = "model.jax_export"
 VARIABLES_DIR = "variables"
@@ -129,6 +131,31 @@ def inference_forward(
         return steps.eval_step(state, {"image": images}, model=model, augment=augment)
 
     return forward
+
+
+def mean_forward(forwards: Sequence[Callable[[jax.Array], jax.Array]]
+                 ) -> Callable[[jax.Array], jax.Array]:
+    """f(x) -> the mean of the members' probabilities float32 [B, C] (an ensemble)."""
+    if len(forwards) == 1:
+        return forwards[0]
+
+    def averaged(images: jax.Array) -> jax.Array:
+        return jnp.mean(jnp.stack([f(images) for f in forwards]), axis=0)
+
+    return averaged
+
+
+def with_tta(forward: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
+    """f(x) -> mean over the 8 flips/transposes k of f(dihedral(x, k)); one call on 8B images."""
+
+    def averaged(images: jax.Array) -> jax.Array:
+        batch = images.shape[0]
+        variants = jnp.concatenate(
+            [image_ops.dihedral(images, k, axes=(1, 2)) for k in range(8)], axis=0)
+        probs = forward(variants)
+        return jnp.mean(probs.reshape(8, batch, probs.shape[-1]), axis=0)
+
+    return averaged
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,10 +328,10 @@ def read_metadata(export_dir: str | os.PathLike) -> dict[str, Any]:
             f"{path} not found: is {export_dir} a folder written by `isic-jax export`?"
         )
     meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT or int(meta.get("format_version", 0)) > FORMAT_VERSION:
+    if meta.get("format") != FORMAT or int(meta.get("format_version", 0)) > READ_VERSION:
         raise ValueError(
             f"{path}: format {meta.get('format')!r} version {meta.get('format_version')!r}; this "
-            f"isic_jax reads {FORMAT!r} up to version {FORMAT_VERSION}"
+            f"isic_jax reads {FORMAT!r} up to version {READ_VERSION}"
         )
     return meta
 
@@ -463,24 +490,12 @@ def write_export(
     output: pathlib.Path, artefact: Artefact, variables: dict[str, PyTree], config: Any,
     meta: dict[str, Any],
 ) -> None:
-    """Writes the export folder atomically: a sibling folder renamed into place, so there is
-    never a half-written export under `output`."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    # mkdir, not mkdtemp: the folder gets the umask's permissions, not 0700.
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    """Writes the export folder atomically (`utils.atomic_directory`): never half-written."""
+    with atomic_directory(output) as tmp:
         (tmp / EXPORTED_FILE).write_bytes(artefact.serialized)
         save_variables(tmp / VARIABLES_DIR, variables)
         config_utils.save_config(config, tmp)  # tmp/config.json
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if output.exists():
-            shutil.rmtree(output) if output.is_dir() else output.unlink()
-        tmp.replace(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def export_checkpoint(
@@ -491,6 +506,7 @@ def export_checkpoint(
     platforms: Sequence[str] = DEFAULT_PLATFORMS,
     overwrite: bool = False,
     verify: bool = True,
+    tta: bool = False,
 ) -> dict[str, Any]:
     """Writes the inference artefacts of one checkpoint of a run (see the module docstring).
 
@@ -501,6 +517,7 @@ def export_checkpoint(
       platforms: jax.export platforms to lower for (those that fail are left out and recorded).
       overwrite: replace an earlier export in `output`.
       verify: run the deserialised artefact against `steps.eval_step` (fails beyond tolerance).
+      tta: the exported function averages over the 8 flips/transposes of its input (`with_tta`).
 
     Returns:
       The metadata written to model.json.
@@ -522,6 +539,8 @@ def export_checkpoint(
                                                      checkpoint)
     variables = state.eval_variables()
     forward = inference_forward(config, variables, len(class_names))
+    if tta:
+        forward = with_tta(forward)
     artefact = build_artefact(forward, int(config.data.image_size),
                               str(config.model.get("dtype", "float32")), platforms, verify)
     meta = model_metadata(
@@ -529,5 +548,6 @@ def export_checkpoint(
         checkpoint={"workdir": str(workdir), "requested": str(checkpoint), "step": int(step),
                     "metrics": metrics},
     )
+    meta["export"]["tta_inside"] = bool(tta)
     write_export(output, artefact, variables, config, meta)
     return meta

@@ -47,7 +47,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -270,7 +269,22 @@ def load_model(export_dir: str | os.PathLike, backend: str = "auto") -> Inferenc
 def _checkpoint_forward(
     export_dir: str | os.PathLike, meta: dict[str, Any]
 ) -> Callable[[jax.Array], jax.Array]:
-    """The forward pass from the Orbax variables and the model code, preprocessing per meta."""
+    """The exported function rebuilt from the Orbax variables and the model code: one model, or
+    the mean of an ensemble's members (and the 8 flips when the export has them inside)."""
+    if meta.get("members"):
+        forward = export_lib.mean_forward([
+            _member_forward(pathlib.Path(export_dir) / m["dir"], meta) for m in meta["members"]
+        ])
+    else:
+        forward = _member_forward(export_dir, meta)
+    return export_lib.with_tta(forward) if meta["export"].get("tta_inside") else forward
+
+
+def _member_forward(
+    export_dir: str | os.PathLike, meta: dict[str, Any]
+) -> Callable[[jax.Array], jax.Array]:
+    """One model's forward pass from its Orbax variables (`export_dir/variables`), config and
+    the model code, preprocessing per meta."""
     pre = meta["preprocessing"]
     if not (
         np.allclose(pre["mean"], image_ops.IMAGENET_MEAN)
@@ -281,19 +295,6 @@ def _checkpoint_forward(
     config.data.augment.color_constancy = bool(pre["color_constancy"]["enabled"])
     variables = export_lib.restore_variables(export_dir)
     return export_lib.inference_forward(config, variables, len(meta["class_names"]))
-
-
-def tta(forward: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
-    """f(x) -> mean over the 8 flips/transposes k of f(dihedral(x, k)); one call on 8B images."""
-
-    def averaged(images: jax.Array) -> jax.Array:
-        batch = images.shape[0]
-        variants = jnp.concatenate(
-            [image_ops.dihedral(images, k, axes=(1, 2)) for k in range(8)], axis=0)
-        probs = forward(variants)
-        return jnp.mean(probs.reshape(8, batch, probs.shape[-1]), axis=0)
-
-    return averaged
 
 
 class Runner:
@@ -467,7 +468,11 @@ def predict_items(
     n_devices = len(devices) if devices is not None else jax.local_device_count()
     # No bigger than needed: a few images should not pay for a full padded batch.
     batch_size = min(int(batch_size), -(-len(items) // n_devices) * n_devices)
-    runner = Runner(tta(model.forward) if tta_flips else model.forward, batch_size, devices)
+    if tta_flips and model.meta["export"].get("tta_inside"):
+        raise ValueError("this export already averages the 8 flips/transposes inside (it was "
+                         "exported with --tta): drop --tta")
+    forward = export_lib.with_tta(model.forward) if tta_flips else model.forward
+    runner = Runner(forward, batch_size, devices)
     pre = model.meta["preprocessing"]
     workers = num_workers or images.default_num_workers()
     bar = logging_utils.Progress(len(items), enabled=progress,

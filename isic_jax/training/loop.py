@@ -7,8 +7,9 @@
 2. `resume.restore_or_init`: the newest readable checkpoint of the workdir onto these devices,
    or a fresh state.
 3. `TrainLoop.run`: the steps. Metrics stay on the devices until every `log_every` steps;
-   evaluation every `eval_every` steps and at the end; asynchronous Orbax checkpoints every
-   `checkpoint_every` steps, at each evaluation and at the end; SIGTERM/SIGINT (checked every
+   evaluation every `eval_every` steps and at the end (none for a final model on all folds,
+   `data.val_fold = -1`); asynchronous Orbax checkpoints every `checkpoint_every` steps, at
+   each evaluation and at the end; SIGTERM/SIGINT (checked every
    step on every process) -> finish the step, checkpoint it, stop with "stopped_by_signal".
 4. finish: one ExitStack closes what phases 2-3 opened, in reverse: device prefetcher, progress,
    TensorBoard writer, Grain workers, the checkpointer (waiting for its saves), the signal guard.
@@ -261,7 +262,7 @@ class TrainLoop:
             self.progress.update(step)
             hooks.kill_point("after_step", step, self.ckpt.wait_until_finished)
             final = step == total
-            do_eval = step % int(train.eval_every) == 0 or final
+            do_eval = self.setup.data.has_val and (step % int(train.eval_every) == 0 or final)
             do_save = step % int(train.checkpoint_every) == 0 or final or do_eval
             # Every step, every process: the processes agree on the step to stop after.
             interrupted = guard.should_stop(step) and not final
@@ -280,7 +281,7 @@ class TrainLoop:
                 break
             if until is not None and step >= until:
                 break
-        return {"step": step, "val": self.last_val, "train": self.last_train,
+        return {"step": step, "total_steps": total, "val": self.last_val, "train": self.last_train,
                 "state": self.setup.par.unreplicate(self.state), "stopped_by_signal": interrupted}
 
     def pull_metrics(self, step: int) -> None:
