@@ -206,7 +206,8 @@ def test_ensemble_export_averages_the_folds_and_predict_uses_it(data_dir, tmp_pa
     from isic_jax.testing import runs
 
     runs.train(_config(data_dir, **{"data.image_size": 36}), other)
-    with pytest.raises(export.ExportError, match=r"(?s)other cannot join.*\n  image_size: 32 -> 36"):
+    mixed = r"(?s)other cannot join.*\n  image_size: 32 -> 36"
+    with pytest.raises(export.ExportError, match=mixed):
         ensemble.export_ensemble([workdir / "fold_0", other], tmp_path / "mixed")
     assert not (tmp_path / "mixed").exists()
 

@@ -296,7 +296,8 @@ def test_slurm_script_runs_one_task_per_node_with_a_pre_timeout_signal():
     text = (LAUNCH / "slurm.sbatch").read_text()
     for line in ("#SBATCH --ntasks-per-node=1", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@"):
         assert line in text
-    assert "srun" in text and "isic-jax train" in text
+    assert "srun" in text and 'isic-jax "${COMMAND}"' in text
+    assert 'COMMAND="${ISIC_JAX_COMMAND:-train}"' in text  # train unless asked for cv
 
 
 def test_k8s_manifest_meets_jax_kubernetes_requirements():
@@ -390,3 +391,49 @@ def test_slurm_script_checkpoints_and_requeues_before_the_time_limit(tmp_path):
     assert (tmp_path / "scancel.log").read_text().split() == ["--signal=TERM", "42"]
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "42"]
     assert "time limit near" in out and "requeueing job 42" in out
+
+
+def test_slurm_array_task_runs_its_fold_of_a_cross_validation(tmp_path):
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    stubs = {"srun": 'while [[ "$1" == --* ]]; do shift; done; exec "$@"',
+             "isic-jax": 'echo "$@" > "$STUB_DIR/args"'}
+    for name, body in stubs.items():
+        (stub / name).write_text(f"#!/bin/bash\n{body}\n")
+        (stub / name).chmod(0o755)
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "activate").write_text(f'export PATH="{stub}:$PATH"\n')
+    env = dict(os.environ, STUB_DIR=str(tmp_path), ISIC_JAX_VENV=str(venv), SLURM_JOB_ID="43",
+               SLURM_SUBMIT_DIR=str(REPO), SLURM_JOB_NODELIST="gpu001", SLURM_NNODES="1",
+               ISIC_JAX_COMMAND="cv", SLURM_ARRAY_TASK_ID="3")
+    done = subprocess.run(["bash", str(LAUNCH / "slurm.sbatch"), "cpu_sample", "/runs/cv",
+                           "--config.train.num_epochs=2"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "args").read_text().split() == [
+        "cv", "--config=cpu_sample", "--workdir=/runs/cv", "--folds=3",
+        "--config.train.num_epochs=2"]
+    env["ISIC_JAX_COMMAND"] = "evaluate"
+    bad = subprocess.run(["bash", str(LAUNCH / "slurm.sbatch"), "c", "w"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "must be train or cv" in bad.stderr
+
+
+def test_k8s_cv_job_runs_one_independent_process_per_fold():
+    yaml = pytest.importorskip("yaml")
+    (job,) = [d for d in yaml.safe_load_all((LAUNCH / "k8s_cv_job.yaml").read_text()) if d]
+    spec = job["spec"]
+    assert job["kind"] == "Job" and spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] >= 2
+    (container,) = spec["template"]["spec"]["containers"]
+    command = container["command"]
+    assert command[:2] == ["isic-jax", "cv"] and "--folds=$(FOLD)" in command
+    assert "--cluster_detection=none" in command  # not one multi-process job
+    env = {e["name"]: e for e in container["env"]}
+    assert env["FOLD"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']")
+    rules = spec["podFailurePolicy"]["rules"]
+    assert any(r["action"] == "Ignore" and r.get("onExitCodes", {}).get("values") == [75]
+               for r in rules)
+    assert spec["template"]["spec"]["terminationGracePeriodSeconds"] >= 120
