@@ -81,6 +81,23 @@ def test_plan_names_members_and_refuses_bad_folds() -> None:
         cv.plan(3, [1, 1], None, 0)
 
 
+def test_foreign_workdirs_are_refused_untouched(data_dir, tmp_path) -> None:
+    from isic_jax.evaluation import cv
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    with pytest.raises(cv.CVError, match="run folder of `isic-jax train`"):
+        cv.open_workdir(run, _config(data_dir), NUM_FOLDS)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(cv.CVError, match="holds files but no cv.json"):
+        cv.open_workdir(other, _config(data_dir), NUM_FOLDS)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["config.json", "notes.txt", "other",
+                                                            "run"]
+
+
 def test_cv_trains_every_fold_writes_oof_and_resumes(data_dir, tmp_path) -> None:
     from isic_jax.evaluation import cv
 
