@@ -121,9 +121,11 @@ def write_synthetic(
     Returns:
       A JSON-serialisable summary: format, output_dir, num_images, label_counts
       ({"benign","malignant","indeterminate"}), diagnosis_counts, num_patients, num_lesions,
-      duplicates (isic2020 pairs of image ids), metadata_files, image_dir, seconds, and records:
-      one dict per image (image_id, diagnosis, status, patient_id, lesion_id, height, width) with
-      the ids as written ("" where the release has no such column or the cell is empty).
+      duplicates (isic2020 pairs of image ids), metadata_files, image_dir (None for an image
+      container), image_file (the container, e.g. train-image.hdf5; None for image files),
+      seconds, and records: one dict per image (image_id, diagnosis, status, patient_id,
+      lesion_id, height, width) with the ids as written ("" where the release has no such column
+      or the cell is empty).
     """
     start = time.perf_counter()
     if fmt not in FORMATS:
@@ -205,6 +207,7 @@ def write_synthetic(
         "format": fmt,
         "output_dir": str(out),
         "image_dir": image_dir,
+        "image_file": container,
         "num_images": len(records),
         "seed": seed,
         "malignant_fraction": frac,
