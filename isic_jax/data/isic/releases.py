@@ -171,7 +171,7 @@ def _preference(rel: str) -> tuple:
 
 
 def _csv_recognisers() -> dict[str, Callable[[Sequence[Sequence[str]]], bool]]:
-    """"release/role" -> recogniser, for every CSV role of every entry."""
+    """Recogniser of every CSV role of every entry, keyed "release/role"."""
     out = {}
     for release in ENTRIES.values():
         for variant in release.variants:
@@ -244,19 +244,30 @@ class Layout:
             return ranked[0] if ranked else None
         raise ValueError(f"unknown role kind {role.kind!r}")
 
+    def _files(self, release: str, variant: Variant) -> dict[str, str] | None:
+        """Role -> file for `variant`, or None when one of its required files is absent."""
+        picked: dict[str, str] = {}
+        for role in variant.roles:
+            found = self._find(release, role, picked)
+            if found:
+                picked[role.name] = found
+            elif role.required:
+                return None
+        return picked
+
     def variant_for(self, release: str) -> tuple[Variant, dict[str, str]] | None:
-        """The first layout of `release` whose required files are there, and role -> file."""
-        for variant in ENTRIES[release].variants:
-            picked: dict[str, str] = {}
-            for role in variant.roles:
-                found = self._find(release, role, picked)
-                if found:
-                    picked[role.name] = found
-                elif role.required:
-                    break
-            else:
-                return variant, picked
-        return None
+        """The layout of `release` to read, and role -> file: the first one whose required files
+        are there and whose kind of images the tree holds, else the first one whose required
+        files are there (its images are then reported missing)."""
+        matches = [
+            (variant, files)
+            for variant in ENTRIES[release].variants
+            if (files := self._files(release, variant)) is not None
+        ]
+        for variant, files in matches:
+            if _IMAGE_SOURCES[variant.images.kind].present(self.tree):
+                return variant, files
+        return matches[0] if matches else None
 
     def files_for(self, release: str) -> dict[str, str] | None:
         """Role -> file for `release`, or None when its required files are absent."""
@@ -475,8 +486,23 @@ def _from_hdf5(
     return candidates
 
 
-# Image source kind (`ImageSource.kind`) -> how candidates are made from the rows.
-_IMAGE_SOURCES = {"files": _from_files, "hdf5": _from_hdf5}
+@dataclasses.dataclass(frozen=True)
+class _ImageKind:
+    """What `scan` does for one kind of image source (`ImageSource.kind`).
+
+    present: whether the tree holds images of this kind (a layout whose required files are
+    there holds them when its container role was found). candidates: the rows whose image is
+    there, as candidates; reports the missing and row-less images.
+    """
+
+    present: Callable[[SourceTree], bool]
+    candidates: Callable[[str, Variant, Inputs, list[Row], set[str], list[Skip]], list[Candidate]]
+
+
+_IMAGE_SOURCES: dict[str, _ImageKind] = {
+    "files": _ImageKind(lambda tree: bool(tree.images()), _from_files),
+    "hdf5": _ImageKind(lambda tree: True, _from_hdf5),
+}
 
 
 def scan(release: str, source: str | os.PathLike, *, indeterminate: str = "skip") -> Scan:
@@ -507,7 +533,7 @@ def scan(release: str, source: str | os.PathLike, *, indeterminate: str = "skip"
     kept, all_ids = _dedupe(variant.read(inputs), skips)
     if variant.refine is not None:
         kept = variant.refine(inputs, kept, skips)
-    make = _IMAGE_SOURCES[variant.images.kind]
+    make = _IMAGE_SOURCES[variant.images.kind].candidates
     candidates = make(release, variant, inputs, kept, all_ids, skips)
     candidates.sort(key=lambda c: c.image_id)
     return Scan(

@@ -60,10 +60,7 @@ MALIGNANT: dict[str, list[str]] = {
     f: [d.name for d in RELEASE_DIAGNOSES[f] if d.status == "malignant"] for f in FORMATS
 }
 # Where each release keeps its image files (None: inside an image container, e.g. HDF5).
-IMAGE_DIRS: dict[str, str | None] = {
-    f: None if (images := ENTRIES[f].variants[0].images).kind == "hdf5" else images.folder
-    for f in FORMATS
-}
+IMAGE_DIRS: dict[str, str | None] = {f: ENTRIES[f].variants[0].images.image_dir for f in FORMATS}
 
 # Fields of Record.meta that MetadataRow has as fields; every other key is an official column.
 _ROW_FIELDS = ("patient_id", "lesion_id", "age_approx", "sex", "site")

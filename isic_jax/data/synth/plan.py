@@ -117,9 +117,7 @@ def _image_numbers(rng: np.random.Generator, spec: SynthSpec, n: int) -> list[in
     return _unique_ids(rng, n, 0, max(n * 4, 100))  # dense from ISIC_0000000
 
 
-def make_plan(
-    spec: SynthSpec, n: int, frac: float, size: int, rng: np.random.Generator
-) -> Plan:
+def make_plan(spec: SynthSpec, n: int, frac: float, size: int, rng: np.random.Generator) -> Plan:
     """Decide every image: diagnosis, lesion, patient, size, name, duplicates."""
     status_n = _status_counts(spec, n, frac)
     n_dup = 0

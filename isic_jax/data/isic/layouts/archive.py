@@ -220,8 +220,13 @@ _SYNTH = SynthSpec(
     label=label_is_status,
     every_class=True,
     per_image=_per_image,
-    blanks=(("age_approx", 0.05), ("sex", 0.05), ("site", 0.08), ("patient_id", 0.08),
-            ("lesion_id", 0.05)),  # fmt: skip
+    blanks=(
+        ("age_approx", 0.05),
+        ("sex", 0.05),
+        ("site", 0.08),
+        ("patient_id", 0.08),
+        ("lesion_id", 0.05),
+    ),
     extra_files=_attribution_files,
 )
 

@@ -139,4 +139,3 @@ RELEASE = Release(
         licence_folders=(IMAGE_DIR, GROUND_TRUTH_DIR),
     ),
 )
-

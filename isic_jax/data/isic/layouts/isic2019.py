@@ -67,9 +67,13 @@ RELEASE = Release(
                     recognise=Header(("image", "age_approx", "sex")),
                     official="ISIC_2019_Training_Metadata.csv",
                     columns=("image", "age_approx", "anatom_site_general", "lesion_id", "sex"),
-                    values=lambda r: {"image": r.image_id, "age_approx": r.age,
-                                      "anatom_site_general": r.site, "lesion_id": r.lesion_id,
-                                      "sex": r.sex},  # fmt: skip
+                    values=lambda r: {
+                        "image": r.image_id,
+                        "age_approx": r.age,
+                        "anatom_site_general": r.site,
+                        "lesion_id": r.lesion_id,
+                        "sex": r.sex,
+                    },
                 ),
             ),
             read=_read,

@@ -143,8 +143,14 @@ RELEASE = Release(
         label=label_is_target,
         ids="sparse",
         duplicate_share=0.015,  # the real 425 pairs are 1.3 % of 33126 images
-        sites=("torso", "lower extremity", "upper extremity", "head/neck", "palms/soles",
-               "oral/genital"),  # fmt: skip
+        sites=(
+            "torso",
+            "lower extremity",
+            "upper extremity",
+            "head/neck",
+            "palms/soles",
+            "oral/genital",
+        ),
         site_p=(0.5, 0.25, 0.15, 0.06, 0.03, 0.01),
         blanks=(("age_approx", 0.01), ("sex", 0.01), ("site", 0.02)),
         decimal_ages=True,

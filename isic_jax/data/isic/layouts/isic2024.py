@@ -213,8 +213,9 @@ RELEASE = Release(
         diagnoses=(
             dx("Benign", BENIGN, 0.90, ("NV", 0.8), ("LENTIGO", 0.1), ("BKL", 0.1)),
             dx("Benign::Benign melanocytic proliferations::Nevus", BENIGN, 0.05, "NV"),
-            dx("Benign::Benign epidermal proliferations::Seborrheic keratosis", BENIGN, 0.03,
-               "BKL"),  # fmt: skip
+            dx(
+                "Benign::Benign epidermal proliferations::Seborrheic keratosis", BENIGN, 0.03, "BKL"
+            ),
             dx("Benign::Benign epidermal proliferations::Solar lentigo", BENIGN, 0.02, "LENTIGO"),
             dx(
                 "Malignant::Malignant adnexal epithelial proliferations - Follicular::"

@@ -117,6 +117,11 @@ class ImageSource:
     role: str = ""
     beside_records: bool = False
 
+    @property
+    def image_dir(self) -> str | None:
+        """The folder of the image files; None when the images are inside a container file."""
+        return None if self.role else self.folder
+
 
 @dataclasses.dataclass(frozen=True)
 class Inputs:
