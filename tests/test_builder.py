@@ -205,6 +205,23 @@ def test_naming_variants_kaggle_layouts(tmp_path):
     assert builder.report["skipped"] == []
 
 
+def test_isic2024_image_files_without_hdf5(tmp_path):
+    """Kaggle's train-image/image/ folder instead of train-image.hdf5 (the second layout)."""
+    src = tmp_path / "src"
+    examples = layouts.balanced_examples("isic2024", 6)
+    layouts.write_layout(src, "isic2024", examples)
+    (src / "train-image.hdf5").unlink()
+    folder = src / "train-image" / "image"
+    folder.mkdir(parents=True)
+    for ex in examples[:5]:
+        (folder / f"{ex.image_id}.jpg").write_bytes(ex.image)
+    assert isic.detect(src) == "isic2024"
+    builder = build(src, tmp_path / "data", "isic2024")
+    assert builder.report["source_files"] == {"metadata": "train-metadata.csv"}
+    assert builder.report["num_examples"] == 5
+    assert "missing" in reasons(builder)["ISIC_0000005"]
+
+
 def test_test_images_next_to_training_images_are_ignored(tmp_path):
     src = tmp_path / "src"
     layouts.write_layout(src, "isic2020", layouts.balanced_examples("isic2020", 6))

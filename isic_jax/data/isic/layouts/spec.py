@@ -160,7 +160,7 @@ class TypicalLabels:
         )
 
 
-Reader = Callable[[Inputs], Iterable["Row | Skip"]]
+Reader = Callable[[Inputs], Iterable[Row | Skip]]
 Refiner = Callable[[Inputs, list[Row], list[Skip]], list[Row]]
 
 
@@ -168,8 +168,9 @@ Refiner = Callable[[Inputs, list[Row], list[Skip]], list[Row]]
 class Variant:
     """One layout in which a release's download comes.
 
-    name: the layout's name (the release's own for its main layout; test fixtures and synth
-      write layouts by name). roles: the files it reads, in the order `Scan.files` lists them.
+    name: the layout's name (the release's own for its main layout, which synth writes; test
+      layouts are written by name). roles: the files it reads, in the order `Scan.files` lists
+      them.
     read: the rows of its metadata (`Row`s, and a `Skip` for every row left out).
     refine: after duplicate ids are dropped: drops more rows (adding their `Skip`s).
     weak: yields to any other release whose files are in the same source.
