@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 INDETERMINATE_POLICIES = ("skip", "benign", "malignant")
 
 # isic-cli writes isic_id, attribution, copyright_license, then the union of the records'
-# acquisition and clinical fields, sorted (isic_cli/cli/utils.py:_extract_metadata).
+# acquisition and clinical fields, sorted (isic-cli's `_extract_metadata`).
 METADATA_FIELDS: list[str] = sorted(
     [
         "age_approx", "anatom_site_general", "clin_size_long_diam_mm", "concomitant_biopsy",

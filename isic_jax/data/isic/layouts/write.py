@@ -38,7 +38,7 @@ def write_metadata(
             for r in rows:
                 if "/" in r.image_id:
                     continue  # an id that is not a file name has no record file
-                with open(os.path.join(folder, r.image_id + ".json"), "w") as f:
+                with open(os.path.join(folder, r.image_id + ".json"), "w", encoding="utf-8") as f:
                     json.dump(role.values(r), f)
     return written
 
