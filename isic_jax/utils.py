@@ -38,9 +38,12 @@ def write_csv(
     path: str | os.PathLike,
     header: Sequence[str] | None,
     rows: Iterable[Sequence[Any]],
+    *,
+    lineterminator: str = "\r\n",
 ) -> None:
     """Writes a UTF-8 CSV (no header row when `header` is None), creating the parent folder;
-    atomically (a sibling temporary file renamed into place): a crash leaves no half file."""
+    atomically (a sibling temporary file renamed into place): a crash leaves no half file.
+    `lineterminator`: csv's default "\r\n", or "\n" as most ISIC releases end their lines."""
     path = os.fspath(path)
     folder, name = os.path.split(path)
     if folder:
@@ -48,7 +51,7 @@ def write_csv(
     tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
+            writer = csv.writer(f, lineterminator=lineterminator)
             if header is not None:
                 writer.writerow(header)
             writer.writerows(rows)

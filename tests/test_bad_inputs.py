@@ -11,7 +11,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from isic_jax.data import isic
-from isic_jax.data.isic import images, releases, testing
+from isic_jax.data.isic import images, releases
+from isic_jax.testing import layouts
 
 SIZE = 32
 
@@ -40,7 +41,7 @@ def _pixels(record) -> np.ndarray:
 
 
 def _truncated_jpeg() -> bytes:
-    data = testing.jpeg(200, 150, color=(90, 160, 30))
+    data = layouts.jpeg(200, 150, color=(90, 160, 30))
     return data[: len(data) // 2]
 
 
@@ -56,42 +57,42 @@ def test_truncated_jpeg_opens_but_fails_to_load():
 
 def test_bad_and_odd_images_in_one_build(tmp_path):
     src = tmp_path / "src"
-    good = testing.balanced_examples("isic2019", 6)
+    good = layouts.balanced_examples("isic2019", 6)
     odd = {  # id -> (bytes, extension): each must be converted, not skipped
-        "ISIC_0000010": (testing.jpeg(mode="L"), ".jpg"),  # grayscale JPEG
-        "ISIC_0000011": (testing.jpeg(mode="CMYK"), ".jpg"),  # CMYK JPEG
-        "ISIC_0000012": (testing.png(mode="RGBA"), ".png"),
-        "ISIC_0000013": (testing.png(mode="LA"), ".png"),
-        "ISIC_0000014": (testing.png(mode="I;16"), ".png"),  # 16-bit grayscale PNG
-        "ISIC_0000015": (testing.png(mode="P"), ".png"),
-        "ISIC_0000016": (testing.jpeg(40, 30, orientation=6), ".jpg"),  # EXIF: rotate 90 CW
+        "ISIC_0000010": (layouts.jpeg(mode="L"), ".jpg"),  # grayscale JPEG
+        "ISIC_0000011": (layouts.jpeg(mode="CMYK"), ".jpg"),  # CMYK JPEG
+        "ISIC_0000012": (layouts.png(mode="RGBA"), ".png"),
+        "ISIC_0000013": (layouts.png(mode="LA"), ".png"),
+        "ISIC_0000014": (layouts.png(mode="I;16"), ".png"),  # 16-bit grayscale PNG
+        "ISIC_0000015": (layouts.png(mode="P"), ".png"),
+        "ISIC_0000016": (layouts.jpeg(40, 30, orientation=6), ".jpg"),  # EXIF: rotate 90 CW
     }
     bad = {  # id -> (bytes, reason fragment)
         "ISIC_0000020": (_truncated_jpeg(), "corrupt or truncated"),
         "ISIC_0000021": (b"\xff\xd8\xff\xe0" + os.urandom(300), "corrupt or truncated"),
         "ISIC_0000022": (b"id,label\nthis is a CSV, not an image\n", "not an image"),
         "ISIC_0000023": (b"", "not an image"),
-        "ISIC_0000024": (testing.jpeg(250, 200), "decompression bomb"),  # 50000 px > max_pixels
+        "ISIC_0000024": (layouts.jpeg(250, 200), "decompression bomb"),  # 50000 px > max_pixels
     }
-    extra = [testing.Example(i, "NV") for i in [*odd, *bad]]
+    extra = [layouts.Example(i, "NV") for i in [*odd, *bad]]
     unsafe = [
-        testing.Example("../outside", "NV"),
-        testing.Example("sub/ISIC_0000030", "MEL"),
-        testing.Example("ISIC_0000031", "NV"),  # its image: a symlink to a file outside
-        testing.Example("ISIC_0000032", "MEL"),  # its image: inside a linked folder outside
+        layouts.Example("../outside", "NV"),
+        layouts.Example("sub/ISIC_0000030", "MEL"),
+        layouts.Example("ISIC_0000031", "NV"),  # its image: a symlink to a file outside
+        layouts.Example("ISIC_0000032", "MEL"),  # its image: inside a linked folder outside
     ]
-    testing.write_layout(src, "isic2019", good + extra + unsafe)
-    folder = src / testing.IMAGE_DIRS["isic2019"]
+    layouts.write_layout(src, "isic2019", good + extra + unsafe)
+    folder = src / layouts.IMAGE_DIRS["isic2019"]
     for image_id, (data, ext) in odd.items():
         (folder / f"{image_id}{ext}").write_bytes(data)
     for image_id, (data, _) in bad.items():
         (folder / f"{image_id}.jpg").write_bytes(data)
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    (outside / "outside.jpg").write_bytes(testing.jpeg())
-    (outside / "ISIC_0000031.jpg").write_bytes(testing.jpeg())
-    (outside / "ISIC_0000032.jpg").write_bytes(testing.jpeg())
-    (tmp_path / "ISIC_0000030.jpg").write_bytes(testing.jpeg())
+    (outside / "outside.jpg").write_bytes(layouts.jpeg())
+    (outside / "ISIC_0000031.jpg").write_bytes(layouts.jpeg())
+    (outside / "ISIC_0000032.jpg").write_bytes(layouts.jpeg())
+    (tmp_path / "ISIC_0000030.jpg").write_bytes(layouts.jpeg())
     os.symlink(outside / "ISIC_0000031.jpg", folder / "ISIC_0000031.jpg")
     os.symlink(outside, src / "linked_folder")
 
@@ -125,14 +126,14 @@ def test_bad_and_odd_images_in_one_build(tmp_path):
 
 def test_decompression_bomb_over_our_limit():
     with pytest.raises(images.BadImage, match="1200 px is over the limit of 1000 px"):
-        images.process_image(testing.jpeg(40, 30), SIZE, max_pixels=1000)
+        images.process_image(layouts.jpeg(40, 30), SIZE, max_pixels=1000)
 
 
 def test_decompression_bomb_from_pil_itself(monkeypatch):
     """PIL's own bomb error (over twice its limit) becomes a BadImage too."""
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(images.BadImage, match="decompression bomb"):
-        images.process_image(testing.jpeg(40, 30), SIZE, max_pixels=10**9)
+        images.process_image(layouts.jpeg(40, 30), SIZE, max_pixels=10**9)
 
 
 def test_pil_limits_context_restores_global_state():
@@ -140,15 +141,15 @@ def test_pil_limits_context_restores_global_state():
     with images.pil_limits(1234):
         assert Image.MAX_IMAGE_PIXELS == 1234
         with pytest.raises(images.BadImage, match="decompression bomb"):
-            images.process_image(testing.jpeg(40, 40), SIZE, max_pixels=10**9)  # PIL's warning
+            images.process_image(layouts.jpeg(40, 40), SIZE, max_pixels=10**9)  # PIL's warning
     assert before == Image.MAX_IMAGE_PIXELS
 
 
 def test_big_jpeg_is_drafted_and_resized_exactly():
-    data = testing.jpeg(1600, 1200)
+    data = layouts.jpeg(1600, 1200)
     out = Image.open(io.BytesIO(images.process_image(data, 100)))
     assert out.size == (133, 100)
-    small = Image.open(io.BytesIO(images.process_image(testing.jpeg(30, 40), 64)))
+    small = Image.open(io.BytesIO(images.process_image(layouts.jpeg(30, 40), 64)))
     assert small.size == (64, 85)  # smaller images are upscaled: the shorter side is exact
 
 
@@ -162,17 +163,17 @@ def test_unsafe_ids():
 
 
 def test_source_with_no_usable_example(tmp_path):
-    examples = [testing.Example(f"ISIC_{i:07d}", "NV", image=None) for i in range(4)]
-    testing.write_layout(tmp_path / "src", "isic2019", examples)
+    examples = [layouts.Example(f"ISIC_{i:07d}", "NV", image=None) for i in range(4)]
+    layouts.write_layout(tmp_path / "src", "isic2019", examples)
     with pytest.raises(isic.NoUsableExamplesError, match="image file missing"):
         _build(tmp_path / "src", tmp_path / "data")
     assert not isic.make_builder("isic2019", SIZE, tmp_path / "data").is_prepared()
 
 
 def test_fold_whose_images_all_fail_is_a_clear_error(tmp_path):
-    examples = testing.balanced_examples("isic2019", 4)
+    examples = layouts.balanced_examples("isic2019", 4)
     for e in examples:
         e.image = b"not a jpeg"
-    testing.write_layout(tmp_path / "src", "isic2019", examples)
+    layouts.write_layout(tmp_path / "src", "isic2019", examples)
     with pytest.raises(isic.NoUsableExamplesError, match="none of its .* images could be decoded"):
         _build(tmp_path / "src", tmp_path / "data")

@@ -11,10 +11,10 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from isic_jax.data import isic
-from isic_jax.data.isic import testing
+from isic_jax.testing import layouts
 
 IMAGE_SIZE = 32
-LAYOUTS = list(testing.IMAGE_DIRS)  # the 7 releases + the archive's legacy JSON records
+LAYOUTS = list(layouts.IMAGE_DIRS)  # the 7 releases + the archive's legacy JSON records
 RELEASE = {name: "archive" if name == "archive_json" else name for name in LAYOUTS}
 
 
@@ -48,31 +48,31 @@ def _layout_with_bad_rows(root, layout: str) -> list[str]:
 
     Returns the ids of the valid examples.
     """
-    good = testing.balanced_examples(layout, 8)
+    good = layouts.balanced_examples(layout, 8)
     unknown = {"isic2018": "XYZ", "isic2019": "XYZ", "isic2017": "2.0"}.get(layout, "maybe")
     bad = [
-        testing.Example("ISIC_0000100", good[0].dx, image=None),  # row, no image
-        testing.Example("ISIC_0000101", unknown, image=testing.jpeg()),  # unknown label
+        layouts.Example("ISIC_0000100", good[0].dx, image=None),  # row, no image
+        layouts.Example("ISIC_0000101", unknown, image=layouts.jpeg()),  # unknown label
     ]
     if layout == "archive_json":  # one record file per image: the duplicate is a second record
-        testing.write_layout(root, layout, good + bad)
+        layouts.write_layout(root, layout, good + bad)
         with open(os.path.join(root, "ISIC_0000001.json")) as f:
             duplicate = f.read()
         with open(os.path.join(root, "zz_copy.json"), "w") as f:
             f.write(duplicate)
     else:
-        dup = testing.Example("ISIC_0000001", good[0].dx, image=None)  # same id, second row
-        testing.write_layout(root, layout, good + bad + [dup])
+        dup = layouts.Example("ISIC_0000001", good[0].dx, image=None)  # same id, second row
+        layouts.write_layout(root, layout, good + bad + [dup])
     # An image with no row.
     if layout == "isic2024":
         import h5py
 
         with h5py.File(os.path.join(root, "train-image.hdf5"), "a") as f:
-            f.create_dataset("ISIC_0000200", data=np.void(testing.jpeg()))
+            f.create_dataset("ISIC_0000200", data=np.void(layouts.jpeg()))
     else:
-        folder = os.path.join(root, testing.IMAGE_DIRS[layout])
+        folder = os.path.join(root, layouts.IMAGE_DIRS[layout])
         with open(os.path.join(folder, "ISIC_0000200.jpg"), "wb") as f:
-            f.write(testing.jpeg())
+            f.write(layouts.jpeg())
     return [e.image_id for e in good]
 
 
@@ -107,9 +107,9 @@ def test_every_release_layout(tmp_path, layout):
 
 def test_record_types_and_missing_values(tmp_path):
     """What as_data_source returns: bytes for Text/image, int for labels/scalars."""
-    examples = testing.balanced_examples("isic2020", 6)
+    examples = layouts.balanced_examples("isic2020", 6)
     examples[0].age, examples[0].sex, examples[0].site, examples[0].patient_id = "", "", "", ""
-    testing.write_layout(tmp_path / "src", "isic2020", examples)
+    layouts.write_layout(tmp_path / "src", "isic2020", examples)
     builder = build(tmp_path / "src", tmp_path / "data", "isic2020")
 
     by_id = {r["image_id"]: r for r in records(builder)}
@@ -131,7 +131,7 @@ def test_record_types_and_missing_values(tmp_path):
 
 
 def test_fold_feature_matches_split_and_patients_do_not_leak(tmp_path):
-    testing.write_layout(tmp_path / "src", "isic2024", testing.balanced_examples("isic2024", 12))
+    layouts.write_layout(tmp_path / "src", "isic2024", layouts.balanced_examples("isic2024", 12))
     builder = build(tmp_path / "src", tmp_path / "data", "isic2024", num_folds=3)
     patient_folds: dict[bytes, set[int]] = {}
     for k in range(3):
@@ -149,10 +149,10 @@ def test_fold_feature_matches_split_and_patients_do_not_leak(tmp_path):
 def test_multiclass_labels_and_malignancy_policy(tmp_path):
     dxs = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
     examples = [
-        testing.Example(f"ISIC_{i:07d}", dx, image=testing.jpeg()) for i, dx in enumerate(dxs * 2)
+        layouts.Example(f"ISIC_{i:07d}", dx, image=layouts.jpeg()) for i, dx in enumerate(dxs * 2)
     ]
-    examples.append(testing.Example("ISIC_0000099", "UNK", image=testing.jpeg()))
-    testing.write_layout(tmp_path / "src", "isic2019", examples)
+    examples.append(layouts.Example("ISIC_0000099", "UNK", image=layouts.jpeg()))
+    layouts.write_layout(tmp_path / "src", "isic2019", examples)
     builder = build(tmp_path / "src", tmp_path / "data", "isic2019")
     classes = isic.DIAGNOSIS_CLASSES["isic2019"]
     for rec in records(builder):
@@ -163,9 +163,9 @@ def test_multiclass_labels_and_malignancy_policy(tmp_path):
 
 
 def test_archive_indeterminate_policy(tmp_path):
-    examples = testing.balanced_examples("archive", 6)
-    examples.append(testing.Example("ISIC_0000050", "Indeterminate", image=testing.jpeg()))
-    testing.write_layout(tmp_path / "src", "archive", examples)
+    examples = layouts.balanced_examples("archive", 6)
+    examples.append(layouts.Example("ISIC_0000050", "Indeterminate", image=layouts.jpeg()))
+    layouts.write_layout(tmp_path / "src", "archive", examples)
     skipped = build(tmp_path / "src", tmp_path / "a", "archive")
     assert "indeterminate" in reasons(skipped)["ISIC_0000050"]
     assert skipped.report["num_examples"] == 6
@@ -176,8 +176,8 @@ def test_archive_indeterminate_policy(tmp_path):
 
 
 def test_isic2020_duplicates_drop_the_second_of_each_pair(tmp_path):
-    examples = testing.balanced_examples("isic2020", 8)
-    testing.write_layout(
+    examples = layouts.balanced_examples("isic2020", 8)
+    layouts.write_layout(
         tmp_path / "src", "isic2020", examples, duplicates=[("ISIC_0000002", "ISIC_0000005")]
     )
     builder = build(tmp_path / "src", tmp_path / "data", "isic2020")
@@ -195,7 +195,7 @@ def test_naming_variants_kaggle_layouts(tmp_path):
     for i, dx in enumerate(["nv", "mel", "bcc", "bkl", "akiec", "nv"]):
         lines.append(f"HAM_{i // 2},ISIC_{i:07d},{dx},histo,{40 + i}.0,male,back")
         part = "HAM10000_images_part_1" if i < 3 else "HAM10000_images_part_2"
-        (src / part / f"ISIC_{i:07d}.jpg").write_bytes(testing.jpeg())
+        (src / part / f"ISIC_{i:07d}.jpg").write_bytes(layouts.jpeg())
     (src / "HAM10000_metadata.csv").write_text("\n".join(lines) + "\n")
     assert isic.detect(src) == "isic2018"
     builder = build(src, tmp_path / "data", "isic2018")
@@ -205,11 +205,28 @@ def test_naming_variants_kaggle_layouts(tmp_path):
     assert builder.report["skipped"] == []
 
 
+def test_isic2024_image_files_without_hdf5(tmp_path):
+    """Kaggle's train-image/image/ folder instead of train-image.hdf5 (the second layout)."""
+    src = tmp_path / "src"
+    examples = layouts.balanced_examples("isic2024", 6)
+    layouts.write_layout(src, "isic2024", examples)
+    (src / "train-image.hdf5").unlink()
+    folder = src / "train-image" / "image"
+    folder.mkdir(parents=True)
+    for ex in examples[:5]:
+        (folder / f"{ex.image_id}.jpg").write_bytes(ex.image)
+    assert isic.detect(src) == "isic2024"
+    builder = build(src, tmp_path / "data", "isic2024")
+    assert builder.report["source_files"] == {"metadata": "train-metadata.csv"}
+    assert builder.report["num_examples"] == 5
+    assert "missing" in reasons(builder)["ISIC_0000005"]
+
+
 def test_test_images_next_to_training_images_are_ignored(tmp_path):
     src = tmp_path / "src"
-    testing.write_layout(src, "isic2020", testing.balanced_examples("isic2020", 6))
+    layouts.write_layout(src, "isic2020", layouts.balanced_examples("isic2020", 6))
     (src / "test").mkdir()
-    (src / "test" / "ISIC_9999999.jpg").write_bytes(testing.jpeg())
+    (src / "test" / "ISIC_9999999.jpg").write_bytes(layouts.jpeg())
     builder = build(src, tmp_path / "data", "isic2020")
     assert builder.report["num_examples"] == 6
     assert builder.report["skipped"] == []

@@ -14,7 +14,8 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import shuffle
 
 from isic_jax.data import isic
-from isic_jax.data.isic import testing, tfds_compat
+from isic_jax.data.isic import tfds_compat
+from isic_jax.testing import layouts
 
 no_tensorflow = pytest.mark.skipif(
     tfds_compat.tensorflow_installed(), reason="the failure only exists without TensorFlow"
@@ -63,8 +64,8 @@ def _prepare(source, data_dir) -> list[tuple]:
 
 
 def test_prepare_with_splits_over_the_memory_limit(tmp_path, monkeypatch):
-    source = testing.write_layout(
-        tmp_path / "src", "isic2020", testing.balanced_examples("isic2020", 10)
+    source = layouts.write_layout(
+        tmp_path / "src", "isic2020", layouts.balanced_examples("isic2020", 10)
     )
     in_memory = _prepare(source, tmp_path / "a")
 

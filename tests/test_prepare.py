@@ -12,15 +12,16 @@ import pytest
 
 from isic_jax.data import isic
 from isic_jax.data import prepare as prepare_lib
-from isic_jax.data.isic import images, testing
+from isic_jax.data.isic import images
+from isic_jax.testing import layouts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
 def source(tmp_path):
-    return testing.write_layout(
-        tmp_path / "src", "isic2020", testing.balanced_examples("isic2020", 10)
+    return layouts.write_layout(
+        tmp_path / "src", "isic2020", layouts.balanced_examples("isic2020", 10)
     )
 
 
@@ -161,8 +162,8 @@ def test_existing_folder_that_is_not_a_finished_dataset(source, tmp_path):
 
 
 def test_fewer_groups_than_folds(tmp_path):
-    src = testing.write_layout(
-        tmp_path / "src", "isic2020", testing.balanced_examples("isic2020", 6)
+    src = layouts.write_layout(
+        tmp_path / "src", "isic2020", layouts.balanced_examples("isic2020", 6)
     )  # 3 patients
     with pytest.raises(prepare_lib.PrepareError, match="only 3 distinct .* cannot make 5 folds"):
         prepare_lib.prepare(src, tmp_path / "data", image_size=32, num_folds=5)

@@ -53,5 +53,5 @@ def main(argv: list[str]) -> None:
     print()
     images = summary["image_dir"]
     print(f"  images: {images + '/' if images else '(top level)'}" if images is not None
-          else "  images: train-image.hdf5")  # fmt: skip
+          else f"  images: {summary['image_file']}")  # fmt: skip
     print("  metadata: " + ", ".join(summary["metadata_files"]))

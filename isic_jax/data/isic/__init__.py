@@ -4,9 +4,11 @@
     builder = isic.make_builder("isic2020", 512, data_dir)          # already prepared
     train_split, val_split = isic.train_val_splits(builder.info.metadata["num_folds"], 0)
 
-Modules: `labels` (releases, classes, value parsing; light), `releases` (layout readers), `images`
-(decode + resize), `folds` (fold assignment), `isic` (the builder), `tfds_compat`. Names are
-resolved on first use, so that importing this package (or `labels`) does not import TFDS.
+Modules: `layouts` (the release table: one entry per release, its layouts, readers, writers and
+classes), `labels` (release names and classes from the table, value parsing; light), `releases`
+(recognising and reading a source folder with the entries), `images` (decode + resize), `folds`
+(fold assignment), `isic` (the builder), `tfds_compat`. Names are resolved on first use, so that
+importing this package (or `labels`) does not import TFDS.
 """
 
 from __future__ import annotations

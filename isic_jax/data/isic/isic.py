@@ -36,28 +36,13 @@ from etils import epath
 from isic_jax.data.isic import folds as folds_lib
 from isic_jax.data.isic import images, releases, tfds_compat
 from isic_jax.data.isic import labels as L
+from isic_jax.data.isic.layouts import RELEASES as ENTRIES
 
 VERSION = "1.0.0"
 STANDARD_SIZES: tuple[int, ...] = (64, 96, 128, 192, 224, 256, 384, 512, 768, 1024)
 DEFAULT_CONFIG = "isic2020_512"
 REPORT_FILENAME = "isic_prepare_report.json"
 INDETERMINATE_POLICIES = releases.INDETERMINATE_POLICIES
-
-_CITATIONS = {
-    "archive": "ISIC Archive, https://www.isic-archive.com (attribution per image in the metadata)",
-    "isic2016": "Gutman et al., Skin Lesion Analysis toward Melanoma Detection: ISBI 2016, "
-    "arXiv:1605.01397",
-    "isic2017": "Codella et al., Skin Lesion Analysis Toward Melanoma Detection: ISBI 2017, "
-    "arXiv:1710.05006",
-    "isic2018": "Codella et al., arXiv:1902.03368; Tschandl et al., The HAM10000 dataset, "
-    "Sci. Data 5, 180161 (2018)",
-    "isic2019": "Tschandl et al. (2018) arXiv:1803.10417; Codella et al. (2017) arXiv:1710.05006; "
-    "Combalia et al. (2019) arXiv:1908.02288",
-    "isic2020": "Rotemberg et al., A patient-centric dataset of images and metadata for "
-    "identifying melanomas using clinical context, Sci. Data 8, 34 (2021)",
-    "isic2024": "Kurtansky et al., The SLICE-3D dataset: 400,000 skin lesion image crops "
-    "extracted from 3D TBP for skin cancer detection, Sci. Data 11, 884 (2024)",
-}
 
 
 class NoUsableExamplesError(releases.SourceError):
@@ -112,7 +97,8 @@ class BuildOptions:
 
 
 def features(release: str) -> tfds.features.FeaturesDict:
-    """The record layout (contracts.md). Missing values are explicit, never dropped."""
+    """The features of one record (one image) of `release`. Missing values are explicit, never
+    dropped."""
     return tfds.features.FeaturesDict(
         {
             # JPEG bytes, RGB, shorter side = image_size (decode with PIL, or SkipDecoding).
@@ -182,7 +168,7 @@ class Isic(tfds.core.GeneratorBasedBuilder):
             features=features(cfg.release),
             supervised_keys=("image", "label"),
             homepage="https://www.isic-archive.com",
-            citation=_CITATIONS[cfg.release],
+            citation=ENTRIES[cfg.release].citation,
             metadata=tfds.core.MetadataDict(),
         )
 

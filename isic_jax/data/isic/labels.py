@@ -1,9 +1,12 @@
 """Release names, class lists and the parsing of metadata values (no TFDS, no images).
 
 Every release gets a binary label (0 benign, 1 malignant) and a `diagnosis` index into
-`DIAGNOSIS_CLASSES[release]`. Malignancy policy for the multi-class releases: melanoma, basal cell
-carcinoma, squamous cell carcinoma and actinic keratosis (AK, and AKIEC in 2018, which also holds
-intraepithelial carcinoma / Bowen's disease) count as malignant (`MALIGNANT_DIAGNOSES`).
+`DIAGNOSIS_CLASSES[release]`. The releases, their classes and which of them are malignant are
+the entries of the release table (`isic_jax.data.isic.layouts`); `RELEASES`, `DIAGNOSIS_CLASSES`
+and `MALIGNANT_DIAGNOSES` here are views of it, built on first use so that importing this module
+stays light. Malignancy policy for the multi-class releases: melanoma, basal cell carcinoma,
+squamous cell carcinoma and actinic keratosis (AK, and AKIEC in 2018, which also holds
+intraepithelial carcinoma / Bowen's disease) count as malignant.
 
 Releases drawn from the ISIC Archive's free-text diagnoses (`archive`, `isic2020`, `isic2024`) share
 one coarse taxonomy (`ARCHIVE_CLASSES`, the ISIC 2019 classes plus `unknown` and `other`); their
@@ -14,16 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-
-RELEASES: tuple[str, ...] = (
-    "archive",
-    "isic2016",
-    "isic2017",
-    "isic2018",
-    "isic2019",
-    "isic2020",
-    "isic2024",
-)
+from typing import Any
 
 LABEL_NAMES: list[str] = ["benign", "malignant"]
 SEX_NAMES: list[str] = ["unknown", "female", "male"]
@@ -42,28 +36,6 @@ ARCHIVE_CLASSES: list[str] = [
     "VASC",
     "other",
 ]
-
-DIAGNOSIS_CLASSES: dict[str, list[str]] = {
-    "archive": ARCHIVE_CLASSES,
-    "isic2016": ["benign", "malignant"],
-    "isic2017": ["nevus", "melanoma", "seborrheic_keratosis"],
-    "isic2018": ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"],
-    # The ground truth also has UNK, which only the test set uses: a training row labelled UNK has
-    # no benign/malignant label and is skipped.
-    "isic2019": ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"],
-    "isic2020": ARCHIVE_CLASSES,
-    "isic2024": ARCHIVE_CLASSES,
-}
-
-MALIGNANT_DIAGNOSES: dict[str, list[str]] = {
-    "archive": ["MEL", "BCC", "SCC", "AK"],
-    "isic2016": ["malignant"],
-    "isic2017": ["melanoma"],
-    "isic2018": ["MEL", "BCC", "AKIEC"],
-    "isic2019": ["MEL", "BCC", "AK", "SCC"],
-    "isic2020": ["MEL", "BCC", "SCC", "AK"],
-    "isic2024": ["MEL", "BCC", "SCC", "AK"],
-}
 
 # Keyword rules for ARCHIVE_CLASSES, tried in order on the lower-cased text (first match wins).
 # Covers the legacy `diagnosis` values ("nevus", "lentigo NOS", "angioma", ...) and the current
@@ -164,3 +136,23 @@ def parse_binary(value: object) -> int | None:
     if text in ("malignant", "1", "1.0", "true"):
         return 1
     return None
+
+
+_FROM_ENTRIES = ("RELEASES", "DIAGNOSIS_CLASSES", "MALIGNANT_DIAGNOSES")
+
+
+def __getattr__(name: str) -> Any:
+    """RELEASES (tuple of names), DIAGNOSIS_CLASSES and MALIGNANT_DIAGNOSES (name -> list of
+    class names), read from the release table on first use."""
+    if name not in _FROM_ENTRIES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    # The entries import this module (for the parsers above), so they are read late; once read,
+    # the tables are plain module attributes.
+    from isic_jax.data.isic.layouts import RELEASES as entries
+
+    globals().update(
+        RELEASES=tuple(entries),
+        DIAGNOSIS_CLASSES={n: list(r.classes) for n, r in entries.items()},
+        MALIGNANT_DIAGNOSES={n: list(r.malignant) for n, r in entries.items()},
+    )
+    return globals()[name]
