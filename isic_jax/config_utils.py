@@ -199,6 +199,19 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
 }
 
 
+def check_value(key: str, value: Any) -> None:
+    """Checks one value against the schema (`key` as "eval.bootstrap_samples").
+
+    Raises:
+      ConfigError: naming the key; also for a key the schema does not have.
+    """
+    if key not in _CHECKS:
+        raise ConfigError(f"Unknown config key config.{key}.")
+    problem = _CHECKS[key](value)
+    if problem:
+        raise ConfigError(f"config.{key} {problem}.")
+
+
 # Keys the code reads with a default when absent.
 _OPTIONAL = frozenset({"data.num_folds"})
 

@@ -310,6 +310,28 @@ def balanced_accuracy(counts: np.ndarray) -> np.ndarray:
     return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
+def calibration_error_fn(confidence: np.ndarray, outcome: np.ndarray, num_bins: int,
+                         prefix: str = "") -> MetricFn:
+    """ECE and MCE (`calibration.reliability_bins`' binning) on weights [b, N]:
+    {prefix + "ece", prefix + "mce"}: f64 [b]."""
+    from isic_jax.evaluation import calibration
+
+    conf = np.clip(np.asarray(confidence, np.float64).reshape(-1), 0.0, 1.0)
+    acc = np.asarray(outcome, np.float64).reshape(-1)
+    onehot = np.eye(num_bins + 1)[calibration.bin_index(conf, num_bins)]  # [N, K]
+    matrix = np.concatenate([onehot, onehot * conf[:, None], onehot * acc[:, None]], axis=1)
+
+    def fn(weights: np.ndarray) -> dict[str, np.ndarray]:
+        count, conf_sum, acc_sum = np.split(np.asarray(weights, np.float64) @ matrix, 3, axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            gap = np.where(count > 0, np.abs(acc_sum - conf_sum) / np.maximum(count, 1e-300), 0.0)
+        total = count.sum(axis=1)
+        ece = np.where(total > 0, (gap * count).sum(axis=1) / np.maximum(total, 1e-300), np.nan)
+        return {prefix + "ece": ece, prefix + "mce": np.where(total > 0, gap.max(axis=1), np.nan)}
+
+    return fn
+
+
 # ---------------------------------------------------------------------------------------------
 # The evaluation's metric set.
 

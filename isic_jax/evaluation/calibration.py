@@ -40,6 +40,13 @@ def _edges(num_bins: int) -> np.ndarray:
     return np.linspace(0.0, 1.0, num_bins + 1, dtype=np.float32).astype(np.float64)
 
 
+def bin_index(confidence: Any, num_bins: int = DEFAULT_BINS) -> np.ndarray:
+    """int64[N] in [0, num_bins]: torchmetrics' bin of each confidence (num_bins: exactly 1.0)."""
+    conf = np.asarray(confidence, np.float64).reshape(-1)
+    index = np.searchsorted(_edges(num_bins), conf, side="right") - 1  # bucketize(right=True)-1
+    return np.clip(index, 0, num_bins)  # below 0 cannot occur for probabilities
+
+
 def reliability_bins(
     confidence: Any, correct: Any, num_bins: int = DEFAULT_BINS
 ) -> dict[str, Any]:
@@ -59,8 +66,7 @@ def reliability_bins(
     if conf.size == 0:
         return {"ece": float("nan"), "mce": float("nan"), "num_bins": num_bins, "bins": []}
     edges = _edges(num_bins)
-    index = np.searchsorted(edges, conf, side="right") - 1  # == bucketize(right=True) - 1
-    index = np.clip(index, 0, num_bins)  # below 0 cannot occur for probabilities
+    index = bin_index(conf, num_bins)
     count = np.bincount(index, minlength=num_bins + 1).astype(np.float64)
     conf_sum = np.bincount(index, weights=conf, minlength=num_bins + 1)
     acc_sum = np.bincount(index, weights=acc, minlength=num_bins + 1)

@@ -173,12 +173,30 @@ def summarize(
     return result
 
 
-def write_predictions(path: str | os.PathLike, preds: Predictions, class_names: list[str]) -> None:
-    """CSV: image_id, patient_id, label, index, prob_<class> for each class."""
+def write_predictions(
+    path: str | os.PathLike,
+    preds: Predictions,
+    class_names: list[str],
+    *,
+    malignant_probability: np.ndarray | None = None,
+    threshold: float | None = None,
+) -> None:
+    """CSV: image_id, patient_id, label, index, prob_<class> for each class (the model's raw
+    probabilities), then, when given, malignant_probability (f[N], after temperature scaling:
+    what `predict` writes) and malignant_at_threshold (1 iff it is >= threshold)."""
     header = ["image_id", "patient_id", "label", "index", *[f"prob_{n}" for n in class_names]]
-    rows = (
-        [preds.image_id[i], preds.patient_id[i], int(preds.labels[i]), int(preds.index[i]),
-         *[f"{p:.6g}" for p in preds.probs[i]]]
-        for i in range(len(preds.labels))
-    )
-    write_csv(path, header, rows)
+    extra = malignant_probability is not None
+    if extra:
+        header += ["malignant_probability"] + (["malignant_at_threshold"] if threshold else [])
+
+    def row(i: int) -> list[Any]:
+        out = [preds.image_id[i], preds.patient_id[i], int(preds.labels[i]), int(preds.index[i]),
+               *[f"{p:.6g}" for p in preds.probs[i]]]
+        if extra:
+            m = float(malignant_probability[i])
+            out.append(f"{m:.6g}")
+            if threshold:
+                out.append(int(m >= threshold))
+        return out
+
+    write_csv(path, header, (row(i) for i in range(len(preds.labels))))

@@ -373,7 +373,7 @@ def plot_operating_point(
     summary: Mapping[str, Any] | None = None,
 ) -> None:
     """Sensitivity, specificity and PPV as functions of the threshold, the chosen one marked."""
-    fig, axes = _figure(size=(7.0, 5.0))
+    fig, axes = _figure(size=(7.0, 5.8))
     ax = axes[0, 0]
     n_pos, n = int(y_bin.sum()), y_bin.size
     ax.set_title(f"Operating point on the malignant score (n={n}, {n_pos} malignant)")
@@ -390,13 +390,13 @@ def plot_operating_point(
                 label=f"PPV (prevalence {n_pos / n:.3f})")
         sens, spec = isic_metrics.sensitivity_specificity(y_bin, score, threshold)
         op = (summary or {}).get("operating_point") or {}
+        how = f" ({op['description']})" if op.get("description") else ""
         ax.axvline(threshold, color="k", linestyle="--", linewidth=1,
-                   label=f"threshold {threshold:.3g}: sens {sens:.2f}"
+                   label=f"threshold {threshold:.3g}{how}:\nsens {sens:.2f}"
                          f"{ci_text(summary, 'sensitivity', 2)}, spec {spec:.2f}"
                          f"{ci_text(summary, 'specificity', 2)}")
-        if op.get("description"):
-            ax.text(0.02, 0.02, op["description"], transform=ax.transAxes, fontsize=8)
-        ax.legend(loc="center right", fontsize=8)
+        # Below the axes: inside, it hides the curves wherever it goes.
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8)
     else:
         _no_data(ax, "operating point undefined: only one class in the labels")
     ax.set(xlabel="Threshold on the malignant score (malignant iff score >= threshold)",
