@@ -18,7 +18,7 @@ from PIL import Image
 from train_helpers import cache_env, compile_cache  # noqa: F401
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-FIGURES = ("roc.png", "pr.png", "confusion_matrix.png", "calibration.png",
+FIGURES = ("roc.png", "pr.png", "operating_point.png", "confusion_matrix.png", "calibration.png",
            "score_distribution.png", "auc_by_subgroup.png", "mistakes.png")
 
 pytestmark = pytest.mark.usefixtures("compile_cache")

@@ -311,3 +311,32 @@ def fitted_for(
 
 def _write_json(path: pathlib.Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def validation_metrics(
+    workdir: str | os.PathLike, config: Any, step: int
+) -> tuple[dict[str, Any] | None, str]:
+    """The validation split's metrics of one checkpoint, for an export and its model card.
+
+    `workdir/eval/val/metrics.json` when it is of this step and has the calibration and
+    operating point, else an evaluation of the validation split run now, in memory (nothing is
+    written, one device), when the run's dataset is prepared here.
+
+    Returns:
+      (metrics or None, how they were obtained, or why there are none).
+    """
+    workdir = pathlib.Path(workdir).absolute()
+    path = workdir / "eval" / VALIDATION_SPLIT / "metrics.json"
+    if path.is_file():
+        found = json.loads(path.read_text())
+        if found.get("step") == step and analysis.Fitted.from_metrics(found) is not None:
+            return found, f"{path} (isic-jax evaluate, step {step})"
+    try:
+        data = dataset.InputData(config, read_train_labels=False)
+    except (FileNotFoundError, ValueError) as e:  # DataNotFoundError is a FileNotFoundError
+        return None, (f"not evaluated: no evaluation of step {step} in {path.parent}, and the "
+                      f"run's dataset cannot be opened here ({' '.join(str(e).split())[:300]})")
+    par = parallel.DataParallel.create("jit", [jax.local_devices()[0]])
+    found = evaluate_run(workdir, config, data, par, VALIDATION_SPLIT, step, report=False,
+                         write=False)
+    return found, f"evaluated at export (validation split, step {step})"

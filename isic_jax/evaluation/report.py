@@ -315,7 +315,7 @@ def plot_calibration(
     if _both(y_bin):
         curves = []
         if raw_score is not None and temperature is not None and temperature != 1.0:
-            curves.append(("before temperature scaling", raw_score, "tab:grey", "s"))
+            curves.append(("before temperature scaling", raw_score, "tab:orange", "s"))
             curves.append((f"after (T = {temperature:.3g})", score, "tab:blue", "o"))
         else:
             curves.append(("malignant score", score, "tab:blue", "o"))
