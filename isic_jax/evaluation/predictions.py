@@ -194,7 +194,7 @@ def write_predictions(
                *[f"{p:.6g}" for p in preds.probs[i]]]
         if extra:
             m = float(malignant_probability[i])
-            out.append(f"{m:.6g}")
+            out.append(repr(m))  # exact: it is compared with the threshold
             if threshold:
                 out.append(int(m >= threshold))
         return out
