@@ -18,7 +18,11 @@ import pathlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from isic_jax.evaluation import subgroups
+
 REPORT_FILE = "report.html"
+# Figures shown across the page (grids of images need the width).
+_WIDE = frozenset({"mistakes.png"})
 
 # (file, caption) in the order shown; files absent from the folder are skipped.
 FIGURE_CAPTIONS: tuple[tuple[str, str], ...] = (
@@ -49,8 +53,8 @@ tr:nth-child(even) td{background:#fbfcfd}
 .note{background:#fff8c5;border:1px solid #e3d27a;padding:8px 12px;border-radius:4px;
 font-size:0.92em}
 .grid{display:flex;flex-wrap:wrap;gap:18px}.fig{flex:1 1 540px;max-width:100%}
-.fig img{max-width:100%;border:1px solid #d0d7de}.fig p{font-size:0.88em;color:#57606a;
-margin:4px 0 0 0}.na{color:#8c959f}
+.fig.wide{flex-basis:100%}.fig img{max-width:100%;border:1px solid #d0d7de}
+.fig p{font-size:0.88em;color:#57606a;margin:4px 0 0 0}.na{color:#8c959f}
 """
 
 
@@ -185,11 +189,10 @@ def _per_class(metrics: Mapping[str, Any]) -> str:
 
 
 def _subgroups(metrics: Mapping[str, Any]) -> str:
-    breakdown = metrics.get("subgroup_auc") or {}
+    breakdown = subgroups.ordered(metrics.get("subgroup_auc") or {})
     if not breakdown:
         return '<p class="meta">The split records no subgroup variable.</p>'
-    titles = {"anatom_site": "Anatomic site", "sex": "Sex", "age_band": "Age band",
-              "fitzpatrick": "Fitzpatrick skin type"}
+    titles = subgroups.TITLES
     rows = []
     for variable, groups in breakdown.items():
         for group, g in groups.items():
@@ -202,6 +205,15 @@ def _subgroups(metrics: Mapping[str, Any]) -> str:
 
 def _confusion(metrics: Mapping[str, Any]) -> str:
     cm, names = metrics.get("confusion_matrix"), metrics.get("confusion_matrix_labels")
+    counts = metrics.get("binary_counts")
+    if names and len(names) == 2 and counts:
+        # Two classes: the decision the operating threshold makes (what predict writes).
+        rows = [["true benign", _num(counts["tn"]), _num(counts["fp"])],
+                ["true malignant", _num(counts["fn"]), _num(counts["tp"])]]
+        return (_table(["", "called benign", "called malignant"], rows)
+                + f'<p class="meta">At the operating threshold '
+                  f'{_num(metrics.get("threshold"), 4)} (malignant iff score &ge; threshold).'
+                  "</p>")
     if not cm or not names:
         return ""
     rows = [[_esc(f"true {n}"), *[_num(int(v)) for v in row]] for n, row in zip(names, cm,
@@ -229,7 +241,8 @@ def _figure_html(out_dir: pathlib.Path, names: Iterable[str]) -> str:
         if not path.is_file():
             continue
         data = base64.b64encode(path.read_bytes()).decode("ascii")
-        parts.append(f'<div class="fig"><img alt="{_esc(name)}" '
+        cls = "fig wide" if name in _WIDE else "fig"
+        parts.append(f'<div class="{cls}"><img alt="{_esc(name)}" '
                      f'src="data:image/png;base64,{data}"><p>{_esc(captions.get(name, name))}'
                      f'</p></div>')
     return '<div class="grid">' + "".join(parts) + "</div>" if parts else ""
@@ -283,7 +296,8 @@ def render(metrics: Mapping[str, Any], out_dir: str | os.PathLike, run: str | No
     ]
     mistakes = _mistakes(metrics)
     if mistakes:
-        body += ["<h2>Most confident mistakes</h2>", mistakes]
+        body += ["<h2>Most confident mistakes (argmax of the model's probabilities)</h2>",
+                 mistakes]
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{_esc(title)}</title><style>{_STYLE}</style></head><body>\n"

@@ -105,6 +105,24 @@ def group_order(variable: str, names: np.ndarray) -> list[str]:
     return known + ([UNKNOWN] if UNKNOWN in present else [])
 
 
+def ordered(breakdown: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A `subgroup_auc` result in report order (VARIABLES, then `group_order`), e.g. after a
+    round trip through metrics.json, whose keys are written sorted."""
+    rank = {variable: k for k, (_, variable) in enumerate(VARIABLES)}
+    out: dict[str, dict[str, Any]] = {}
+    for variable in sorted(breakdown, key=lambda v: (rank.get(v, len(rank)), v)):
+        groups = breakdown[variable]
+        names = np.asarray(list(groups), dtype=object)
+        if variable in ("age_band", "fitzpatrick", "sex"):
+            order = group_order(variable, names)
+        else:  # by size, unknown last (as group_order, from the counts recorded)
+            known = sorted((g for g in groups if g != UNKNOWN),
+                           key=lambda g: (-int(groups[g].get("n") or 0), g))
+            order = known + ([UNKNOWN] if UNKNOWN in groups else [])
+        out[variable] = {g: groups[g] for g in order}
+    return out
+
+
 def subgroup_variables(metadata: Mapping[str, Any] | None, n: int) -> dict[str, np.ndarray]:
     """{variable: object[N] group of each image} for the variables the data has (not all
     unknown), in VARIABLES order."""
@@ -162,6 +180,8 @@ def subgroup_auc(
     pids = None
     if metadata is not None and metadata.get("patient_id") is not None:
         pids = as_names(metadata["patient_id"])
+        if np.all(pids == UNKNOWN):  # the release records no patients
+            pids = None
     result: dict[str, dict[str, dict[str, Any]]] = {}
     for variable, members in subgroup_members(metadata, y.size).items():
         groups: dict[str, dict[str, Any]] = {}

@@ -224,6 +224,7 @@ def build_card(
       validation_source: where they come from, or why there are none.
       workdir: the run folder (for a cross-validation summary).
     """
+    from isic_jax.evaluation import subgroups
     from isic_jax.evaluation.metrics import to_json_compatible
 
     report, citation = prepare_report(config)
@@ -274,7 +275,7 @@ def build_card(
     }
     if validation:
         card["validation"] = _validation_section(validation)
-        card["subgroups"] = validation.get("subgroup_auc")
+        card["subgroups"] = subgroups.ordered(validation.get("subgroup_auc") or {}) or None
         cal = validation.get("calibration") or {}
         card["calibration"] = {
             **(meta.get("calibration") or {}),
