@@ -156,3 +156,18 @@ def test_patient_resampling_covers_clustered_data_where_image_resampling_does_no
             cover[kind] += low <= true_auc <= high
     assert cover["patient"] / trials >= 0.88, cover
     assert cover["image"] / trials < cover["patient"] / trials - 0.1, cover
+
+
+def test_fast_auc_equals_the_roc_area_with_ties_subsets_and_empty_draws() -> None:
+    rng = np.random.default_rng(6)
+    for trial in range(100):
+        n = int(rng.integers(1, 120))
+        y = (rng.random(n) < 0.3).astype(np.int64)
+        s = np.round(rng.normal(y, 1), int(rng.integers(0, 3)))
+        rows = np.sort(rng.choice(n + 5, n, replace=False))  # a subset of wider weights
+        weights = rng.integers(0, 3, (4, n + 5)).astype(np.float64)
+        sorted_scores = bootstrap.SortedScores(y, s, rows=rows)
+        fast = sorted_scores.auc(weights)
+        slow = bootstrap.auc(sorted_scores.roc(weights))
+        np.testing.assert_array_equal(np.isfinite(fast), np.isfinite(slow))
+        np.testing.assert_allclose(fast[np.isfinite(fast)], slow[np.isfinite(slow)], atol=1e-12)

@@ -104,6 +104,11 @@ class Candidate:
     age: int = -1
     sex: str = "unknown"
     anatom_site: str = L.UNKNOWN_SITE
+    # Where the metadata has them ("" otherwise): Fitzpatrick skin type as written (I-VI), and
+    # the image's attribution and licence (the prepare report counts them for model cards).
+    fitzpatrick: str = ""
+    attribution: str = ""
+    license: str = ""
 
     @property
     def group(self) -> str:
@@ -151,6 +156,9 @@ class _Row:
     age: int = -1
     sex: str = "unknown"
     anatom_site: str = L.UNKNOWN_SITE
+    fitzpatrick: str = ""
+    attribution: str = ""
+    license: str = ""
 
 
 # ----------------------------------------------------------------------------- the source tree
@@ -597,6 +605,9 @@ def _archive_fields(row: Mapping[str, str]) -> dict[str, Any]:
         "age": L.parse_age(row.get("age_approx")),
         "sex": L.parse_sex(row.get("sex")),
         "anatom_site": L.parse_site(row.get("anatom_site_general")),
+        "fitzpatrick": L.parse_text(row.get("fitzpatrick_skin_type")),
+        "attribution": L.parse_text(row.get("attribution")),
+        "license": L.parse_text(row.get("copyright_license")),
     }
 
 
@@ -696,6 +707,7 @@ def _rows_archive_json(
             age=L.parse_age(clinical.get("age_approx")),
             sex=L.parse_sex(clinical.get("sex")),
             anatom_site=L.parse_site(clinical.get("anatom_site_general")),
+            fitzpatrick=L.parse_text(clinical.get("fitzpatrick_skin_type")),
         )
 
 
@@ -811,6 +823,9 @@ def _candidate(release: str, row: _Row, path: str, hdf5_key: str | None = None) 
         age=row.age,
         sex=row.sex,
         anatom_site=row.anatom_site,
+        fitzpatrick=row.fitzpatrick,
+        attribution=row.attribution,
+        license=row.license,
     )
 
 
