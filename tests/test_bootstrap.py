@@ -160,7 +160,7 @@ def test_patient_resampling_covers_clustered_data_where_image_resampling_does_no
 
 def test_fast_auc_equals_the_roc_area_with_ties_subsets_and_empty_draws() -> None:
     rng = np.random.default_rng(6)
-    for trial in range(100):
+    for _ in range(100):
         n = int(rng.integers(1, 120))
         y = (rng.random(n) < 0.3).astype(np.int64)
         s = np.round(rng.normal(y, 1), int(rng.integers(0, 3)))
