@@ -292,14 +292,17 @@ def fitted_for(
 ) -> analysis.Fitted:
     """The temperature and threshold to evaluate `split` with: fitted on it when it is the
     validation split; for another split, those of `workdir/eval/val/metrics.json` when that is
-    the same checkpoint and threshold method, else fitted on the split itself
+    the same checkpoint, threshold method and target, else fitted on the split itself
     (with a warning: its sensitivity then meets the target by construction)."""
     if split != VALIDATION_SPLIT:
         path = workdir / "eval" / VALIDATION_SPLIT / "metrics.json"
         if path.is_file():
             fitted = analysis.Fitted.from_metrics(json.loads(path.read_text()))
+            same_target = (settings.threshold_method != "sensitivity"
+                           or fitted is not None
+                           and fitted.target_sensitivity == settings.target_sensitivity)
             if (fitted is not None and fitted.step == step
-                    and fitted.method == settings.threshold_method):
+                    and fitted.method == settings.threshold_method and same_target):
                 return fitted
         logging.warning(
             "No evaluation of the validation split for step %d in %s: the temperature and the "

@@ -198,7 +198,8 @@ def plot_roc(
     _save(fig, path)
 
 
-def plot_pr(path: pathlib.Path, y_bin: np.ndarray, score: np.ndarray, threshold: float) -> None:
+def plot_pr(path: pathlib.Path, y_bin: np.ndarray, score: np.ndarray, threshold: float,
+            summary: Mapping[str, Any] | None = None) -> None:
     """Precision-recall of the malignant score, with the prevalence (chance) line."""
     fig, axes = _figure(size=(6.6, 5.6))
     ax = axes[0, 0]
@@ -209,7 +210,8 @@ def plot_pr(path: pathlib.Path, y_bin: np.ndarray, score: np.ndarray, threshold:
             y_bin, score, name="malignant score", ax=ax
         )
         ap = disp.average_precision
-        _line(disp).set(color="tab:blue", linewidth=2, label=f"malignant score (AP = {ap:.4f})")
+        _line(disp).set(color="tab:blue", linewidth=2,
+                        label=f"AP = {ap:.4f}{ci_text(summary, 'average_precision', 3)}")
         prevalence = n_pos / n
         ax.axhline(
             prevalence,
@@ -305,6 +307,7 @@ def plot_calibration(
     raw_score: np.ndarray | None = None,
     temperature: float | None = None,
     num_bins: int = calibration.DEFAULT_BINS,
+    summary: Mapping[str, Any] | None = None,
 ) -> None:
     """Reliability diagram of the malignant score in `num_bins` equal-width bins (the ECE's
     bins), before temperature scaling (raw_score) and after (score), over the histogram."""
@@ -319,13 +322,16 @@ def plot_calibration(
             curves.append((f"after (T = {temperature:.3g})", score, "tab:blue", "o"))
         else:
             curves.append(("malignant score", score, "tab:blue", "o"))
-        for name, values, color, marker in curves:
+        for (name, values, color, marker), when in zip(
+                curves, ("before", "after") if len(curves) == 2 else ("after",), strict=True):
             rel = calibration.binary_calibration(values, y_bin, num_bins)
+            ci = (((summary or {}).get("calibration") or {}).get(when) or {}).get("ece_ci")
+            ece_ci = f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci and None not in ci else ""
             xs = [b["confidence"] for b in rel["bins"]]
             ys = [b["accuracy"] for b in rel["bins"]]
             brier = skm.brier_score_loss(y_bin, np.clip(values, 0.0, 1.0))
             ax.plot(xs, ys, marker=marker, color=color, linewidth=1.5, markersize=5,
-                    label=f"{name}: ECE {rel['ece']:.3f}, MCE {rel['mce']:.3f}, "
+                    label=f"{name}: ECE {rel['ece']:.3f}{ece_ci}, MCE {rel['mce']:.3f}, "
                           f"Brier {brier:.3f}")
         # Images per bin of the last (reported) curve: a bin of 3 images swings as far as one of
         # 300 and should not be read the same.
@@ -604,11 +610,12 @@ def write_report(
     cal = (summary or {}).get("calibration") or {}
 
     plot_roc(out / "roc.png", y_bin, score, threshold, p, y, class_names, summary)
-    plot_pr(out / "pr.png", y_bin, score, threshold)
+    plot_pr(out / "pr.png", y_bin, score, threshold, summary)
     plot_operating_point(out / "operating_point.png", y_bin, score, threshold, summary)
     plot_confusion(out / "confusion_matrix.png", p, y, class_names, y_bin, score, threshold)
     plot_calibration(out / "calibration.png", y_bin, score, raw_score,
-                     cal.get("temperature"), int(cal.get("num_bins", calibration.DEFAULT_BINS)))
+                     cal.get("temperature"), int(cal.get("num_bins", calibration.DEFAULT_BINS)),
+                     summary)
     plot_score_distribution(
         out / "score_distribution.png", y_bin, score, threshold, y, class_names, malignant_classes
     )
