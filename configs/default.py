@@ -85,5 +85,22 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 256
     config.eval.threshold = 0.5  # malignant-probability threshold for sens/spec
+    # in training's validation and, with threshold_method "fixed", in `evaluate` and `predict`.
+    # How `evaluate` picks the operating threshold on the validation fold (stored at export and
+    # used by `predict`): "sensitivity" (the highest threshold whose sensitivity reaches
+    # target_sensitivity), "youden" (max sensitivity + specificity - 1) or "fixed" (threshold).
+    config.eval.threshold_method = "sensitivity"
+    config.eval.target_sensitivity = 0.90
+    # Fit a softmax temperature on the validation fold (evaluate); export stores it, predict
+    # applies it (`--no-calibration` turns it off).
+    config.eval.temperature_scaling = True
+    config.eval.calibration_bins = 15  # equal-width bins of ECE/MCE (torchmetrics' default)
+    # Percentile bootstrap CIs in `evaluate`: resamples (0 turns CIs off), seed, level.
+    # Patients are resampled where the split has patient ids, else images.
+    config.eval.bootstrap_samples = 1000
+    config.eval.bootstrap_seed = 0
+    config.eval.ci_level = 0.95
+    config.eval.pauc_min_tpr = 0.8  # partial AUC above this TPR (Kaggle ISIC 2024 metric)
+    config.eval.retrieval_top_k = 15  # ISIC 2024 top-k per-patient retrieval sensitivity
 
     return config

@@ -29,6 +29,8 @@ INTERPOLATIONS = tuple(sorted(RESAMPLE))
 PARALLELISM = ("pmap", "jit")
 TASKS = ("binary", "diagnosis")
 MODEL_DTYPES = ("float32", "bfloat16")
+# How `evaluate` chooses the operating threshold (evaluation/operating_points.py).
+THRESHOLD_METHODS = ("sensitivity", "youden", "fixed")
 DEFAULT_NUM_FOLDS = 5  # make_builder's default; `data.num_folds` overrides it when present
 # Scalar validation metrics a checkpoint can be ranked by (metrics.classification_metrics plus
 # the validation loss and accuracy computed by the trainer). "loss" is minimised, others maximised.
@@ -185,7 +187,29 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "train.progress": _bool,
     "eval.batch_size": _int(1),
     "eval.threshold": _num(0.0, 1.0, lo_open=True, hi_open=True),
+    "eval.threshold_method": _choice(THRESHOLD_METHODS),
+    "eval.target_sensitivity": _num(0.0, 1.0, lo_open=True),
+    "eval.temperature_scaling": _bool,
+    "eval.calibration_bins": _int(2, 1000),
+    "eval.bootstrap_samples": _int(0),
+    "eval.bootstrap_seed": _int(0),
+    "eval.ci_level": _num(0.5, 1.0, hi_open=True),
+    "eval.pauc_min_tpr": _num(0.0, 1.0, hi_open=True),
+    "eval.retrieval_top_k": _int(1),
 }
+
+
+def check_value(key: str, value: Any) -> None:
+    """Checks one value against the schema (`key` as "eval.bootstrap_samples").
+
+    Raises:
+      ConfigError: naming the key; also for a key the schema does not have.
+    """
+    if key not in _CHECKS:
+        raise ConfigError(f"Unknown config key config.{key}.")
+    problem = _CHECKS[key](value)
+    if problem:
+        raise ConfigError(f"config.{key} {problem}.")
 
 
 # Keys the code reads with a default when absent.

@@ -130,7 +130,7 @@ def test_checkpoint_from_4_devices_restores_and_evaluates_on_1(tmp_path: pathlib
         rows = list(csv.DictReader(f))
     assert len(rows) == 12
     assert set(rows[0]) == {"image_id", "patient_id", "label", "index", "prob_benign",
-                            "prob_malignant"}
+                            "prob_malignant", "malignant_probability", "malignant_at_threshold"}
     assert all(abs(float(r["prob_benign"]) + float(r["prob_malignant"]) - 1) < 1e-4 for r in rows)
     assert sorted(int(r["index"]) for r in rows) == list(range(12))  # each example once
 

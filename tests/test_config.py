@@ -42,6 +42,13 @@ def test_presets_are_valid() -> None:
         ("data.augment.crop_scale", (0.9, 0.4), "config.data.augment.crop_scale must satisfy"),
         ("train.num_steps", 0, "config.train.num_steps must be > 0, or -1"),
         ("model.dtype", "float16", "config.model.dtype must be one of float32, bfloat16"),
+        ("eval.threshold_method", "f1", "config.eval.threshold_method must be one of"),
+        ("eval.target_sensitivity", 0.0, "config.eval.target_sensitivity must be > 0.0"),
+        ("eval.target_sensitivity", 1.2, "config.eval.target_sensitivity must be <= 1.0"),
+        ("eval.bootstrap_samples", -1, "config.eval.bootstrap_samples must be >= 0"),
+        ("eval.ci_level", 1.0, "config.eval.ci_level must be < 1.0"),
+        ("eval.pauc_min_tpr", 1.0, "config.eval.pauc_min_tpr must be < 1.0"),
+        ("eval.calibration_bins", 1, "config.eval.calibration_bins must be >= 2"),
     ],
 )
 def test_bad_values_name_the_key(key: str, value, message: str) -> None:

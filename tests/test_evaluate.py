@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -18,7 +19,7 @@ from PIL import Image
 from train_helpers import cache_env, compile_cache  # noqa: F401
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-FIGURES = ("roc.png", "pr.png", "confusion_matrix.png", "calibration.png",
+FIGURES = ("roc.png", "pr.png", "operating_point.png", "confusion_matrix.png", "calibration.png",
            "score_distribution.png", "auc_by_subgroup.png", "mistakes.png")
 
 pytestmark = pytest.mark.usefixtures("compile_cache")
@@ -145,3 +146,72 @@ def test_nan_loss_exits_nonzero_and_keeps_last_good_checkpoint(data_dir, tmp_pat
     assert "Non-finite" in result.stderr and "is the last good one" in result.stderr
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps and f"(step {steps[-1]}) is the last good one" in result.stderr
+
+
+def test_evaluate_export_predict_compare_carry_intervals_calibration_and_threshold(
+    trained, data_dir, tmp_path
+) -> None:
+    """The clinical-report path end to end: metrics with intervals and report.html, an export
+    whose model.json and model card carry the validation fold's temperature and threshold,
+    predict applying them, and compare on two evaluations of the same split."""
+    workdir, _ = trained
+    out = _ok(_run(["evaluate", "--workdir", str(workdir), "--checkpoint", "3",
+                    "--bootstrap-samples", "200"], devices=1))
+    assert "AUC" in out and "report: " in out and "intervals: 200 resamples" in out
+    val = workdir / "eval" / "val"
+    first = json.loads((val / "metrics.json").read_text())
+    assert first["step"] == 3 and first["bootstrap"]["num_resamples"] == 200
+    assert first["bootstrap"]["unit"] == "patient"  # synth data has patient ids
+    assert len(first["auc_ci"]) == 2 and first["calibration"]["temperature"] > 0
+    html = (val / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(first["figures"])
+    shutil.copytree(val, tmp_path / "step3")
+
+    out = _ok(_run(["evaluate", "--workdir", str(workdir), "--checkpoint", "6",
+                    "--bootstrap-samples", "200", "--threshold-method", "youden"], devices=1))
+    metrics = json.loads((val / "metrics.json").read_text())
+    assert metrics["operating_point"]["method"] == "youden"
+    with open(val / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    flagged = [r["malignant_at_threshold"] == "1" for r in rows]
+    t = metrics["threshold"]
+    assert flagged == [float(r["malignant_probability"]) >= t for r in rows]
+
+    bad = _run(["evaluate", "--workdir", str(workdir), "--target-sensitivity", "1.5"], devices=1)
+    assert bad.returncode == 2 and "config.eval.target_sensitivity" in bad.stderr
+
+    compared = _run(["compare", str(tmp_path / "step3"), str(workdir),
+                     "--bootstrap-samples", "100", "--output", str(tmp_path / "cmp.json")],
+                    devices=1)
+    assert "B - A" in _ok(compared)
+    result = json.loads((tmp_path / "cmp.json").read_text())
+    assert result["num_examples"] == metrics["num_examples"]
+    assert result["auc"]["b"] == pytest.approx(metrics["auc"], abs=1e-4)
+
+    export_dir = tmp_path / "export"
+    out = _ok(_run(["export", "--workdir", str(workdir), "--output", str(export_dir)],
+                   devices=1))
+    assert f"threshold {t:.4g} (Youden's J on val" in out and "model card" in out
+    meta = json.loads((export_dir / "model.json").read_text())
+    assert meta["threshold"] == pytest.approx(t)
+    assert meta["calibration"]["temperature"] == pytest.approx(
+        metrics["calibration"]["temperature"])
+    assert meta["validation_source"].startswith(str(val))  # reused, not evaluated again
+    card = json.loads((export_dir / "model_card.json").read_text())
+    data = card["training_data"]
+    assert sum(data["splits"]["validation"]["counts"].values()) == metrics["num_examples"]
+    assert data["num_folds"] == 5 and card["subgroups"] == metrics["subgroup_auc"]
+    assert card["validation"]["metrics"][0]["ci"] == metrics["auc_ci"]
+    text = (export_dir / "MODEL_CARD.md").read_text()
+    for section in ("## Intended use", "## Training data", "## Validation", "## Calibration",
+                    "## Operating threshold", "## Subgroups", "## Limitations", "## Software"):
+        assert section in text
+    assert "not a medical device" in text and "## Cross-validation" not in text
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for k, src in enumerate(sorted((data_dir.parent / "src" / "train").glob("*.jpg"))[:4]):
+        shutil.copy(src, images / f"img{k}.jpg")
+    out = _ok(_run(["predict", "--model", str(export_dir), "--input", str(images), "--output",
+                    str(tmp_path / "p.csv")], devices=1))
+    assert f"malignant iff malignant_probability >= {t:.4g} (Youden's J on val" in out

@@ -92,7 +92,10 @@ def test_cli_round_trip_on_two_devices_matches_evaluation(
 
     header, rows = _read(out)
     assert header == ["image_id", "path", "prob_benign", "prob_malignant", "prediction",
-                      "malignant_probability", "error"]
+                      "malignant_probability", "malignant_at_threshold", "error"]
+    # No validation evaluation in this run folder: T = 1 and config.eval.threshold.
+    assert "malignant iff malignant_probability >= 0.5 " in result.stdout
+    assert "probabilities not calibrated" in result.stdout
     by_id = {r["image_id"]: r for r in rows}
     assert sorted(by_id) == [f"ISIC_000000{i}" for i in range(1, 7)]
     assert by_id["ISIC_0000005"]["path"] == "sub/ISIC_0000005.JPEG"
@@ -106,7 +109,8 @@ def test_cli_round_trip_on_two_devices_matches_evaluation(
     want = _expected(config, state, [folder / by_id[i]["path"] for i in good])
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     for i, row in zip(good, want, strict=True):
-        assert by_id[i]["prediction"] == ["benign", "malignant"][int(np.argmax(row))]
+        assert by_id[i]["prediction"] == ("malignant" if row[1] >= 0.5 else "benign")
+        assert by_id[i]["malignant_at_threshold"] == str(int(row[1] >= 0.5))
         assert float(by_id[i]["malignant_probability"]) == pytest.approx(row[1], abs=1e-5)
 
 
@@ -264,3 +268,88 @@ def test_bad_inputs_fail_clearly(model, tmp_path) -> None:
         predict.list_inputs(tmp_path / "x.csv")
     with pytest.raises(FileNotFoundError, match="isic-jax export"):
         predict.predict_to_csv(tmp_path, tmp_path, tmp_path / "o.csv")
+
+
+def _with_meta(export_dir: pathlib.Path, target: pathlib.Path, edit) -> pathlib.Path:
+    """A copy of an export whose model.json went through `edit(meta)`."""
+    import json
+    import shutil
+
+    shutil.copytree(export_dir, target)
+    meta = json.loads((target / "model.json").read_text())
+    edit(meta)
+    (target / "model.json").write_text(json.dumps(meta))
+    return target
+
+
+def test_predict_applies_the_stored_temperature_and_threshold(model, folder, tmp_path) -> None:
+    from isic_jax.evaluation import calibration
+    from isic_jax.inference import predict
+
+    export_dir, _, _ = model
+    raw = predict.predict_to_csv(export_dir, folder, tmp_path / "raw.csv", progress=False)
+    ok = [i for i, e in enumerate(raw.errors) if e is None]
+    p_raw = raw.probs[ok]
+    def between(values: np.ndarray) -> float:
+        """Halfway between the two middle values: both decisions occur, none at the edge."""
+        v = np.sort(values)
+        return float((v[len(v) // 2 - 1] + v[len(v) // 2]) / 2)
+
+    t_cal = between(calibration.apply_temperature(p_raw, 0.25)[:, 1])
+    t_raw = between(p_raw[:, 1])
+
+    def calibrated(meta):
+        meta["calibration"] = {"temperature": 0.25, "fitted": True}
+        meta["threshold"] = t_cal
+        meta["operating_point"] = {"threshold": t_cal, "threshold_uncalibrated": t_raw,
+                                   "description": "chosen on val for sensitivity >= 0.90"}
+
+    cal_dir = _with_meta(export_dir, tmp_path / "cal", calibrated)
+    got = predict.predict_to_csv(cal_dir, folder, tmp_path / "cal.csv", progress=False)
+    want = calibration.apply_temperature(p_raw, 0.25)
+    np.testing.assert_allclose(got.probs[ok], want, atol=1e-5, rtol=0)
+    assert np.max(np.abs(want - p_raw)) > 1e-3  # the temperature did something
+    assert got.decision.temperature == 0.25 and got.decision.threshold == t_cal
+    assert "chosen on val for sensitivity >= 0.90" in got.decision.describe()
+    _, rows = _read(tmp_path / "cal.csv")
+    rows = [r for r in rows if not r["error"]]
+    flags = [r["malignant_at_threshold"] == "1" for r in rows]
+    assert flags == [float(r["malignant_probability"]) >= t_cal for r in rows]
+    assert 0 < sum(flags) < len(flags)
+    assert [r["prediction"] for r in rows] == ["malignant" if f else "benign" for f in flags]
+
+    # --no-calibration: raw probabilities and the threshold chosen for them.
+    off = predict.predict_to_csv(cal_dir, folder, tmp_path / "off.csv", progress=False,
+                                 calibrate=False)
+    np.testing.assert_allclose(off.probs[ok], p_raw, atol=1e-6, rtol=0)
+    assert off.decision.threshold == t_raw and off.decision.temperature == 1.0
+    assert "--no-calibration" in off.decision.describe()
+
+
+def test_exports_without_calibration_fields_still_predict(model, folder, tmp_path) -> None:
+    """An export written before calibration existed: T = 1 and its own "threshold"."""
+    from isic_jax.inference import predict
+
+    export_dir, _, _ = model
+
+    def old(meta):
+        for key in ("calibration", "operating_point", "validation_source", "model_card"):
+            meta.pop(key, None)
+        meta["threshold"] = 0.7
+
+    old_dir = _with_meta(export_dir, tmp_path / "old", old)
+    summary = predict.predict_to_csv(old_dir, folder, tmp_path / "old.csv", progress=False)
+    assert summary.decision.temperature == 1.0 and summary.decision.threshold == 0.7
+    _, rows = _read(tmp_path / "old.csv")
+    for r in rows:
+        if not r["error"]:
+            assert r["malignant_at_threshold"] == str(int(float(r["malignant_probability"]) >= 0.7))
+
+
+def test_multiclass_prediction_follows_the_threshold() -> None:
+    from isic_jax.inference import predict
+
+    names = ["MEL", "NV", "BCC", "BKL"]
+    p = np.array([0.2, 0.5, 0.25, 0.05], np.float32)  # NV most probable; MEL+BCC = 0.45
+    assert predict.prediction_label(p, True, names, [0, 2]) == "BCC"  # malignant side
+    assert predict.prediction_label(p, False, names, [0, 2]) == "NV"

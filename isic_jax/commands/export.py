@@ -88,6 +88,17 @@ def main(argv: list[str]) -> None:
         f"  platforms: {', '.join(info['platforms'])}; {check}{failed}",
         flush=True,
     )
+    cal = meta.get("calibration") or {}
+    op = meta.get("operating_point") or {}
+    if op:
+        print(f"  threshold {meta['threshold']:.4g} ({op.get('description')}; validation "
+              f"sensitivity {op.get('sensitivity', float('nan')):.3f}, specificity "
+              f"{op.get('specificity', float('nan')):.3f}); temperature "
+              f"{cal.get('temperature', 1.0):.4g}", flush=True)
+    else:
+        print(f"  threshold {meta['threshold']:.4g} (config.eval.threshold), no calibration: "
+              f"{meta.get('validation_source')}", flush=True)
+    print(f"  model card: {_OUTPUT.value}/MODEL_CARD.md", flush=True)
 
 
 

@@ -7,6 +7,9 @@ resize and preprocessing of evaluation (from the export's model.json). One row p
 path, prob_<class>, prediction, malignant_probability, error (an unreadable image gets its error
 and the run goes on). --submission writes the exact columns of that ISIC challenge instead
 (failed images listed in FILE.errors.csv). --tta averages over the 8 flips/transposes.
+Probabilities are calibrated with the temperature the export stores (fitted on the validation
+fold; --no-calibration turns it off), and `prediction` uses the export's operating threshold
+(chosen on the validation fold, e.g. for sensitivity 0.90); the command says which it used.
 Exit status 2 for a bad --model/--input or a submission the model cannot fill.
 """
 
@@ -16,7 +19,7 @@ import sys
 
 from absl import app, flags
 
-from isic_jax.commands import fail, no_arguments
+from isic_jax.commands import fail, no_arguments, underscore_alias
 
 _MODEL = flags.DEFINE_string("model", None, "Folder written by `isic-jax export`.")
 _INPUT = flags.DEFINE_string("input", None, "Folder of images, or a CSV listing them.")
@@ -38,6 +41,9 @@ _BACKEND = flags.DEFINE_enum(
 _WORKERS = flags.DEFINE_integer(
     "num_workers", 0, "Decode threads (0: one per core).", lower_bound=0
 )
+_NO_CALIBRATION = underscore_alias(flags.DEFINE_bool(
+    "no-calibration", False, "Write the exported function's raw probabilities: no temperature "
+    "scaling, and the threshold chosen for uncalibrated scores."))
 flags.mark_flags_as_required(["model", "input", "output"])
 
 EXIT_USAGE = 2
@@ -51,7 +57,7 @@ def main(argv: list[str]) -> None:
         summary = predict.predict_to_csv(
             _MODEL.value, _INPUT.value, _OUTPUT.value, tta_flips=_TTA.value,
             submission=_SUBMISSION.value, batch_size=_BATCH.value, backend=_BACKEND.value,
-            num_workers=_WORKERS.value or None,
+            num_workers=_WORKERS.value or None, calibrate=not _NO_CALIBRATION.value,
         )
     except (FileNotFoundError, ValueError) as e:  # InputError, SubmissionError are ValueErrors
         fail("predict", e, EXIT_USAGE)
@@ -62,6 +68,8 @@ def main(argv: list[str]) -> None:
         f"{', TTA x8' if _TTA.value else ''}); wrote {summary.output}",
         flush=True,
     )
+    if summary.decision is not None:
+        print(summary.decision.describe(), flush=True)
     if summary.num_failed:
         where = summary.errors_file or summary.output
         print(f"isic-jax predict: {summary.num_failed} image(s) could not be read; see the error "

@@ -22,6 +22,7 @@ Batches (per JAX process, B = global_batch_size // process_count, S = data.image
     sex          int32   [B]           0 unknown, 1 female, 2 male
     age          int32   [B]           -1 when missing
     anatom_site  bytes   [B] ('S')     b"unknown" when missing
+    fitzpatrick  bytes   [B] ('S')     Fitzpatrick skin type as recorded; b"" when missing
 
 Training order (one global stream, identical on every process):
 
@@ -56,7 +57,7 @@ from isic_jax.utils import as_bytes
 
 BATCH_KEYS = (
     "image", "label", "mask", "index", "position", "image_id", "patient_id", "sex", "age",
-    "anatom_site",
+    "anatom_site", "fitzpatrick",
 )  # fmt: skip
 _TASK_LABEL_KEY = {"binary": "label", "diagnosis": "diagnosis"}
 _UINT32 = 2**32
@@ -345,13 +346,15 @@ def _collate(
         "anatom_site": np.array(
             [as_bytes(r.get("anatom_site", b"unknown")) for r in records], np.bytes_
         ),
+        "fitzpatrick": np.array([as_bytes(r.get("fitzpatrick", b"")) for r in records],
+                                np.bytes_),
     }
 
 
 # Metadata of evaluation padding rows (mask False): label 0, ids b"", sex 0 (unknown), age -1.
 _PADDING_RECORD: Mapping[str, Any] = {
     "label": 0, "diagnosis": 0, "image_id": b"", "patient_id": b"", "sex": 0, "age": -1,
-    "anatom_site": b"",
+    "anatom_site": b"", "fitzpatrick": b"",
 }  # fmt: skip
 
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from isic_jax import config_utils
 from isic_jax.data import dataset
-from isic_jax.evaluation import evaluate, predictions
+from isic_jax.evaluation import analysis, evaluate, predictions
 from isic_jax.evaluation.metrics import to_json_compatible
 from isic_jax.logging_utils import say
 from isic_jax.training import loop, parallel
@@ -273,9 +273,18 @@ def summarize_cv(workdir: str | os.PathLike, *, checkpoint: str = "last") -> dic
         par = parallel.DataParallel.create(config.train.parallelism)
         which = CHECKPOINTS[checkpoint]
         preds, step, _, _ = evaluate.predict_checkpoint(run, config, data, par, "val", which)
-        metrics = evaluate.evaluation_result(preds, data, config, "val", which, step)
-        if jax.process_index() == 0:
-            evaluate.write_evaluation(run, "val", metrics, preds, data.class_names)
+        if jax.process_index() == 0:  # the member's own evaluation, as `evaluate` writes it
+            settings = analysis.EvalSettings.from_config(config)
+            fitted = evaluate.fitted_for(run, "val", step, preds, data.malignant_classes,
+                                         settings)
+            result, calibrated = evaluate.evaluation_result(preds, data, config, "val", which,
+                                                            step, settings, fitted)
+            evaluate.write_evaluation(run, "val", result, preds, data, calibrated,
+                                      float(fitted.threshold))
+        # The table: raw probabilities at the fixed config.eval.threshold (a threshold fitted
+        # on the fold itself would give its target sensitivity by construction).
+        metrics = predictions.summarize(preds, data.class_names, data.malignant_classes,
+                                        float(config.eval.threshold))
         class_names, malignant = data.class_names, data.malignant_classes
         per_member.append({"name": member.name, "fold": member.fold, "seed": member.seed,
                            "step": int(step), **{k: metrics.get(k) for k in SUMMARY_METRICS}})

@@ -1,9 +1,15 @@
 """Run a checkpoint of a training run over a split and write its metrics, predictions and report.
 
     result = evaluate_checkpoint("runs/r50", split="val", checkpoint="best")
-    # -> runs/r50/eval/val/metrics.json, predictions.csv and the report's PNG figures:
-    #    roc, pr, confusion_matrix, calibration, score_distribution, auc_by_subgroup (report.py)
-    #    and mistakes.png (the most confident mistakes with Grad-CAM, gradcam.py)
+    # -> runs/r50/eval/val/metrics.json, predictions.csv, the report's PNG figures (roc, pr,
+    #    operating_point, confusion_matrix, calibration, score_distribution, auc_by_subgroup:
+    #    report.py; mistakes.png: the most confident mistakes with Grad-CAM, gradcam.py) and
+    #    report.html, all of it in one self-contained file (html_report.py)
+
+metrics.json (analysis.py): point estimates with bootstrap intervals, calibration before/after
+temperature scaling, the operating threshold. On the validation split ("val") the temperature and
+the threshold are fitted; another split reuses those of `eval/val/metrics.json` when it is from
+the same checkpoint (else they are fitted on that split, and metrics.json says so).
 
 The run's saved config (`workdir/config.json`) defines the data, the model and the evaluation
 batch; the devices are whatever this process has (a checkpoint written on 4 devices evaluates on
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import pathlib
 from typing import Any
@@ -23,7 +30,8 @@ import numpy as np
 
 from isic_jax import config_utils
 from isic_jax.data import dataset, device_augment, image_ops
-from isic_jax.evaluation import gradcam, predictions
+from isic_jax.evaluation import analysis, gradcam, html_report, predictions
+from isic_jax.evaluation import metrics as metrics_lib
 from isic_jax.evaluation import report as report_lib
 from isic_jax.evaluation.metrics import to_json_compatible
 from isic_jax.models import create_model
@@ -34,6 +42,7 @@ from isic_jax.utils import as_bytes
 # Images in the mistakes figure (a 4 x 4 grid of image + Grad-CAM pairs).
 NUM_MISTAKES = 16
 MISTAKES_FIGURE = "mistakes.png"
+VALIDATION_SPLIT = "val"
 
 
 def restore_for_eval(
@@ -103,6 +112,8 @@ def write_report(
     variables: dict[str, Any],
     preprocess: Any,
     num_mistakes: int = NUM_MISTAKES,
+    summary: dict[str, Any] | None = None,
+    calibrated_probs: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """The evaluation report: `report.write_report`'s figures and the mistakes' Grad-CAM grid.
 
@@ -117,21 +128,26 @@ def write_report(
         on the host or this process's default device.
       preprocess: uint8 [B, S, S, 3] -> model input float32, as the eval step does it.
       num_mistakes: images in mistakes.png.
+      summary: the split's metrics (`analysis.analyse`), for intervals, operating point and
+        calibration in the figures.
+      calibrated_probs: f64 [N, C] after temperature scaling (the figures' probabilities; the
+        raw ones then appear in the calibration figure as "before").
 
     Returns:
       JSON-ready {"subgroup_auc": {variable: {group: {n, num_malignant, num_patients, auc,
       auc_se}}}, "figures": [PNG file names written], "most_confident_mistakes": [{image_id,
       label, predicted, probability, index}] in figure order}.
     """
-    metadata = {key: getattr(preds, key) for key in ("sex", "age", "anatom_site", "patient_id")}
     rep = report_lib.write_report(
         out_dir,
-        probs=preds.probs,
+        probs=preds.probs if calibrated_probs is None else calibrated_probs,
         labels=preds.labels,
         class_names=class_names,
         malignant_classes=malignant_classes,
         threshold=threshold,
-        metadata=metadata,
+        metadata=analysis.metadata_of(preds),
+        summary=summary,
+        raw_probs=None if calibrated_probs is None else preds.probs,
     )
     rows = gradcam.most_confident_mistakes(preds.probs, preds.labels, num_mistakes)
     mistakes = gradcam.write_mistakes_figure(
@@ -160,14 +176,22 @@ def evaluate_checkpoint(
     checkpoint: str | int = "latest",
     *,
     report: bool = True,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """Evaluates one checkpoint of a run on a split, on all of this process's devices, with the
-    data the run's saved config names; see `evaluate_run`."""
+    data the run's saved config names; see `evaluate_run`. `overrides`: `analysis.EvalSettings`
+    fields (None keeps the run's value), e.g. bootstrap_samples=2000.
+
+    Raises:
+      config_utils.ConfigError: a bad override (checked before anything runs).
+    """
     workdir = pathlib.Path(workdir).absolute()
     config = config_utils.load_config(workdir)
+    settings = analysis.EvalSettings.from_config(config, **overrides)
     par = parallel.DataParallel.create(config.train.parallelism)
     data = dataset.InputData(config, read_train_labels=False)  # no sampling here
-    return evaluate_run(workdir, config, data, par, split, checkpoint, report=report)
+    return evaluate_run(workdir, config, data, par, split, checkpoint, report=report,
+                        settings=settings)
 
 
 def predict_checkpoint(
@@ -202,9 +226,11 @@ def evaluate_run(
     checkpoint: str | int = "latest",
     *,
     report: bool = True,
+    write: bool = True,
+    settings: analysis.EvalSettings | None = None,
 ) -> dict[str, Any]:
     """Evaluates one checkpoint of a run on a split; writes metrics.json, predictions.csv and
-    (with `report`) the report's figures (see `write_report`).
+    (with `report`) the report's figures (see `write_report`) and report.html.
 
     Args:
       workdir: the `isic-jax train` run folder (absolute).
@@ -213,18 +239,24 @@ def evaluate_run(
       par: the devices to run on.
       split: "val" (the validation fold), "train" (the other folds) or a builder split name.
       checkpoint: "latest", "best" or a step number.
-      report: also write the PNG figures, and add "subgroup_auc", "figures" and
+      report: also write the PNG figures and report.html, and add "figures" and
         "most_confident_mistakes" to the metrics (process 0 only).
+      write: False computes the metrics without writing anything (export uses it).
+      settings: evaluation settings (default: from config).
 
     Returns:
       The metrics dict written to `workdir/eval/<split>/metrics.json`.
     """
     preds, step, state, model = predict_checkpoint(workdir, config, data, par, split, checkpoint)
-    result = evaluation_result(preds, data, config, split, checkpoint, step)
-    if jax.process_index() != 0:
+    settings = settings or analysis.EvalSettings.from_config(config)
+    fitted = fitted_for(workdir, split, int(step), preds, data.malignant_classes, settings)
+    result, calibrated = evaluation_result(preds, data, config, split, checkpoint, step,
+                                           settings, fitted)
+    if jax.process_index() != 0 or not write:
         return result
     # Metrics and predictions first: they stay even if drawing the report fails.
-    out_dir = write_evaluation(workdir, split, result, preds, data.class_names)
+    out_dir = write_evaluation(workdir, split, result, preds, data, calibrated,
+                               float(fitted.threshold))
     if report:
         # One host copy of what was evaluated (EMA when kept): Grad-CAM then runs on this
         # process's default device alone, whatever the sharding of the restored state.
@@ -235,48 +267,117 @@ def evaluate_run(
                 preds,
                 class_names=data.class_names,
                 malignant_classes=data.malignant_classes,
-                threshold=float(config.eval.threshold),
+                threshold=float(fitted.threshold),
                 source=data.source(split),
                 image_size=int(config.data.image_size),
                 model=model,
                 variables=variables,
                 preprocess=lambda x: device_augment.preprocess_eval(
                     x, steps.augment_config(config)),
+                summary=result,
+                calibrated_probs=calibrated,
             )
         )
         result = to_json_compatible(result)
+        _write_json(out_dir / "metrics.json", result)
+        html_report.write_html_report(out_dir, result, run=str(workdir))
+        result["report"] = html_report.REPORT_FILE
         _write_json(out_dir / "metrics.json", result)
     return result
 
 
 def evaluation_result(
     preds: predictions.Predictions, data: dataset.InputData, config: Any, split: str,
-    checkpoint: str | int, step: int,
-) -> dict[str, Any]:
-    """metrics.json's content (JSON-ready): which checkpoint on which split, and its metrics."""
-    metrics = predictions.summarize(preds, data.class_names, data.malignant_classes,
-                                    float(config.eval.threshold))
-    return to_json_compatible({
+    checkpoint: str | int, step: int, settings: analysis.EvalSettings,
+    fitted: analysis.Fitted,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """metrics.json's content (JSON-ready: which checkpoint on which split, and everything
+    `analysis.analyse` reports) and the calibrated probabilities f64 [N, C]."""
+    summary, calibrated = analysis.analyse(preds, data.class_names, data.malignant_classes,
+                                           settings, fitted)
+    result = to_json_compatible({
         "split": split,
         "checkpoint": str(checkpoint),
         "step": int(step),
         "ema": float(config.optim.ema_decay) > 0,
         "class_names": data.class_names,
-        **metrics,
+        **summary,
     })
+    return result, calibrated
 
 
 def write_evaluation(
     workdir: pathlib.Path, split: str, result: dict[str, Any], preds: predictions.Predictions,
-    class_names: list[str],
+    data: dataset.InputData, calibrated: np.ndarray, threshold: float,
 ) -> pathlib.Path:
     """Writes `workdir/eval/<split>/{metrics.json, predictions.csv}`; returns that folder."""
     out_dir = workdir / "eval" / split
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_json(out_dir / "metrics.json", result)
-    predictions.write_predictions(out_dir / "predictions.csv", preds, class_names)
+    _, malignant = metrics_lib.malignant_score(calibrated, preds.labels, data.malignant_classes)
+    predictions.write_predictions(out_dir / "predictions.csv", preds, data.class_names,
+                                  malignant_probability=malignant, threshold=threshold)
     return out_dir
+
+
+def fitted_for(
+    workdir: pathlib.Path,
+    split: str,
+    step: int,
+    preds: predictions.Predictions,
+    malignant_classes: list[int],
+    settings: analysis.EvalSettings,
+) -> analysis.Fitted:
+    """The temperature and threshold to evaluate `split` with: fitted on it when it is the
+    validation split; for another split, those of `workdir/eval/val/metrics.json` when that is
+    the same checkpoint, threshold method and target, else fitted on the split itself
+    (with a warning: its sensitivity then meets the target by construction)."""
+    if split != VALIDATION_SPLIT:
+        path = workdir / "eval" / VALIDATION_SPLIT / "metrics.json"
+        if path.is_file():
+            fitted = analysis.Fitted.from_metrics(json.loads(path.read_text()))
+            same_target = (settings.threshold_method != "sensitivity"
+                           or fitted is not None
+                           and fitted.target_sensitivity == settings.target_sensitivity)
+            if (fitted is not None and fitted.step == step
+                    and fitted.method == settings.threshold_method and same_target):
+                return fitted
+        logging.warning(
+            "No evaluation of the validation split for step %d in %s: the temperature and the "
+            "operating threshold are fitted on %r itself. Run `isic-jax evaluate --split val` "
+            "for this checkpoint first to apply the validation fold's.", step, path.parent, split)
+    return analysis.fit(preds.probs, preds.labels, malignant_classes, settings, split=split,
+                        step=step)
 
 
 def _write_json(path: pathlib.Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def validation_metrics(
+    workdir: str | os.PathLike, config: Any, step: int
+) -> tuple[dict[str, Any] | None, str]:
+    """The validation split's metrics of one checkpoint, for an export and its model card.
+
+    `workdir/eval/val/metrics.json` when it is of this step and has the calibration and
+    operating point, else an evaluation of the validation split run now, in memory (nothing is
+    written, one device), when the run's dataset is prepared here.
+
+    Returns:
+      (metrics or None, how they were obtained, or why there are none).
+    """
+    workdir = pathlib.Path(workdir).absolute()
+    path = workdir / "eval" / VALIDATION_SPLIT / "metrics.json"
+    if path.is_file():
+        found = json.loads(path.read_text())
+        if found.get("step") == step and analysis.Fitted.from_metrics(found) is not None:
+            return found, f"{path} (isic-jax evaluate, step {step})"
+    try:
+        data = dataset.InputData(config, read_train_labels=False)
+    except (FileNotFoundError, ValueError) as e:  # DataNotFoundError is a FileNotFoundError
+        return None, (f"not evaluated: no evaluation of step {step} in {path.parent}, and the "
+                      f"run's dataset cannot be opened here ({' '.join(str(e).split())[:300]})")
+    par = parallel.DataParallel.create("jit", [jax.local_devices()[0]])
+    found = evaluate_run(workdir, config, data, par, VALIDATION_SPLIT, step, report=False,
+                         write=False)
+    return found, f"evaluated at export (validation split, step {step})"

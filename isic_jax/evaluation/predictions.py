@@ -32,8 +32,9 @@ class Predictions:
     probs float32 [N, C], labels int32 [N], index int64 [N] (record index), image_id / patient_id
     str [N] (empty strings when the pipeline has no such field); the subgroup metadata of the
     evaluation report: sex int32 [N] (0 unknown, 1 female, 2 male), age int32 [N] (-1 missing),
-    anatom_site str [N] ("unknown" when missing); `predict` fills every field, with those
-    placeholders when the pipeline has no such field.
+    anatom_site str [N] ("unknown" when missing), fitzpatrick str [N] ("" when missing);
+    `predict_split` fills every field, with those placeholders when the pipeline has no such
+    field.
     """
 
     probs: np.ndarray
@@ -44,6 +45,7 @@ class Predictions:
     sex: np.ndarray
     age: np.ndarray
     anatom_site: np.ndarray
+    fitzpatrick: np.ndarray | None = None  # str [N], "" when missing
 
 
 def _gather_processes(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -83,10 +85,11 @@ def predict_split(
       p_eval: `par.compile_eval_step(partial(eval_step, model=...))`.
       state: replicated as for `p_eval`.
       batches: dicts with image float32 [B, H, W, 3], label int32 [B], mask bool [B] and
-        optionally index, image_id, patient_id, sex, age, anatom_site (kept on the host).
+        optionally index, image_id, patient_id, sex, age, anatom_site, fitzpatrick (kept on
+        the host).
     """
     probs, labels, index, image_id, patient_id = [], [], [], [], []
-    sex, age, anatom_site = [], [], []
+    sex, age, anatom_site, fitzpatrick = [], [], [], []
     it = iter(batches)
 
     def shard(b: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -111,6 +114,9 @@ def predict_split(
                 "anatom_site": np.asarray(
                     host.get("anatom_site", np.full(host["mask"].shape, b"unknown"))
                 ),
+                "fitzpatrick": np.asarray(
+                    host.get("fitzpatrick", np.zeros(host["mask"].shape, "S1"))
+                ),
             }
             if jax.process_count() > 1:
                 rows = _gather_processes(rows)  # every process computes metrics on all
@@ -123,6 +129,7 @@ def predict_split(
             sex.append(rows["sex"][mask])
             age.append(rows["age"][mask])
             anatom_site.append(to_str(rows["anatom_site"][mask]))
+            fitzpatrick.append(to_str(rows["fitzpatrick"][mask]))
         pending.clear()
 
     try:
@@ -145,6 +152,7 @@ def predict_split(
         sex=np.concatenate(sex).astype(np.int32),
         age=np.concatenate(age).astype(np.int32),
         anatom_site=np.concatenate(anatom_site),
+        fitzpatrick=np.concatenate(fitzpatrick),
     )
 
 
@@ -173,12 +181,30 @@ def summarize(
     return result
 
 
-def write_predictions(path: str | os.PathLike, preds: Predictions, class_names: list[str]) -> None:
-    """CSV: image_id, patient_id, label, index, prob_<class> for each class."""
+def write_predictions(
+    path: str | os.PathLike,
+    preds: Predictions,
+    class_names: list[str],
+    *,
+    malignant_probability: np.ndarray | None = None,
+    threshold: float | None = None,
+) -> None:
+    """CSV: image_id, patient_id, label, index, prob_<class> for each class (the model's raw
+    probabilities), then, when given, malignant_probability (f[N], after temperature scaling:
+    what `predict` writes) and malignant_at_threshold (1 iff it is >= threshold)."""
     header = ["image_id", "patient_id", "label", "index", *[f"prob_{n}" for n in class_names]]
-    rows = (
-        [preds.image_id[i], preds.patient_id[i], int(preds.labels[i]), int(preds.index[i]),
-         *[f"{p:.6g}" for p in preds.probs[i]]]
-        for i in range(len(preds.labels))
-    )
-    write_csv(path, header, rows)
+    extra = malignant_probability is not None
+    if extra:
+        header += ["malignant_probability"] + (["malignant_at_threshold"] if threshold else [])
+
+    def row(i: int) -> list[Any]:
+        out = [preds.image_id[i], preds.patient_id[i], int(preds.labels[i]), int(preds.index[i]),
+               *[f"{p:.6g}" for p in preds.probs[i]]]
+        if extra:
+            m = float(malignant_probability[i])
+            out.append(repr(m))  # exact: it is compared with the threshold
+            if threshold:
+                out.append(int(m >= threshold))
+        return out
+
+    write_csv(path, header, (row(i) for i in range(len(preds.labels))))

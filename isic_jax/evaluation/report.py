@@ -27,11 +27,16 @@ import numpy as np
 from matplotlib import ticker
 from matplotlib.figure import Figure
 from sklearn import metrics as skm
-from sklearn.calibration import CalibrationDisplay
 
-from isic_jax.data.isic import labels
+from isic_jax.evaluation import calibration
 from isic_jax.evaluation import metrics as isic_metrics
-from isic_jax.utils import to_str
+from isic_jax.evaluation.subgroups import (
+    AGE_BANDS,
+    SEX_NAMES,
+    TITLES,
+    age_bands,
+    subgroup_auc,
+)
 
 __all__ = [
     "AGE_BANDS",
@@ -42,22 +47,18 @@ __all__ = [
     "write_report",
 ]
 
-SEX_NAMES: tuple[str, ...] = tuple(labels.SEX_NAMES)
-AGE_BANDS: tuple[str, ...] = ("<30", "30-44", "45-59", "60-74", "75+", "unknown")
-_AGE_EDGES = (30, 45, 60, 75)
-UNKNOWN = "unknown"
 MIN_TPR = 0.8
 
 FIGURES: tuple[str, ...] = (
     "roc.png",
     "pr.png",
+    "operating_point.png",
     "confusion_matrix.png",
     "calibration.png",
     "score_distribution.png",
     "auc_by_subgroup.png",
 )
 
-_CALIBRATION_BINS = 10
 _BENIGN_COLOR = "tab:blue"
 _MALIGNANT_COLOR = "tab:red"
 _DPI = 110
@@ -67,129 +68,6 @@ _HORIZONTAL = (
     if tuple(int(v) for v in matplotlib.__version__.split(".")[:2]) >= (3, 10)
     else {"vert": False}
 )
-
-
-# ---------------------------------------------------------------------------------------------
-# Subgroups
-
-
-def age_bands(age: Any) -> np.ndarray:
-    """int[N] ages in years (-1 or any negative = missing) -> str[N] of AGE_BANDS."""
-    a = np.asarray(age).reshape(-1).astype(np.int64)
-    band = np.searchsorted(np.asarray(_AGE_EDGES), a, side="right")
-    names = np.asarray(AGE_BANDS[:-1], dtype=object)[band]
-    return np.where(a < 0, UNKNOWN, names).astype(object)
-
-
-def _as_str(values: Any) -> np.ndarray:
-    """str/bytes[N] -> object[N] of str; "" becomes "unknown"."""
-    return np.asarray([s.strip() or UNKNOWN for s in to_str(np.asarray(values).reshape(-1))],
-                      dtype=object)
-
-
-def _sex_names(sex: Any) -> np.ndarray:
-    s = np.asarray(sex).reshape(-1)
-    if s.dtype.kind in "iu":
-        idx = np.where((s >= 0) & (s < len(SEX_NAMES)), s, 0)
-        return np.asarray(SEX_NAMES, dtype=object)[idx]
-    return _as_str(s)
-
-
-def _hanley_mcneil_se(auc: float, n_pos: int, n_neg: int) -> float:
-    """Standard error of an AUC (Hanley & McNeil 1982); NaN when undefined.
-
-    Closed form, so it costs nothing even on ISIC 2024's 400k images, where a bootstrap per
-    subgroup would not; it assumes exponential-like score distributions and is approximate.
-    """
-    if not math.isfinite(auc) or n_pos == 0 or n_neg == 0:
-        return math.nan
-    q1 = auc / (2.0 - auc)
-    q2 = 2.0 * auc * auc / (1.0 + auc)
-    var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc**2) + (n_neg - 1) * (q2 - auc**2)) / (
-        n_pos * n_neg
-    )
-    return math.sqrt(max(var, 0.0))
-
-
-def _group_order(variable: str, names: np.ndarray) -> list[str]:
-    present = set(names.tolist())
-    if variable == "age_band":
-        return [b for b in AGE_BANDS if b in present]
-    if variable == "sex":
-        return [s for s in ("female", "male", UNKNOWN) if s in present] + sorted(
-            present - {"female", "male", UNKNOWN}
-        )
-    # Largest groups first, unknown last.
-    counts = {g: int(np.sum(names == g)) for g in present}
-    known = sorted(present - {UNKNOWN}, key=lambda g: (-counts[g], g))
-    return known + ([UNKNOWN] if UNKNOWN in present else [])
-
-
-def _subgroup_variables(metadata: Mapping[str, Any] | None, n: int) -> dict[str, np.ndarray]:
-    """{variable: str[N] group of each image} for the variables the data has (not all unknown)."""
-    if not metadata:
-        return {}
-    out: dict[str, np.ndarray] = {}
-    if metadata.get("anatom_site") is not None:
-        out["anatom_site"] = _as_str(metadata["anatom_site"])
-    if metadata.get("sex") is not None:
-        out["sex"] = _sex_names(metadata["sex"])
-    if metadata.get("age") is not None:
-        out["age_band"] = age_bands(metadata["age"])
-    for key, names in list(out.items()):
-        if names.shape[0] != n:
-            raise ValueError(f"metadata[{key!r}] has {names.shape[0]} values for {n} images")
-        if np.all(names == UNKNOWN):
-            del out[key]  # the release does not record it
-    return out
-
-
-def subgroup_auc(
-    labels: Any,
-    scores: Any,
-    metadata: Mapping[str, Any] | None,
-) -> dict[str, dict[str, dict[str, Any]]]:
-    """AUC of the malignant score within each anatomic site, sex and age band.
-
-    Args:
-      labels: {0,1}[N], 1 = malignant.
-      scores: f[N] malignant score.
-      metadata: {"sex": int32[N] (index in SEX_NAMES), "age": int32[N] (-1 missing),
-        "anatom_site": str[N] ("unknown"/"" missing), "patient_id": str[N] ("" missing)}, any
-        key optional, or None. A variable whose values are all unknown is left out.
-
-    Returns:
-      JSON-ready {variable: {group: {n, num_malignant, num_patients, auc, auc_se}}} with
-      variable in ("anatom_site", "sex", "age_band"); auc (`metrics.roc_auc`) and auc_se
-      (Hanley-McNeil) are None where the group holds one class only; num_patients is None
-      without patient ids.
-    """
-    y = np.asarray(labels).reshape(-1).astype(np.int64)
-    s = np.asarray(scores, np.float64).reshape(-1)
-    variables = _subgroup_variables(metadata, y.size)
-    pids = None
-    if metadata is not None and metadata.get("patient_id") is not None:
-        pids = _as_str(metadata["patient_id"])
-    result: dict[str, dict[str, dict[str, Any]]] = {}
-    for variable, names in variables.items():
-        groups: dict[str, dict[str, Any]] = {}
-        for group in _group_order(variable, names):
-            sel = names == group
-            n_pos = int(y[sel].sum())
-            n = int(sel.sum())
-            auc = isic_metrics.roc_auc(y[sel], s[sel])
-            num_patients = None
-            if pids is not None:
-                num_patients = len({p for p in pids[sel] if p != UNKNOWN})
-            groups[group] = {
-                "n": n,
-                "num_malignant": n_pos,
-                "num_patients": num_patients,
-                "auc": auc,
-                "auc_se": _hanley_mcneil_se(auc, n_pos, n - n_pos),
-            }
-        result[variable] = groups
-    return isic_metrics.to_json_compatible(result)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,6 +106,17 @@ def _roc_axes(ax, xlabel: str, ylabel: str) -> None:
     ax.set(xlabel=xlabel, ylabel=ylabel, xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), aspect="equal")
 
 
+def ci_text(summary: Mapping[str, Any] | None, key: str, digits: int = 3) -> str:
+    """" (95% CI a-b)" from summary[f"{key}_ci"] and the bootstrap level, or ""."""
+    if not summary:
+        return ""
+    ci = summary.get(f"{key}_ci")
+    if not ci or ci[0] is None or ci[1] is None:
+        return ""
+    level = (summary.get("bootstrap") or {}).get("level", 0.95)
+    return f" ({level:.0%} CI {ci[0]:.{digits}f}-{ci[1]:.{digits}f})"
+
+
 def plot_roc(
     path: pathlib.Path,
     y_bin: np.ndarray,
@@ -236,8 +125,10 @@ def plot_roc(
     probs: np.ndarray,
     labels: np.ndarray,
     class_names: Sequence[str],
+    summary: Mapping[str, Any] | None = None,
 ) -> None:
-    """ROC of malignant vs benign, TPR >= 0.8 region shaded; multi-class adds one-vs-rest."""
+    """ROC of malignant vs benign with its bootstrap band, TPR >= 0.8 region shaded, the
+    operating point; multi-class adds one-vs-rest curves."""
     multi = len(class_names) > 2
     fig, axes = _figure(1, 2 if multi else 1, size=(12.4, 6.0) if multi else (6.6, 6.0))
     ax = axes[0, 0]
@@ -246,7 +137,16 @@ def plot_roc(
     if _both(y_bin):
         disp = skm.RocCurveDisplay.from_predictions(y_bin, score, name="malignant score", ax=ax)
         auc = isic_metrics.roc_auc(y_bin, score)
-        _line(disp).set(color="tab:blue", linewidth=2, label=f"malignant score (AUC = {auc:.4f})")
+        _line(disp).set(color="tab:blue", linewidth=2,
+                        label=f"AUC = {auc:.3f}{ci_text(summary, 'auc')}")
+        band = (summary or {}).get("roc_band")
+        if band:
+            level = (summary.get("bootstrap") or {}).get("level", 0.95)
+            low = np.asarray([np.nan if v is None else v for v in band["low"]], np.float64)
+            high = np.asarray([np.nan if v is None else v for v in band["high"]], np.float64)
+            ax.fill_between(band["fpr"], low, high, step="post", color="tab:blue", alpha=0.18,
+                            linewidth=0, label=f"{level:.0%} bootstrap band "
+                            f"({summary['bootstrap']['unit']}s resampled)")
         fpr, tpr = disp.fpr, disp.tpr  # the curve just drawn
         pauc = isic_metrics.partial_auc_above_tpr(y_bin, score, MIN_TPR)
         # The area between the curve and TPR = 0.8 is exactly the Kaggle pAUC (see metrics).
@@ -258,20 +158,22 @@ def plot_roc(
             interpolate=True,
             color="tab:orange",
             alpha=0.35,
-            label=f"pAUC above {MIN_TPR:.0%} TPR = {pauc:.4f} (max {1 - MIN_TPR:.1f})",
+            label=f"pAUC above {MIN_TPR:.0%} TPR = {pauc:.4f}{ci_text(summary, 'pauc_80', 4)}",
         )
         ax.axhline(MIN_TPR, color="tab:orange", linestyle=":", linewidth=1)
         sens, spec = isic_metrics.sensitivity_specificity(y_bin, score, threshold)
+        op = (summary or {}).get("operating_point") or {}
+        how = f", {op['description']}" if op.get("description") else ""
         ax.plot(
             1 - spec,
             sens,
             "o",
             color="k",
             markersize=7,
-            label=f"threshold {threshold:g}: sens {sens:.2f}, spec {spec:.2f}",
+            label=f"threshold {threshold:.3g}{how}:\nsens {sens:.2f}, spec {spec:.2f}",
         )
         ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=1, label="chance (AUC = 0.5)")
-        ax.legend(loc="lower right", fontsize=9)
+        ax.legend(loc="lower right", fontsize=8)
     else:
         _no_data(ax, "ROC undefined: only one class in the labels")
     _roc_axes(ax, "False positive rate (1 - specificity)", "True positive rate (sensitivity)")
@@ -296,7 +198,8 @@ def plot_roc(
     _save(fig, path)
 
 
-def plot_pr(path: pathlib.Path, y_bin: np.ndarray, score: np.ndarray, threshold: float) -> None:
+def plot_pr(path: pathlib.Path, y_bin: np.ndarray, score: np.ndarray, threshold: float,
+            summary: Mapping[str, Any] | None = None) -> None:
     """Precision-recall of the malignant score, with the prevalence (chance) line."""
     fig, axes = _figure(size=(6.6, 5.6))
     ax = axes[0, 0]
@@ -307,7 +210,8 @@ def plot_pr(path: pathlib.Path, y_bin: np.ndarray, score: np.ndarray, threshold:
             y_bin, score, name="malignant score", ax=ax
         )
         ap = disp.average_precision
-        _line(disp).set(color="tab:blue", linewidth=2, label=f"malignant score (AP = {ap:.4f})")
+        _line(disp).set(color="tab:blue", linewidth=2,
+                        label=f"AP = {ap:.4f}{ci_text(summary, 'average_precision', 3)}")
         prevalence = n_pos / n
         ax.axhline(
             prevalence,
@@ -396,47 +300,59 @@ def plot_confusion(
     _save(fig, path)
 
 
-def plot_calibration(path: pathlib.Path, y_bin: np.ndarray, score: np.ndarray) -> None:
-    """Reliability diagram of the malignant score (10 uniform bins) over its histogram."""
-    fig, axes = _figure(2, 1, size=(6.4, 7.2), height_ratios=[3, 1.3], sharex=True)
+def plot_calibration(
+    path: pathlib.Path,
+    y_bin: np.ndarray,
+    score: np.ndarray,
+    raw_score: np.ndarray | None = None,
+    temperature: float | None = None,
+    num_bins: int = calibration.DEFAULT_BINS,
+    summary: Mapping[str, Any] | None = None,
+) -> None:
+    """Reliability diagram of the malignant score in `num_bins` equal-width bins (the ECE's
+    bins), before temperature scaling (raw_score) and after (score), over the histogram."""
+    fig, axes = _figure(2, 1, size=(6.6, 7.4), height_ratios=[3, 1.3], sharex=True)
     ax, ax_hist = axes[0, 0], axes[1, 0]
     n_pos, n = int(y_bin.sum()), y_bin.size
     ax.set_title(f"Calibration of the malignant score (n={n}, {n_pos} malignant)")
     if _both(y_bin):
-        clipped = np.clip(score, 0.0, 1.0)
-        brier = skm.brier_score_loss(y_bin, clipped)
-        disp = CalibrationDisplay.from_predictions(
-            y_bin,
-            clipped,
-            n_bins=_CALIBRATION_BINS,
-            strategy="uniform",
-            name=f"malignant score (Brier {brier:.4f})",
-            ax=ax,
-        )
-        # Images per point: a bin of 3 images swings as far as one of 300, and should not be read
-        # the same. Binned as sklearn's calibration_curve does (uniform edges, searchsorted).
-        edges = np.linspace(0.0, 1.0, _CALIBRATION_BINS + 1)
-        counts = np.bincount(np.searchsorted(edges[1:-1], clipped), minlength=_CALIBRATION_BINS)
-        for x, y, c in zip(disp.prob_pred, disp.prob_true, counts[counts > 0], strict=True):
+        curves = []
+        if raw_score is not None and temperature is not None and temperature != 1.0:
+            curves.append(("before temperature scaling", raw_score, "tab:orange", "s"))
+            curves.append((f"after (T = {temperature:.3g})", score, "tab:blue", "o"))
+        else:
+            curves.append(("malignant score", score, "tab:blue", "o"))
+        for (name, values, color, marker), when in zip(
+                curves, ("before", "after") if len(curves) == 2 else ("after",), strict=True):
+            rel = calibration.binary_calibration(values, y_bin, num_bins)
+            ci = (((summary or {}).get("calibration") or {}).get(when) or {}).get("ece_ci")
+            ece_ci = f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci and None not in ci else ""
+            xs = [b["confidence"] for b in rel["bins"]]
+            ys = [b["accuracy"] for b in rel["bins"]]
+            brier = skm.brier_score_loss(y_bin, np.clip(values, 0.0, 1.0))
+            ax.plot(xs, ys, marker=marker, color=color, linewidth=1.5, markersize=5,
+                    label=f"{name}: ECE {rel['ece']:.3f}{ece_ci}, MCE {rel['mce']:.3f}, "
+                          f"Brier {brier:.3f}")
+        # Images per bin of the last (reported) curve: a bin of 3 images swings as far as one of
+        # 300 and should not be read the same.
+        for b in rel["bins"]:
             ax.annotate(
-                f"{c}",
-                (x, y),
-                xytext=(0, -13 if y > 0.9 else 8),  # below points at the top (title)
+                f"{b['count']}",
+                (b["confidence"], b["accuracy"]),
+                xytext=(0, -13 if b["accuracy"] > 0.9 else 8),
                 textcoords="offset points",
                 ha="center",
                 va="center",
                 fontsize=7,
-                color="tab:blue",
-                # Legible over the curve and the diagonal it crosses.
+                color=color,
                 bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85},
                 zorder=5,
             )
-        # Lower right (confident but benign) stays empty unless the model is badly overconfident;
-        # the upper left held points of bins near 0.4 that are all malignant.
+        ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=1, label="perfectly calibrated")
         ax.legend(
-            loc="lower right",
-            fontsize=9,
-            title="numbers: images per bin",
+            loc="upper left",
+            fontsize=8,
+            title=f"{num_bins} equal-width bins; numbers: images per bin",
             title_fontsize=8,
             alignment="left",
         )
@@ -445,13 +361,52 @@ def plot_calibration(path: pathlib.Path, y_bin: np.ndarray, score: np.ndarray) -
     ax.set(xlabel="", ylabel="Fraction malignant (per bin)", xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
     bins = np.linspace(0.0, 1.0, 21)
     ax_hist.hist(np.clip(score, 0, 1), bins=bins, color="grey", edgecolor="white")
-    ax_hist.set(xlabel="Predicted malignant probability", ylabel="Images (log)")
+    ax_hist.set(xlabel="Predicted malignant probability (mean per bin)", ylabel="Images (log)")
     if n:
         ax_hist.set_yscale("log")
         # Plain numbers (40, 100) rather than 4x10^1: LogFormatter labels minor ticks only when
         # the range spans few decades, as the default does.
         ax_hist.yaxis.set_major_formatter(ticker.LogFormatter())
         ax_hist.yaxis.set_minor_formatter(ticker.LogFormatter(minor_thresholds=(2, 0.5)))
+    _save(fig, path)
+
+
+def plot_operating_point(
+    path: pathlib.Path,
+    y_bin: np.ndarray,
+    score: np.ndarray,
+    threshold: float,
+    summary: Mapping[str, Any] | None = None,
+) -> None:
+    """Sensitivity, specificity and PPV as functions of the threshold, the chosen one marked."""
+    fig, axes = _figure(size=(7.0, 5.8))
+    ax = axes[0, 0]
+    n_pos, n = int(y_bin.sum()), y_bin.size
+    ax.set_title(f"Operating point on the malignant score (n={n}, {n_pos} malignant)")
+    if _both(y_bin):
+        fpr, tpr, thr = skm.roc_curve(y_bin, score, drop_intermediate=False)
+        finite = np.isfinite(thr)
+        thr, fpr, tpr = thr[finite], fpr[finite], tpr[finite]
+        called = tpr * n_pos + fpr * (n - n_pos)
+        ppv = np.divide(tpr * n_pos, called, out=np.full(called.shape, np.nan), where=called > 0)
+        x = np.clip(thr, 0.0, 1.0)
+        ax.step(x, tpr, where="post", color=_MALIGNANT_COLOR, label="sensitivity")
+        ax.step(x, 1 - fpr, where="post", color=_BENIGN_COLOR, label="specificity")
+        ax.step(x, ppv, where="post", color="tab:green", linestyle="--", linewidth=1,
+                label=f"PPV (prevalence {n_pos / n:.3f})")
+        sens, spec = isic_metrics.sensitivity_specificity(y_bin, score, threshold)
+        op = (summary or {}).get("operating_point") or {}
+        how = f" ({op['description']})" if op.get("description") else ""
+        ax.axvline(threshold, color="k", linestyle="--", linewidth=1,
+                   label=f"threshold {threshold:.3g}{how}:\nsens {sens:.2f}"
+                         f"{ci_text(summary, 'sensitivity', 2)}, spec {spec:.2f}"
+                         f"{ci_text(summary, 'specificity', 2)}")
+        # Below the axes: inside, it hides the curves wherever it goes.
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8)
+    else:
+        _no_data(ax, "operating point undefined: only one class in the labels")
+    ax.set(xlabel="Threshold on the malignant score (malignant iff score >= threshold)",
+           ylabel="Rate", xlim=(0, 1), ylim=(-0.01, 1.01))
     _save(fig, path)
 
 
@@ -533,32 +488,35 @@ def plot_subgroups(
     breakdown: Mapping[str, Mapping[str, Mapping[str, Any]]],
     overall_auc: float,
 ) -> None:
-    """One horizontal bar panel per variable: AUC with a ~95 % interval (1.96 SE), n per group."""
+    """One horizontal bar panel per variable: AUC with its interval (the bootstrap's where
+    `breakdown` has auc_ci, else 1.96 SE), n per group."""
     variables = list(breakdown)
     sizes = [max(1, len(breakdown[v])) for v in variables] or [1]
     height = 1.2 + 0.38 * sum(sizes) + 0.7 * len(sizes)
     fig, axes = _figure(len(sizes), 1, size=(8.0, height), height_ratios=sizes)
-    titles = {"anatom_site": "Anatomic site", "sex": "Sex", "age_band": "Age band (years)"}
     if not variables:
-        _no_data(axes[0, 0], "no subgroup metadata (anatomic site, sex, age) in this split")
-    # Whiskers: AUC +- 1.96 SE clipped to [0, 1]; the x range starts low enough to show them.
-    lows = [
-        g["auc"] - 1.96 * (g["auc_se"] or 0.0)
-        for groups in breakdown.values()
-        for g in groups.values()
-        if g["auc"] is not None
-    ]
+        _no_data(axes[0, 0], "no subgroup metadata (site, sex, age, skin type) in this split")
+    # Whiskers: the bootstrap interval where there is one, else AUC +- 1.96 SE (Hanley-McNeil),
+    # clipped to [0, 1]; the x range starts low enough to show them.
+    def interval(g: Mapping[str, Any]) -> tuple[float, float]:
+        if g["auc"] is None:
+            return math.nan, math.nan
+        if g.get("auc_ci"):
+            return float(g["auc_ci"][0]), float(g["auc_ci"][1])
+        half = 1.96 * (g["auc_se"] or 0.0)
+        return max(0.0, g["auc"] - half), min(1.0, g["auc"] + half)
+
+    bootstrapped = any(g.get("auc_ci") for groups in breakdown.values() for g in groups.values())
+    lows = [interval(g)[0] for groups in breakdown.values() for g in groups.values()
+            if g["auc"] is not None]
     x_min = max(0.0, math.floor(10 * min([0.5, *lows]) - 0.5) / 10)
     for ax, variable in zip(axes[:, 0], variables, strict=False):
         groups = breakdown[variable]
         ypos = np.arange(len(groups))
         aucs = np.array([np.nan if g["auc"] is None else g["auc"] for g in groups.values()])
-        ses = np.array([np.nan if g["auc_se"] is None else g["auc_se"] for g in groups.values()])
+        bounds = np.array([interval(g) for g in groups.values()]).reshape(-1, 2)
         ok = np.isfinite(aucs)
-        half = 1.96 * np.nan_to_num(ses[ok])
-        xerr = np.stack(
-            [aucs[ok] - np.clip(aucs[ok] - half, 0, 1), np.clip(aucs[ok] + half, 0, 1) - aucs[ok]]
-        )
+        xerr = np.stack([aucs[ok] - bounds[ok, 0], bounds[ok, 1] - aucs[ok]])
         ax.barh(
             ypos[ok],
             aucs[ok] - 0.5,
@@ -591,9 +549,10 @@ def plot_subgroups(
         ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
         if math.isfinite(overall_auc):
             ax.axvline(overall_auc, color="tab:red", linestyle=":", linewidth=1.5)
-        ax.set(xlim=(x_min, 1.0), title=titles.get(variable, variable))
+        ax.set(xlim=(x_min, 1.0), title=TITLES.get(variable, variable))
     axes[-1, 0].set_xlabel(
-        "ROC AUC, malignant vs benign (bars from 0.5; whiskers 1.96 SE, Hanley-McNeil)"
+        "ROC AUC, malignant vs benign (bars from 0.5; whiskers: "
+        + ("95 % bootstrap interval)" if bootstrapped else "1.96 SE, Hanley-McNeil)")
     )
     if math.isfinite(overall_auc):
         fig.suptitle(f"AUC by subgroup (red dotted line: all images, AUC = {overall_auc:.3f})")
@@ -611,23 +570,30 @@ def write_report(
     malignant_classes: Sequence[int],
     threshold: float = 0.5,
     metadata: Mapping[str, Any] | None = None,
+    summary: Mapping[str, Any] | None = None,
+    raw_probs: Any | None = None,
 ) -> dict[str, Any]:
     """Writes the report's PNG figures into `out_dir` and returns the AUC by subgroup.
 
     Args:
       out_dir: folder for the figures (created).
-      probs: f32[N, C] class probabilities, C = len(class_names).
+      probs: f32[N, C] class probabilities (after temperature scaling, when there is one),
+        C = len(class_names).
       labels: int[N] true classes.
       class_names: the C class names.
       malignant_classes: indices of the malignant classes (binary task: [1]).
       threshold: on the malignant score (malignant iff score >= threshold).
       metadata: {"sex": int32[N] (SEX_NAMES index), "age": int32[N] (-1 missing),
-        "anatom_site": str/bytes[N], "patient_id": str/bytes[N]}, any key optional, or None.
+        "anatom_site": str/bytes[N], "fitzpatrick": str[N], "patient_id": str/bytes[N]}, any
+        key optional, or None.
+      summary: the split's metrics (`analysis.analyse`): bootstrap intervals and band, the
+        operating point, calibration and subgroup AUCs are drawn from it when present.
+      raw_probs: f32[N, C] before temperature scaling (the calibration figure shows both).
 
     Returns:
-      JSON-ready {"subgroup_auc": `subgroup_auc(...)` ({} without metadata),
-      "figures": [file names written, in FIGURES order]}. auc_by_subgroup.png is written
-      only when some subgroup variable is known.
+      JSON-ready {"subgroup_auc": summary's, else `subgroup_auc(...)` ({} without metadata),
+      "figures": [file names written, in FIGURES order]}. auc_by_subgroup.png is written only
+      when some subgroup variable is known.
     """
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -638,15 +604,25 @@ def write_report(
     if y.shape[0] != p.shape[0]:
         raise ValueError(f"{y.shape[0]} labels for {p.shape[0]} rows of probabilities")
     y_bin, score = isic_metrics.malignant_score(p, y, malignant_classes)
+    raw_score = None
+    if raw_probs is not None:
+        raw_score = isic_metrics.malignant_score(raw_probs, y, malignant_classes)[1]
+    cal = (summary or {}).get("calibration") or {}
 
-    plot_roc(out / "roc.png", y_bin, score, threshold, p, y, class_names)
-    plot_pr(out / "pr.png", y_bin, score, threshold)
+    plot_roc(out / "roc.png", y_bin, score, threshold, p, y, class_names, summary)
+    plot_pr(out / "pr.png", y_bin, score, threshold, summary)
+    plot_operating_point(out / "operating_point.png", y_bin, score, threshold, summary)
     plot_confusion(out / "confusion_matrix.png", p, y, class_names, y_bin, score, threshold)
-    plot_calibration(out / "calibration.png", y_bin, score)
+    plot_calibration(out / "calibration.png", y_bin, score, raw_score,
+                     cal.get("temperature"), int(cal.get("num_bins", calibration.DEFAULT_BINS)),
+                     summary)
     plot_score_distribution(
         out / "score_distribution.png", y_bin, score, threshold, y, class_names, malignant_classes
     )
-    breakdown = subgroup_auc(y_bin, score, metadata)
+    if summary is not None and "subgroup_auc" in summary:
+        breakdown = summary["subgroup_auc"]
+    else:
+        breakdown = subgroup_auc(y_bin, score, metadata)
     written = list(FIGURES[:-1])
     if breakdown:
         plot_subgroups(out / "auc_by_subgroup.png", breakdown, isic_metrics.roc_auc(y_bin, score))

@@ -5,7 +5,9 @@
 writes
 
     exports/r50/
-      model.json          which model, classes in order, input, exact preprocessing, platforms
+      model.json          which model, classes in order, input, exact preprocessing, platforms,
+                          the temperature and operating threshold `predict` applies
+      MODEL_CARD.md       the model card (model_card.json: the same as JSON; model_card.py)
       model.jax_export    jax.export artefact: uint8 [B, S, S, 3] RGB -> float32 [B, C] probs
       variables/          Orbax checkpoint {"params", "batch_stats"} (EMA weights when the run
                           kept them: the ones evaluation uses); no optimiser state
@@ -55,6 +57,7 @@ from isic_jax import config_utils
 from isic_jax.data import dataset, image_ops
 from isic_jax.data.isic import images, labels
 from isic_jax.evaluation import evaluate
+from isic_jax.inference import model_card
 from isic_jax.models import create_model
 from isic_jax.training import parallel, steps
 from isic_jax.training import state as train_state
@@ -486,16 +489,57 @@ def model_metadata(
     return _jsonable(meta)
 
 
+def calibration_metadata(validation: dict[str, Any] | None, config: Any) -> dict[str, Any]:
+    """model.json's "threshold", "operating_point" and "calibration" from the validation split's
+    metrics (`evaluate.validation_metrics`); without them, config.eval.threshold and T = 1.
+
+    `predict` applies the temperature to the exported function's probabilities (it is not
+    inside model.jax_export, so `--no-calibration` can turn it off) and then the threshold.
+    """
+    from isic_jax.evaluation import analysis
+
+    fitted = analysis.Fitted.from_metrics(validation) if validation else None
+    how = {"formula": "softmax(log(p) / temperature) of the exported function's probabilities",
+           "applied_by": "isic-jax predict (--no-calibration turns it off)"}
+    if fitted is None:
+        return {
+            "threshold": float(config.eval.threshold),
+            "calibration": {"temperature": 1.0, "fitted": False, **how},
+        }
+    op = validation["operating_point"]
+    cal = validation.get("calibration") or {}
+    return {
+        "threshold": fitted.threshold,
+        "operating_point": {
+            **fitted.to_json(),
+            **{k: op.get(k) for k in ("sensitivity", "specificity", "ppv", "npv")},
+            "rule": "malignant iff malignant_probability >= threshold",
+        },
+        "calibration": {
+            "temperature": fitted.temperature,
+            "fitted": True,
+            "fitted_on": fitted.fitted_on,
+            "ece_before": cal.get("ece_before"),
+            "ece_after": cal.get("ece_after"),
+            "num_bins": cal.get("num_bins"),
+            **how,
+        },
+    }
+
+
 def write_export(
     output: pathlib.Path, artefact: Artefact, variables: dict[str, PyTree], config: Any,
-    meta: dict[str, Any],
+    meta: dict[str, Any], write_extra: Callable[[pathlib.Path], None] | None = None,
 ) -> None:
-    """Writes the export folder atomically (`utils.atomic_directory`): never half-written."""
+    """Writes the export folder atomically (`utils.atomic_directory`): never half-written.
+    `write_extra(folder)` adds files (the model card) before the rename."""
     with atomic_directory(output) as tmp:
         (tmp / EXPORTED_FILE).write_bytes(artefact.serialized)
         save_variables(tmp / VARIABLES_DIR, variables)
         config_utils.save_config(config, tmp)  # tmp/config.json
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if write_extra is not None:
+            write_extra(tmp)
 
 
 def export_checkpoint(
@@ -549,5 +593,21 @@ def export_checkpoint(
                     "metrics": metrics},
     )
     meta["export"]["tta_inside"] = bool(tta)
-    write_export(output, artefact, variables, config, meta)
+    card = add_validation(meta, config, variables, workdir, int(step))
+    write_export(output, artefact, variables, config, meta,
+                 write_extra=lambda folder: model_card.write_card(folder, card))
     return meta
+
+
+def add_validation(
+    meta: dict[str, Any], config: Any, variables: dict[str, PyTree], workdir: pathlib.Path,
+    step: int,
+) -> dict[str, Any]:
+    """Adds the validation fold's calibration and operating threshold to `meta` (model.json) and
+    returns the model card (`model_card.build_card`)."""
+    validation, how = evaluate.validation_metrics(workdir, config, step)
+    meta.update(_jsonable(calibration_metadata(validation, config)))
+    meta["validation_source"] = how
+    meta["model_card"] = {"markdown": model_card.MARKDOWN_FILE, "json": model_card.JSON_FILE}
+    return model_card.build_card(meta, config, jax.device_get(variables), validation=validation,
+                                 validation_source=how, workdir=workdir)

@@ -28,8 +28,17 @@ pixel limit) + shorter-side resize to `stored_size` + JPEG re-encode, then
 normalisation run inside the model function. An image that fails gets a row with an `error` and
 the run goes on.
 
-Output: one row per input: image_id, path, prob_<class> for every class, prediction (the class
-with the highest probability), malignant_probability (sum over the malignant classes), error.
+Calibration and decision (`decision_rule`, from model.json): the exported function's
+probabilities are divided in log space by the temperature fitted on the validation fold
+(softmax(log(p) / T); `calibrate=False` / `--no-calibration` skips it), and an image is called
+malignant when its malignant probability reaches the operating threshold chosen on the
+validation fold (model.json "threshold"; the one chosen for uncalibrated scores without
+calibration). Exports without these fields: T = 1 and their "threshold".
+
+Output: one row per input: image_id, path, prob_<class> for every class (calibrated),
+prediction (binary: "malignant" iff malignant_probability >= threshold, else the other class;
+several classes: the most probable class on the side of the threshold the image falls on),
+malignant_probability (sum over the malignant classes), malignant_at_threshold (1/0), error.
 With `submission`, the exact columns of that ISIC challenge (`SUBMISSION_COLUMNS`; failed images
 are left out of that file and listed in `<output>.errors.csv`). `tta`: the mean of the
 probabilities over the 8 flips/transposes of the input (8x the compute).
@@ -55,6 +64,7 @@ from isic_jax import config_utils, logging_utils
 from isic_jax.data import image_ops
 from isic_jax.data.isic import images, labels
 from isic_jax.data.isic.releases import SourceTree
+from isic_jax.evaluation import calibration
 from isic_jax.inference import export as export_lib
 from isic_jax.utils import write_csv
 
@@ -423,6 +433,7 @@ class Summary:
     backend: str
     num_devices: int
     seconds: float
+    decision: Decision | None = None
 
     @property
     def num_failed(self) -> int:
@@ -509,6 +520,57 @@ def predict_items(
     return probs, errors
 
 
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """How `predict` turns probabilities into its `prediction` column (from model.json).
+
+    temperature: applied to the exported function's probabilities (1: none);
+    threshold: on the malignant probability (malignant iff >= threshold); source: where both
+    come from, for the message and the model card.
+    """
+
+    temperature: float
+    threshold: float
+    calibrated: bool
+    source: str
+
+    def describe(self) -> str:
+        cal = (f"probabilities calibrated with temperature {self.temperature:.4g}"
+               if self.temperature != 1.0 else "probabilities not calibrated")
+        return (f"prediction: malignant iff malignant_probability >= {self.threshold:.4g} "
+                f"({self.source}); {cal}")
+
+
+def decision_rule(meta: dict[str, Any], calibrate: bool = True) -> Decision:
+    """The temperature and threshold of an export's model.json.
+
+    Exports written before calibration existed have neither "calibration" nor
+    "operating_point": temperature 1 and their "threshold". With calibrate=False the temperature
+    is 1 and the threshold the one chosen on uncalibrated scores (when the export has it).
+    """
+    op = meta.get("operating_point") or {}
+    temperature = float((meta.get("calibration") or {}).get("temperature", 1.0))
+    how = op.get("description") or "model.json threshold"
+    if not calibrate:
+        threshold = op.get("threshold_uncalibrated", meta.get("threshold", 0.5))
+        return Decision(1.0, float(threshold), False,
+                        f"{how}, on uncalibrated scores (--no-calibration)")
+    return Decision(temperature, float(meta.get("threshold", 0.5)), temperature != 1.0, how)
+
+
+def apply_decision(
+    probs: np.ndarray, decision: Decision, malignant: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(probabilities float32 [N, C] after the temperature, malignant probability f32[N],
+    malignant at the threshold bool[N]); rows of NaN (failed images) stay NaN / False."""
+    out = np.array(probs, np.float32, copy=True)
+    ok = np.all(np.isfinite(out), axis=1)
+    if decision.temperature != 1.0 and ok.any():
+        out[ok] = calibration.apply_temperature(out[ok], decision.temperature)
+    mal = out[:, list(malignant)].sum(axis=1)
+    return out, mal, ok & (mal >= decision.threshold)
+
+
 def errors_path(output: str | os.PathLike) -> pathlib.Path:
     """Where a submission's failed images are listed: <output stem>.errors.csv."""
     output = pathlib.Path(output)
@@ -527,8 +589,12 @@ def predict_to_csv(
     devices: Sequence[jax.Device] | None = None,
     num_workers: int | None = None,
     progress: bool = True,
+    calibrate: bool = True,
 ) -> Summary:
     """Predicts every image of `source` (folder or CSV) and writes `output` (see module doc).
+
+    calibrate: apply model.json's temperature (False: the raw probabilities, and the threshold
+    chosen for them).
 
     Raises:
       InputError: a bad --input. SubmissionError: the model cannot fill the submission
@@ -542,23 +608,27 @@ def predict_to_csv(
     malignant = list(model.meta["malignant_classes"])
     if submission is not None:  # fails before any image is read
         submission_table(submission, [], np.zeros((0, len(names))), names, malignant)
+    decision = decision_rule(model.meta, calibrate)
     probs, errors = predict_items(
         model, items, tta_flips=tta_flips, batch_size=batch_size, devices=devices,
         num_workers=num_workers, progress=progress,
     )
+    probs, mal_prob, flagged = apply_decision(probs, decision, malignant)
     ok = [i for i, e in enumerate(errors) if e is None]
     errors_file = None
     if submission is None:
         header = ["image_id", "path", *[f"prob_{n}" for n in names], "prediction",
-                  "malignant_probability", "error"]
+                  "malignant_probability", "malignant_at_threshold", "error"]
         rows = []
         for i, item in enumerate(items):
             if errors[i] is None:
                 p = probs[i]
                 rows.append([item.image_id, item.shown, *[_fmt(v) for v in p],
-                             names[int(np.argmax(p))], _fmt(p[malignant].sum()), ""])
+                             prediction_label(p, bool(flagged[i]), names, malignant),
+                             _fmt(mal_prob[i]), int(flagged[i]), ""])
             else:
-                rows.append([item.image_id, item.shown, *[""] * len(names), "", "", errors[i]])
+                rows.append([item.image_id, item.shown, *[""] * len(names), "", "", "",
+                             errors[i]])
         write_csv(output, header, rows)
     else:
         header, rows = submission_table(
@@ -574,5 +644,19 @@ def predict_to_csv(
         items=list(items), probs=probs, errors=errors, class_names=names, output=output,
         errors_file=errors_file, backend=model.backend,
         num_devices=len(devices) if devices is not None else jax.local_device_count(),
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - start, decision=decision,
     )
+
+
+def prediction_label(
+    probs: np.ndarray, malignant_at_threshold: bool, names: Sequence[str],
+    malignant: Sequence[int],
+) -> str:
+    """The `prediction` column: for two classes, the malignant class iff the malignant
+    probability reaches the threshold (else the other); for several, the most probable class
+    within the side of the threshold the image falls on (malignant classes, or the others)."""
+    mal = set(int(c) for c in malignant)
+    side = [c for c in range(len(names)) if (c in mal) == malignant_at_threshold]
+    if not side:  # every class on one side: the threshold cannot pick
+        side = list(range(len(names)))
+    return names[max(side, key=lambda c: probs[c])]

@@ -111,6 +111,9 @@ def features(release: str) -> tfds.features.FeaturesDict:
             "age": tfds.features.Scalar(dtype=np.int32),  # -1 = missing
             "sex": tfds.features.ClassLabel(names=L.SEX_NAMES),  # 0 = unknown
             "anatom_site": tfds.features.Text(),  # "unknown" = missing
+            # Fitzpatrick skin type as the metadata writes it ("" = missing; readers of
+            # datasets prepared before this field treat it as missing).
+            "fitzpatrick": tfds.features.Text(),
             "fold": tfds.features.Scalar(dtype=np.int32),
         }
     )
@@ -148,6 +151,9 @@ class Isic(tfds.core.GeneratorBasedBuilder):
         self._skipped: list[releases.Skip] = []
         self._scan: releases.Scan | None = None
         self._counts: dict[str, dict[str, list[int]]] = {}
+        # Images per attribution / licence in the source metadata (those written).
+        self._attributions: collections.Counter[str] = collections.Counter()
+        self._licenses: collections.Counter[str] = collections.Counter()
         super().__init__(**kwargs)
 
     @property
@@ -177,6 +183,8 @@ class Isic(tfds.core.GeneratorBasedBuilder):
     def _download_and_prepare(self, dl_manager, download_config) -> None:  # noqa: ANN001
         start = time.perf_counter()
         self._skipped, self._counts, self._scan = [], {}, None
+        self._attributions.clear()
+        self._licenses.clear()
         with tfds_compat.shuffler_gfile(), images.pil_limits(self.options.max_pixels):
             super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)
         seconds = time.perf_counter() - start
@@ -264,6 +272,10 @@ class Isic(tfds.core.GeneratorBasedBuilder):
                 continue
             counts["label"][cand.label] += 1
             counts["diagnosis"][cand.diagnosis] += 1
+            if cand.attribution:
+                self._attributions[cand.attribution] += 1
+            if cand.license:
+                self._licenses[cand.license] += 1
             yield (
                 cand.image_id,
                 {
@@ -276,6 +288,7 @@ class Isic(tfds.core.GeneratorBasedBuilder):
                     "age": np.int32(cand.age),
                     "sex": cand.sex,
                     "anatom_site": cand.anatom_site,
+                    "fitzpatrick": cand.fitzpatrick,
                     "fold": np.int32(fold),
                 },
             )
@@ -329,6 +342,10 @@ class Isic(tfds.core.GeneratorBasedBuilder):
                 for s, c in self._counts.items()
             },
             "num_skipped": len(self._skipped),
+            # Images per attribution and per licence where the source metadata has them
+            # (ISIC Archive exports, ISIC 2024), most frequent first; {} otherwise.
+            "attributions": dict(self._attributions.most_common()),
+            "licenses": dict(self._licenses.most_common()),
             "skipped": [s.to_json() for s in self._skipped],
             "seconds": round(seconds, 3),
             "images_decoded": decoded,

@@ -79,6 +79,11 @@ class Candidate:
     age: int = -1
     sex: str = "unknown"
     anatom_site: str = L.UNKNOWN_SITE
+    # Where the metadata has them ("" otherwise): Fitzpatrick skin type as written (I-VI), and
+    # the image's attribution and licence (the prepare report counts them for model cards).
+    fitzpatrick: str = ""
+    attribution: str = ""
+    license: str = ""
 
     @property
     def group(self) -> str:
@@ -438,6 +443,9 @@ def _candidate(release: str, row: Row, path: str, hdf5_key: str | None = None) -
         age=row.age,
         sex=row.sex,
         anatom_site=row.anatom_site,
+        fitzpatrick=row.fitzpatrick,
+        attribution=row.attribution,
+        license=row.license,
     )
 
 

@@ -114,6 +114,7 @@ def _read_json(inputs: Inputs) -> Iterator[R.Row | R.Skip]:
             age=L.parse_age(clinical.get("age_approx")),
             sex=L.parse_sex(clinical.get("sex")),
             anatom_site=L.parse_site(clinical.get("anatom_site_general")),
+            fitzpatrick=L.parse_text(clinical.get("fitzpatrick_skin_type")),
         )
 
 

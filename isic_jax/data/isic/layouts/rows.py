@@ -41,6 +41,11 @@ class Row:
     age: int = -1
     sex: str = "unknown"
     anatom_site: str = L.UNKNOWN_SITE
+    # Where the metadata has them ("" otherwise): Fitzpatrick skin type as written (I-VI), and
+    # the image's attribution and licence (the prepare report counts them for model cards).
+    fitzpatrick: str = ""
+    attribution: str = ""
+    license: str = ""
 
 
 def stem(rel: str) -> str:
@@ -112,6 +117,9 @@ def archive_fields(row: Mapping[str, str]) -> dict[str, Any]:
         "age": L.parse_age(row.get("age_approx")),
         "sex": L.parse_sex(row.get("sex")),
         "anatom_site": L.parse_site(row.get("anatom_site_general")),
+        "fitzpatrick": L.parse_text(row.get("fitzpatrick_skin_type")),
+        "attribution": L.parse_text(row.get("attribution")),
+        "license": L.parse_text(row.get("copyright_license")),
     }
 
 
