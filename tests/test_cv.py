@@ -125,6 +125,7 @@ def test_cv_trains_every_fold_writes_oof_and_resumes(data_dir, tmp_path) -> None
         fold_ids = {r["image_id"] for r in rows if r["fold"] == str(k)}
         member = _oof_rows(workdir / f"fold_{k}" / "eval" / "val" / "predictions.csv")
         assert fold_ids == {r["image_id"] for r in member}
+    assert {"sex", "age", "anatom_site"} <= set(rows[0])  # subgroup metadata for stackers
     probs = np.array([[float(r["prob_benign"]), float(r["prob_malignant"])] for r in rows])
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
     np.testing.assert_allclose([float(r["malignant_probability"]) for r in rows], probs[:, 1],
@@ -190,6 +191,11 @@ def test_ensemble_export_averages_the_folds_and_predict_uses_it(data_dir, tmp_pa
     assert meta["format_version"] == 2 and meta["ensemble"]["size"] == 3
     assert meta["ensemble"]["cv"]["oof"]["num_examples"] > 0
     assert meta["export"]["verified_max_abs_diff"] <= 1e-5
+    # Temperature and threshold fitted on the pooled out-of-fold predictions; a model card.
+    assert meta["calibration"]["fitted"] and meta["calibration"]["fitted_on"] == "oof"
+    assert 0.0 < meta["threshold"] < 1.0 and "out-of-fold" in meta["validation_source"]
+    card = json.loads((tmp_path / "ens" / "model_card.json").read_text())
+    assert (tmp_path / "ens" / "MODEL_CARD.md").stat().st_size > 500
 
     images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     singles = []
@@ -197,6 +203,9 @@ def test_ensemble_export_averages_the_folds_and_predict_uses_it(data_dir, tmp_pa
         export.export_checkpoint(workdir / f"fold_{k}", tmp_path / f"single_{k}")
         singles.append(np.asarray(export.load_exported(tmp_path / f"single_{k}").call(images)))
     averaged = np.asarray(export.load_exported(tmp_path / "ens").call(images))
+    assert card["model"]["parameters"] == sum(  # every member's parameters counted
+        json.loads((tmp_path / f"single_{k}" / "model_card.json").read_text())["model"]
+        ["parameters"] for k in range(NUM_FOLDS))
     np.testing.assert_allclose(averaged, np.mean(singles, axis=0), atol=1e-5)
     rebuilt = predict.load_model(tmp_path / "ens", backend="checkpoint")
     np.testing.assert_allclose(np.asarray(rebuilt.forward(images)), averaged, atol=1e-5)

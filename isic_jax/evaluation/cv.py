@@ -19,6 +19,7 @@ machines can each run some folds (`--folds k`) into the same shared workdir.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import os
@@ -340,24 +341,62 @@ def _pool(rows: list[tuple[Member, predictions.Predictions]]) -> _OOF:
         return np.array([getattr(keyed[k][0][0], name)[keyed[k][0][1]] for k in keys])
 
     probs = np.stack([np.mean([p.probs[i] for p, i in keyed[k]], axis=0) for k in keys])
+    has_fitzpatrick = all(p.fitzpatrick is not None for _, p in rows)
     return _OOF(
         probs=probs.astype(np.float32), labels=column("labels").astype(np.int32),
         index=column("index").astype(np.int64), image_id=column("image_id").astype(object),
         patient_id=column("patient_id").astype(object), sex=column("sex").astype(np.int32),
         age=column("age").astype(np.int32), anatom_site=column("anatom_site").astype(object),
+        fitzpatrick=column("fitzpatrick").astype(object) if has_fitzpatrick else None,
         fold=np.array([k[0] for k in keys], np.int32),
         num_members=np.array([len(keyed[k]) for k in keys], np.int32),
     )
 
 
+# Subgroup metadata in the OOF file (for stackers, the ensemble's calibration and model card).
+_OOF_METADATA = ("sex", "age", "anatom_site", "fitzpatrick")
+
+
 def _write_oof(path: pathlib.Path, oof: _OOF, class_names: list[str], malignant: list[int]
                ) -> None:
+    fitz = oof.fitzpatrick if oof.fitzpatrick is not None else np.full(len(oof.labels), "")
     header = ["image_id", "patient_id", "fold", "label", *[f"prob_{n}" for n in class_names],
-              "malignant_probability", "num_members"]
+              "malignant_probability", "num_members", *_OOF_METADATA]
     rows = ([oof.image_id[i], oof.patient_id[i], int(oof.fold[i]), int(oof.labels[i]),
              *[f"{p:.6g}" for p in oof.probs[i]], f"{oof.probs[i][malignant].sum():.6g}",
-             int(oof.num_members[i])] for i in range(len(oof.labels)))
+             int(oof.num_members[i]), int(oof.sex[i]), int(oof.age[i]), oof.anatom_site[i],
+             fitz[i]] for i in range(len(oof.labels)))
     write_csv(path, header, rows)
+
+
+def read_oof(path: str | os.PathLike, class_names: Sequence[str]) -> _OOF:
+    """`oof_predictions.csv` back as predictions (probabilities float32 [N, C], labels, ids,
+    subgroup metadata), in file order.
+
+    Raises:
+      CVError: a missing file, or columns that are not those of `class_names`.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise CVError(f"{path} not found: run `isic-jax cv --workdir {path.parent} --summarize`")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    columns = [f"prob_{n}" for n in class_names]
+    if not rows or any(c not in rows[0] for c in (*columns, "label", "fold")):
+        raise CVError(f"{path} does not hold out-of-fold predictions of the classes "
+                      f"{', '.join(class_names)}")
+
+    def col(name: str, dtype: Any, default: Any = "") -> np.ndarray:
+        return np.array([r.get(name, default) for r in rows]).astype(dtype)
+
+    return _OOF(
+        probs=np.array([[float(r[c]) for c in columns] for r in rows], np.float32),
+        labels=col("label", np.int32), index=np.arange(len(rows), dtype=np.int64),
+        image_id=col("image_id", object), patient_id=col("patient_id", object),
+        sex=col("sex", np.int32, 0), age=col("age", np.int32, -1),
+        anatom_site=col("anatom_site", object, "unknown"), fitzpatrick=col("fitzpatrick", object),
+        fold=col("fold", np.int32), num_members=col("num_members", np.int32, 1),
+    )
 
 
 def _stat(rows: list[dict[str, Any]], key: str, fn: Any) -> float | None:

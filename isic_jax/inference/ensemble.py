@@ -25,8 +25,8 @@ from typing import Any
 import jax
 
 from isic_jax import config_utils
-from isic_jax.evaluation import cv, evaluate
-from isic_jax.inference import export
+from isic_jax.evaluation import analysis, cv, evaluate
+from isic_jax.inference import export, model_card
 from isic_jax.training import parallel
 from isic_jax.utils import atomic_directory
 
@@ -146,14 +146,46 @@ def export_ensemble(
             " over the 8 flips/transposes of the input" if tta else ""),
         "cv": _cv_summary(runs),
     }
+    validation, how = oof_validation(runs, configs[0])
+    meta.update(export.calibration_metadata(validation, configs[0]))
+    meta["validation_source"] = how
+    meta["model_card"] = {"markdown": model_card.MARKDOWN_FILE, "json": model_card.JSON_FILE}
     meta = export._jsonable(meta)
+    card = model_card.build_card(meta, configs[0], {"params": [v["params"] for v in variables],
+                                                    "batch_stats": [v["batch_stats"]
+                                                                    for v in variables]},
+                                 validation=validation, validation_source=how, workdir=runs[0])
     with atomic_directory(output) as tmp:
         (tmp / export.EXPORTED_FILE).write_bytes(artefact.serialized)
         for entry, member_vars, config in zip(entries, variables, configs, strict=True):
             export.save_variables(tmp / entry["dir"] / export.VARIABLES_DIR, member_vars)
             config_utils.save_config(config, tmp / entry["dir"])
         (tmp / export.METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        model_card.write_card(tmp, card)
     return meta
+
+
+def oof_validation(runs: Sequence[pathlib.Path], config: Any
+                   ) -> tuple[dict[str, Any] | None, str]:
+    """What the ensemble's temperature, operating threshold and model card are fitted on: the
+    pooled out-of-fold predictions of the cv workdir the members come from (each image scored by
+    the members that did not train on it: an approximation of the ensemble's own, which has no
+    held-out data). (None, why) for members from anywhere else: predict then uses T = 1 and
+    config.eval.threshold."""
+    parents = {run.parent for run in runs}
+    if len(parents) != 1 or not (next(iter(parents)) / cv.OOF_FILE).is_file():
+        return None, ("not calibrated: the members do not come from one cv workdir with "
+                      f"{cv.OOF_FILE}")
+    path = next(iter(parents)) / cv.OOF_FILE
+    class_names = export.class_names_for(config)
+    malignant = export.malignant_classes_for(config, class_names)
+    oof = cv.read_oof(path, class_names)
+    settings = analysis.EvalSettings.from_config(config)
+    fitted = analysis.fit(oof.probs, oof.labels, malignant, settings, split="oof")
+    summary, _ = analysis.analyse(oof, class_names, malignant, settings, fitted)
+    return {"split": "oof", **summary}, (
+        f"pooled out-of-fold predictions of the members ({path}), an approximation of the "
+        f"ensemble's own")
 
 
 def _cv_summary(runs: Sequence[pathlib.Path]) -> dict[str, Any] | None:
