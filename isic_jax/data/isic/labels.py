@@ -37,6 +37,13 @@ ARCHIVE_CLASSES: list[str] = [
     "other",
 ]
 
+# The common taxonomy of several releases trained together (`config.data.release =
+# "isic2019+isic2020"`): the ISIC 2019 training classes plus "unknown" (no or an unmatched
+# diagnosis), as the SIIM-ISIC 2020 winners mapped 2018-2020 onto one target. Each release entry
+# maps its own classes onto these (`Release.common`).
+COMMON_CLASSES: list[str] = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "unknown"]
+COMMON_MALIGNANT: list[str] = ["MEL", "BCC", "AK", "SCC"]
+
 # Keyword rules for ARCHIVE_CLASSES, tried in order on the lower-cased text (first match wins).
 # Covers the legacy `diagnosis` values ("nevus", "lentigo NOS", "angioma", ...) and the current
 # hierarchical taxonomy ("Melanoma Invasive", "Solar or actinic keratosis", "Hemangioma", ...).

@@ -234,6 +234,7 @@ RELEASE = Release(
     name="archive",
     classes=tuple(L.ARCHIVE_CLASSES),
     malignant=("MEL", "BCC", "SCC", "AK"),
+    common={"other": "unknown"},
     expected=(
         "`isic image download` export: metadata.csv with columns isic_id + diagnosis_1 (or "
         "benign_malignant), images <isic_id>.jpg|.png; or legacy per-image JSON records "

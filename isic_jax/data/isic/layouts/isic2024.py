@@ -172,6 +172,7 @@ RELEASE = Release(
     name="isic2024",
     classes=tuple(L.ARCHIVE_CLASSES),
     malignant=("MEL", "BCC", "SCC", "AK"),
+    common={"other": "unknown"},
     expected=(
         "train-metadata.csv (isic_id,target,patient_id,...) + train-image.hdf5 (one dataset per "
         "isic_id holding JPEG bytes) or image files (train-image/image/)"
@@ -209,6 +210,7 @@ RELEASE = Release(
         ),
     ),
     ids=("patient", "lesion"),
+    submission=("isic_id", "target"),
     synth=SynthSpec(
         diagnoses=(
             dx("Benign", BENIGN, 0.90, ("NV", 0.8), ("LENTIGO", 0.1), ("BKL", 0.1)),
