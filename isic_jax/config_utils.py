@@ -125,6 +125,34 @@ def _range(lo: float, hi: float | None) -> Callable[[Any], str | None]:
     return check
 
 
+def _releases(v: Any) -> str | None:
+    """One release, or several joined by "+" (each once), trained on their union."""
+    if not isinstance(v, str) or not v:
+        return f"must be a release ({', '.join(RELEASES)}) or several joined by +, got {v!r}"
+    parts = [p.strip() for p in v.split("+")]
+    unknown = [p for p in parts if p not in RELEASES]
+    if unknown:
+        return (f"names unknown release(s) {', '.join(repr(p) for p in unknown)} in {v!r}; "
+                f"known: {', '.join(RELEASES)} (several: joined by +, e.g. isic2019+isic2020)")
+    if len(set(parts)) != len(parts):
+        return f"names a release twice: {v!r}"
+    return None
+
+
+def _metadata_features(v: Any) -> str | None:
+    """A comma-separated list of metadata feature names ("" for none); which exist is checked
+    against the prepared dataset (`data.metadata`)."""
+    if not isinstance(v, str):
+        return f"must be a comma-separated string of feature names (e.g. age,sex,site), got {v!r}"
+    from isic_jax.data.metadata import parse_feature_list
+
+    try:
+        parse_feature_list(v)
+    except ValueError as exc:
+        return f"must be a comma-separated list of feature names (e.g. age,sex,site): {exc}"
+    return None
+
+
 def _model_name(v: Any) -> str | None:
     from isic_jax.models.resnet import ARCHITECTURES  # flax: imported only to check this key
 
@@ -135,7 +163,7 @@ def _model_name(v: Any) -> str | None:
 # tests/test_config.py checks that the two list the same keys).
 _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "seed": _int(0),
-    "data.release": _choice(RELEASES),
+    "data.release": _releases,
     "data.stored_size": _int(32),
     "data.data_dir": _str,
     "data.num_folds": _int(2),
@@ -160,6 +188,7 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "model.dropout": _num(0.0, 1.0, hi_open=True),
     "model.dtype": _choice(MODEL_DTYPES),
     "model.width": _int(1),
+    "model.metadata": _metadata_features,
     "loss.name": _choice(("cross_entropy", "focal")),
     "loss.label_smoothing": _num(0.0, 1.0, hi_open=True),
     "loss.class_weights": _choice(("none", "balanced")),

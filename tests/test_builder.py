@@ -92,7 +92,7 @@ def test_every_release_layout(tmp_path, layout):
     builder = build(source, tmp_path / "data", release)
 
     assert builder.is_prepared()
-    assert builder.info.full_name == f"isic/{release}_{IMAGE_SIZE}/1.0.0"
+    assert builder.info.full_name == f"isic/{release}_{IMAGE_SIZE}/{isic.VERSION}"
     assert list(builder.info.splits) == ["fold0", "fold1"]
     recs = records(builder)
     assert sorted(r["image_id"].decode() for r in recs) == good_ids

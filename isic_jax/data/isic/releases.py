@@ -85,6 +85,10 @@ class Candidate:
     age: int = -1
     sex: str = "unknown"
     anatom_site: str = L.UNKNOWN_SITE
+    tabular: tuple[float, ...] = ()  # Release.tabular, NaN = missing
+    tabular_text: tuple[str, ...] = ()  # Release.tabular_text, "" = missing
+    attribution: str = ""
+    copyright_license: str = ""
 
     @property
     def group(self) -> str:
@@ -457,6 +461,12 @@ def _locate(
 
 
 def _candidate(release: str, row: Row, path: str, hdf5_key: str | None = None) -> Candidate:
+    entry = ENTRIES[release]
+    # A reader that read no tabular column gives all of them as missing.
+    tabular = row.tabular or (float("nan"),) * len(entry.tabular)
+    tabular_text = row.tabular_text or ("",) * len(entry.tabular_text)
+    if len(tabular) != len(entry.tabular) or len(tabular_text) != len(entry.tabular_text):
+        raise ValueError(f"{release}: the reader gave tabular values that do not fit the entry")
     return Candidate(
         image_id=row.image_id,
         path=path,
@@ -468,6 +478,10 @@ def _candidate(release: str, row: Row, path: str, hdf5_key: str | None = None) -
         age=row.age,
         sex=row.sex,
         anatom_site=row.anatom_site,
+        tabular=tuple(tabular),
+        tabular_text=tuple(tabular_text),
+        attribution=row.attribution,
+        copyright_license=row.copyright_license,
     )
 
 

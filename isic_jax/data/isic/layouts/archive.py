@@ -80,7 +80,10 @@ def _read_csv(inputs: Inputs) -> Iterator[R.Row | R.Skip]:
         diagnosis = L.archive_class(
             *(row.get(f"diagnosis_{i}") for i in (5, 4, 3, 2)), row.get("diagnosis")
         )
-        yield R.Row(image_id, where, label, diagnosis, **R.archive_fields(row))
+        yield R.Row(
+            image_id, where, label, diagnosis, **R.archive_fields(row),
+            **R.extra_fields(row),
+        )  # fmt: skip
 
 
 def _read_json(inputs: Inputs) -> Iterator[R.Row | R.Skip]:
@@ -114,6 +117,7 @@ def _read_json(inputs: Inputs) -> Iterator[R.Row | R.Skip]:
             age=L.parse_age(clinical.get("age_approx")),
             sex=L.parse_sex(clinical.get("sex")),
             anatom_site=L.parse_site(clinical.get("anatom_site_general")),
+            **R.extra_fields({**clinical, **record}),
         )
 
 

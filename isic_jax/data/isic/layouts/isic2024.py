@@ -48,6 +48,15 @@ METADATA_COLUMNS: list[str] = [
 ]  # fmt: skip
 
 
+# Stored per image (the `tabular` / `tabular_text` features): the lesion measurements of the
+# TBP lesion visualizer and the clinical size. Not stored: the diagnoses (iddx_*) and what only a
+# histopathology report gives (mel_mitotic_index, mel_thick_mm): they are the label.
+TABULAR_TEXT: tuple[str, ...] = ("tbp_tile_type", "tbp_lv_location", "tbp_lv_location_simple")
+TABULAR: tuple[str, ...] = ("clin_size_long_diam_mm", *(
+    c for c in METADATA_COLUMNS if c.startswith("tbp_lv_") and c not in TABULAR_TEXT
+))  # fmt: skip
+
+
 def _read(inputs: Inputs) -> Iterator[R.Row | R.Skip]:
     rel = inputs.files["metadata"]
     for line, row in R.dict_rows(inputs.path("metadata")):
@@ -62,7 +71,10 @@ def _read(inputs: Inputs) -> Iterator[R.Row | R.Skip]:
         diagnosis = L.archive_class(
             *(row.get(f"iddx_{i}") for i in (5, 4, 3, 2)), full if "::" in full else ""
         )
-        yield R.Row(image_id, f"{rel} row {line}", label, diagnosis, **R.archive_fields(row))
+        yield R.Row(
+            image_id, f"{rel} row {line}", label, diagnosis, **R.archive_fields(row),
+            **R.extra_fields(row, TABULAR, TABULAR_TEXT),
+        )  # fmt: skip
 
 
 def _values(r: MetadataRow) -> dict[str, str]:
@@ -211,6 +223,8 @@ RELEASE = Release(
     ),
     ids=("patient", "lesion"),
     submission=("isic_id", "target"),
+    tabular=TABULAR,
+    tabular_text=TABULAR_TEXT,
     synth=SynthSpec(
         diagnoses=(
             dx("Benign", BENIGN, 0.90, ("NV", 0.8), ("LENTIGO", 0.1), ("BKL", 0.1)),
