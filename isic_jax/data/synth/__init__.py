@@ -155,9 +155,10 @@ def write_synthetic(
     fmt_key = list(ENTRIES).index(release.name)
     plan_rng = np.random.default_rng([seed, fmt_key, 0])
     meta_rng = np.random.default_rng([seed, fmt_key, 1])
+    signal_rng = np.random.default_rng([seed, fmt_key, 3])
     plan = make_plan(spec, num_images, frac, image_size, plan_rng)
     records = plan.records
-    invent_metadata(spec, plan, meta_rng)
+    invent_metadata(spec, plan, meta_rng, signal_rng)
 
     # Images: one generator per lesion (its look) and per image (its photo).
     encoded: dict[int, bytes] = {}
