@@ -205,7 +205,7 @@ def _per_image(image: Drawn, rng: np.random.Generator) -> dict[str, str]:
         "tbp_lv_dnn_lesion_confidence": f"{u(50, 100):.6g}",
         "site": site,
     }  # fmt: skip
-    if image.dx.status == BENIGN and image.dx.name == "Benign" and rng.random() < 0.85:
+    if image.dx.status == BENIGN and image.dx.name == "Benign" and rng.random() < 0.7:
         values["lesion_id"] = ""
     return values
 
