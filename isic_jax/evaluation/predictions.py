@@ -32,8 +32,10 @@ class Predictions:
     probs float32 [N, C], labels int32 [N], index int64 [N] (record index), image_id / patient_id
     str [N] (empty strings when the pipeline has no such field); the subgroup metadata of the
     evaluation report: sex int32 [N] (0 unknown, 1 female, 2 male), age int32 [N] (-1 missing),
-    anatom_site str [N] ("unknown" when missing); `predict` fills every field, with those
-    placeholders when the pipeline has no such field.
+    anatom_site str [N] ("unknown" when missing); source str [N]: the release each example
+    comes from (for metrics per source in a several-release run; "" when the pipeline has no
+    such field, and when not given). `predict` fills every field, with those placeholders when
+    the pipeline has no such field.
     """
 
     probs: np.ndarray
@@ -44,6 +46,11 @@ class Predictions:
     sex: np.ndarray
     age: np.ndarray
     anatom_site: np.ndarray
+    source: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.source is None:
+            self.source = np.full(len(self.labels), "", dtype=object)
 
 
 def _gather_processes(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -86,7 +93,7 @@ def predict_split(
         optionally index, image_id, patient_id, sex, age, anatom_site (kept on the host).
     """
     probs, labels, index, image_id, patient_id = [], [], [], [], []
-    sex, age, anatom_site = [], [], []
+    sex, age, anatom_site, source = [], [], [], []
     it = iter(batches)
 
     def shard(b: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -111,6 +118,7 @@ def predict_split(
                 "anatom_site": np.asarray(
                     host.get("anatom_site", np.full(host["mask"].shape, b"unknown"))
                 ),
+                "source": np.asarray(host.get("source", np.zeros(host["mask"].shape, "S1"))),
             }
             if jax.process_count() > 1:
                 rows = _gather_processes(rows)  # every process computes metrics on all
@@ -123,6 +131,7 @@ def predict_split(
             sex.append(rows["sex"][mask])
             age.append(rows["age"][mask])
             anatom_site.append(to_str(rows["anatom_site"][mask]))
+            source.append(to_str(rows["source"][mask]))
         pending.clear()
 
     try:
@@ -145,6 +154,7 @@ def predict_split(
         sex=np.concatenate(sex).astype(np.int32),
         age=np.concatenate(age).astype(np.int32),
         anatom_site=np.concatenate(anatom_site),
+        source=np.concatenate(source),
     )
 
 
