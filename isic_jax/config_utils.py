@@ -233,6 +233,13 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _default_values() -> dict[str, Any]:
+    """The default preset's value of every key (tuples as lists, as saved configs have them)."""
+    from isic_jax.configs import default
+
+    return _flatten(config_to_dict(default.get_config()))
+
+
 def reference_keys() -> set[str]:
     """The keys of the default preset (`isic_jax.configs.default`): the config schema."""
     from isic_jax.configs import default
@@ -419,11 +426,17 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
 
 
 def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Lines "key: old -> new" for keys whose value changed (to warn when resuming)."""
+    """Lines "key: old -> new" for keys whose value changed (to warn when resuming).
+
+    A key of the default preset that one side lacks (a config saved before the key existed)
+    counts as its default value there, so that adding a key does not make older runs differ.
+    """
     a, b = _flatten(old), _flatten(new)
+    defaults = _default_values()
     lines = []
     for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
+        va = a[key] if key in a else defaults.get(key) if key in b else None
+        vb = b[key] if key in b else defaults.get(key) if key in a else None
         if isinstance(va, tuple):
             va = list(va)
         if isinstance(vb, tuple):

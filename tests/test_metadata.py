@@ -188,3 +188,39 @@ def test_synth_2024_tabular_columns_carry_a_learnable_signal(tmp_path):
     assert results["tabular"] > 0.85
     assert results["colour"] < 0.6 and results["colour_vs_patient"] > results["colour"] + 0.2
     assert 0.52 < results["age"] < 0.75
+
+
+@pytest.mark.shared_data
+def test_real_sample_age_sex_site(uda1_images, tmp_path):
+    """The real archive sample: age and sex from its JSON records, no site and no patient ids
+    (all missing, not an error)."""
+    import json as json_lib
+
+    from isic_jax.configs import default
+
+    from isic_jax.data import dataset
+    from isic_jax.data import prepare as prepare_lib
+
+    prepare_lib.prepare(uda1_images, tmp_path / "d", image_size=32, num_folds=5)
+    config = default.get_config()
+    config.data.release, config.data.stored_size, config.data.data_dir = "archive", 32, str(
+        tmp_path / "d"
+    )
+    config.data.image_size, config.data.num_workers = 32, 0
+    config.train.batch_size = config.eval.batch_size = 8
+    config.model.metadata = "age,sex,site,images_per_patient"
+    data = dataset.InputData(config)
+    enc = data.metadata
+    ages = []
+    for path in sorted(uda1_images.glob("*.json")):
+        clinical = json_lib.loads(path.read_text())["meta"]["clinical"]
+        ages.append(clinical.get("age_approx"))
+    assert enc.fitted[0].num_values + enc.fitted[0].num_missing == 320
+    assert 30 < enc.fitted[0].mean < 70 and enc.fitted[0].std > 5
+    assert enc.fitted[1].categories == ("female", "male") and enc.fitted[2].categories == ()
+    assert enc.fitted[3].num_values == 0  # the sample has no patient ids
+    x = enc.encode_records([data.val_source[i] for i in range(len(data.val_source))])
+    assert x.shape == (80, enc.width) and np.isfinite(x).all()
+    np.testing.assert_array_equal(x[:, 2:5].sum(1), 1)
+    assert (x[:, 5] == 1).all() and (x[:, 7] == 1).all()  # site and images_per_patient missing
+    assert any(a is None for a in ages) == bool(enc.fitted[0].num_missing or x[:, 1].any())
