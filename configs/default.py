@@ -17,7 +17,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- data: which prepared TFDS dataset, which fold, how images are read and augmented.
     config.data = ml_collections.ConfigDict()
-    config.data.release = "isic2020"  # archive | isic2016 ... isic2024: which prepared dataset
+    # archive | isic2016 ... isic2024: which prepared dataset; several joined by + (e.g.
+    # "isic2019+isic2020") train on their union (same stored size, one label map, folds anew)
+    config.data.release = "isic2020"
     config.data.stored_size = 512  # shorter side the builder resized to at prepare time
     config.data.data_dir = "~/tensorflow_datasets"  # TFDS data_dir holding the prepared dataset
     config.data.val_fold = 0  # this fold is the validation set; the others are trained on
@@ -48,6 +50,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.dropout = 0.0  # before the classifier head
     config.model.dtype = "bfloat16"  # compute dtype; parameters stay float32
     config.model.width = 64  # channels of the stem; halve it for a fast CPU model
+    # Patient/lesion metadata features, comma-separated ("" = images only): age, sex, site,
+    # images_per_patient, and a release's tabular columns (ISIC 2024: tbp_lv_*, ...); the
+    # batches then carry them as `metadata` (data/metadata.py)
+    config.model.metadata = ""
 
     # --- loss
     config.loss = ml_collections.ConfigDict()

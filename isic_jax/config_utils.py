@@ -127,6 +127,34 @@ def _range(lo: float, hi: float | None) -> Callable[[Any], str | None]:
     return check
 
 
+def _releases(v: Any) -> str | None:
+    """One release, or several joined by "+" (each once), trained on their union."""
+    if not isinstance(v, str) or not v:
+        return f"must be a release ({', '.join(RELEASES)}) or several joined by +, got {v!r}"
+    parts = [p.strip() for p in v.split("+")]
+    unknown = [p for p in parts if p not in RELEASES]
+    if unknown:
+        return (f"names unknown release(s) {', '.join(repr(p) for p in unknown)} in {v!r}; "
+                f"known: {', '.join(RELEASES)} (several: joined by +, e.g. isic2019+isic2020)")
+    if len(set(parts)) != len(parts):
+        return f"names a release twice: {v!r}"
+    return None
+
+
+def _metadata_features(v: Any) -> str | None:
+    """A comma-separated list of metadata feature names ("" for none); which exist is checked
+    against the prepared dataset (`data.metadata`)."""
+    if not isinstance(v, str):
+        return f"must be a comma-separated string of feature names (e.g. age,sex,site), got {v!r}"
+    from isic_jax.data.metadata import parse_feature_list
+
+    try:
+        parse_feature_list(v)
+    except ValueError as exc:
+        return f"must be a comma-separated list of feature names (e.g. age,sex,site): {exc}"
+    return None
+
+
 def _model_name(v: Any) -> str | None:
     from isic_jax.models.resnet import ARCHITECTURES  # flax: imported only to check this key
 
@@ -137,7 +165,7 @@ def _model_name(v: Any) -> str | None:
 # tests/test_config.py checks that the two list the same keys).
 _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "seed": _int(0),
-    "data.release": _choice(RELEASES),
+    "data.release": _releases,
     "data.stored_size": _int(32),
     "data.data_dir": _str,
     "data.num_folds": _int(2),
@@ -162,6 +190,7 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "model.dropout": _num(0.0, 1.0, hi_open=True),
     "model.dtype": _choice(MODEL_DTYPES),
     "model.width": _int(1),
+    "model.metadata": _metadata_features,
     "loss.name": _choice(("cross_entropy", "focal")),
     "loss.label_smoothing": _num(0.0, 1.0, hi_open=True),
     "loss.class_weights": _choice(("none", "balanced")),
@@ -226,6 +255,13 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def _default_values() -> dict[str, Any]:
+    """The default preset's value of every key (tuples as lists, as saved configs have them)."""
+    from isic_jax.configs import default
+
+    return _flatten(config_to_dict(default.get_config()))
 
 
 def reference_keys() -> set[str]:
@@ -414,11 +450,17 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
 
 
 def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Lines "key: old -> new" for keys whose value changed (to warn when resuming)."""
+    """Lines "key: old -> new" for keys whose value changed (to warn when resuming).
+
+    A key of the default preset that one side lacks (a config saved before the key existed)
+    counts as its default value there, so that adding a key does not make older runs differ.
+    """
     a, b = _flatten(old), _flatten(new)
+    defaults = _default_values()
     lines = []
     for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
+        va = a[key] if key in a else defaults.get(key) if key in b else None
+        vb = b[key] if key in b else defaults.get(key) if key in a else None
         if isinstance(va, tuple):
             va = list(va)
         if isinstance(vb, tuple):

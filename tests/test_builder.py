@@ -11,11 +11,14 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from isic_jax.data import isic
+from isic_jax.data.isic import dicom
+from isic_jax.data.isic.layouts import RELEASE_OF
 from isic_jax.testing import layouts
 
 IMAGE_SIZE = 32
-LAYOUTS = list(layouts.IMAGE_DIRS)  # the 7 releases + the archive's legacy JSON records
-RELEASE = {name: "archive" if name == "archive_json" else name for name in LAYOUTS}
+# The 7 releases + the archive's legacy JSON records + the Kaggle copy's 2020 DICOM files.
+LAYOUTS = list(layouts.IMAGE_DIRS)
+RELEASE = {name: RELEASE_OF[name] for name in LAYOUTS}
 
 
 def build(source, data_dir, release: str, num_folds: int = 2, **options) -> isic.Isic:
@@ -69,6 +72,9 @@ def _layout_with_bad_rows(root, layout: str) -> list[str]:
 
         with h5py.File(os.path.join(root, "train-image.hdf5"), "a") as f:
             f.create_dataset("ISIC_0000200", data=np.void(layouts.jpeg()))
+    elif layout == "isic2020_dicom":
+        folder = os.path.join(root, layouts.IMAGE_DIRS[layout])
+        dicom.write_dicom(os.path.join(folder, "ISIC_0000200.dcm"), jpeg=layouts.jpeg())
     else:
         folder = os.path.join(root, layouts.IMAGE_DIRS[layout])
         with open(os.path.join(folder, "ISIC_0000200.jpg"), "wb") as f:
@@ -86,7 +92,7 @@ def test_every_release_layout(tmp_path, layout):
     builder = build(source, tmp_path / "data", release)
 
     assert builder.is_prepared()
-    assert builder.info.full_name == f"isic/{release}_{IMAGE_SIZE}/1.0.0"
+    assert builder.info.full_name == f"isic/{release}_{IMAGE_SIZE}/{isic.VERSION}"
     assert list(builder.info.splits) == ["fold0", "fold1"]
     recs = records(builder)
     assert sorted(r["image_id"].decode() for r in recs) == good_ids

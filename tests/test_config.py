@@ -214,3 +214,39 @@ def test_xla_flag_probe_rejects_unknown_values() -> None:
     from isic_jax import runtime
 
     assert not runtime._probe_xla_flag("--xla_cpu_experimental_ynn_fusion_type=bogus")
+
+
+def test_a_key_added_since_a_config_was_saved_is_no_difference_at_its_default() -> None:
+    from isic_jax.configs import default
+
+    from isic_jax import config_utils
+
+    new = config_utils.config_to_dict(default.get_config())
+    old = json.loads(json.dumps(new))
+    del old["model"]["metadata"]  # saved before config.model.metadata existed
+    assert config_utils.config_differences(old, new) == []
+    new["model"]["metadata"] = "age,sex"
+    assert config_utils.config_differences(old, new) == ["model.metadata: '' -> 'age,sex'"]
+
+
+def test_release_and_metadata_values() -> None:
+    from isic_jax.configs import default
+
+    from isic_jax import config_utils
+
+    for release in ("isic2020", "isic2019+isic2020", "archive+isic2018+isic2024"):
+        config = default.get_config()
+        config.data.release = release
+        config_utils.validate_config(config)
+    for bad, match in (("isic2019+", "unknown release"), ("", "release"),
+                       ("isic2024+isic2024", "twice")):
+        config = default.get_config()
+        config.data.release = bad
+        with pytest.raises(config_utils.ConfigError, match=match):
+            config_utils.validate_config(config)
+    config = default.get_config()
+    config.model.metadata = "age,,sex"
+    with pytest.raises(config_utils.ConfigError, match="config.model.metadata"):
+        config_utils.validate_config(config)
+    config.model.metadata = "age, sex,tbp_lv_*"
+    config_utils.validate_config(config)

@@ -31,11 +31,11 @@ def test_prepare_report_and_summary(source, tmp_path):
         source, tmp_path / "data", image_size=32, num_folds=2, report_path=report_file
     )
     assert report["reused"] is False
-    assert report["dataset"] == "isic/isic2020_32/1.0.0"
+    assert report["dataset"] == f"isic/isic2020_32/{isic.VERSION}"
     assert report["splits"].keys() == {"fold0", "fold1"}
     assert json.loads(report_file.read_text())["num_examples"] == 10
     summary = prepare_lib.format_summary(report)
-    assert "isic/isic2020_32/1.0.0" in summary and "malignant" in summary
+    assert f"isic/isic2020_32/{isic.VERSION}" in summary and "malignant" in summary
     assert "skipped inputs: 0" in summary
 
 
@@ -151,12 +151,12 @@ def test_cli_exit_codes(source, tmp_path):
     proc = subprocess.run([*cmd, *args, "--report", os.fspath(report)], cwd=REPO,
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "dataset isic/isic2020_32/1.0.0" in proc.stdout and "fold1" in proc.stdout
+    assert f"dataset isic/isic2020_32/{isic.VERSION}" in proc.stdout and "fold1" in proc.stdout
     assert json.loads(report.read_text())["num_examples"] == 10
 
 
 def test_existing_folder_that_is_not_a_finished_dataset(source, tmp_path):
-    (tmp_path / "data" / "isic" / "isic2020_32" / "1.0.0").mkdir(parents=True)
+    (tmp_path / "data" / "isic" / "isic2020_32" / isic.VERSION).mkdir(parents=True)
     with pytest.raises(prepare_lib.PrepareError, match="not a complete dataset"):
         prepare_lib.prepare(source, tmp_path / "data", image_size=32, num_folds=2)
 

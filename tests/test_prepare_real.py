@@ -18,7 +18,7 @@ pytestmark = pytest.mark.shared_data
 def test_uda1_images(uda1_images, tmp_path):
     report = prepare_lib.prepare(uda1_images, tmp_path / "data", image_size=32, num_folds=5)
 
-    assert report["dataset"] == "isic/archive_32/1.0.0"
+    assert report["dataset"] == f"isic/archive_32/{isic.VERSION}"
     assert report["num_examples"] == 400
     assert report["skipped"] == []
     totals = {name: sum(c[name] for c in report["label_counts"].values())

@@ -11,7 +11,10 @@ from isic_jax.commands import no_arguments, underscore_alias
 from isic_jax.data import synth
 
 _OUTPUT = flags.DEFINE_string("output", None, "Folder to write the dataset into.", required=True)
-_FORMAT = flags.DEFINE_enum("format", "isic2020", list(synth.FORMATS), "Release layout to write.")
+_FORMAT = flags.DEFINE_enum(
+    "format", "isic2020", list(synth.LAYOUTS),
+    "Release layout to write (isic2020_dicom: the Kaggle copy, train.csv + train/*.dcm).",
+)
 # Dashed names as the docs spell them (--num-images); the underscore spellings are aliases.
 _NUM_IMAGES = underscore_alias(
     flags.DEFINE_integer("num-images", 600, "Number of images.", lower_bound=1)

@@ -4,6 +4,13 @@
     data = InputData(config)                  # sources + Grain pipelines of the run
     it = data.train_iterator()                # infinite, get_state/set_state
     for batch in data.eval_batches("val"): ...
+
+`config.data.release` names one prepared release, or several joined by "+" (trained on their
+union, see `union`: one label map, cross-release duplicates removed, folds re-assigned). Each is
+read at the newest prepared dataset version (`isic.open_prepared`: a 1.0.0 dataset prepared by
+an older isic_jax still works for everything it stores). With `config.model.metadata` set,
+`InputData.metadata` is the encoder (`metadata.MetadataEncoder`) fitted on the training split
+and the batches carry its float32 array as `metadata`.
 """
 
 from __future__ import annotations
@@ -18,8 +25,9 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from isic_jax import config_utils
 from isic_jax.data import pipeline
+from isic_jax.data import union as union_lib
+from isic_jax.data.isic import labels as L
 
 
 class UnknownSplitError(ValueError):
@@ -28,12 +36,10 @@ class UnknownSplitError(ValueError):
 
 def malignant_class_indices(task: str, release: str, class_names: list[str]) -> list[int]:
     """Classes counted as malignant: [1] for the binary task, else the release's malignant
-    diagnoses (datasets.isic.MALIGNANT_DIAGNOSES)."""
+    diagnoses (`labels.malignant_diagnoses`: those of the common taxonomy for "a+b")."""
     if task == "binary":
         return [1]
-    from isic_jax.data.isic import MALIGNANT_DIAGNOSES
-
-    malignant = set(MALIGNANT_DIAGNOSES[release])
+    malignant = set(L.malignant_diagnoses(release))
     return [i for i, name in enumerate(class_names) if name in malignant]
 
 
@@ -60,18 +66,28 @@ def check_prepared_dataset(data_config: Any) -> None:
         releases/sizes only; the message lists what is there and the command to run.
     """
     data_dir = pathlib.Path(os.path.expanduser(str(data_config.data_dir)))
-    release, size = str(data_config.release), int(data_config.stored_size)
+    size = int(data_config.stored_size)
+    parts = L.release_parts(data_config.release)
+    found = _prepared_configs(data_dir) if data_dir.is_dir() else []
+    missing = [r for r in parts if f"{r}_{size}" not in found]
+    # The first release that is not prepared is the one reported (all of them, for a union).
+    release = missing[0] if missing else parts[0]
     name = f"{release}_{size}"
-    prepare = (f"isic-jax prepare --source YOUR_{release.upper()}_DOWNLOAD --data-dir {data_dir} "
-               f"--image-size {size}")
+    prepare = _prepare_command(release, data_dir, size)
+    if len(parts) > 1 and missing and found:
+        raise DataNotFoundError(
+            f"config.data.release={data_config.release} needs every release prepared at "
+            f"config.data.stored_size={size} under {data_dir}; not prepared: "
+            f"{', '.join(f'isic/{r}_{size}' for r in missing)} (there: "
+            f"{', '.join(f'isic/{n}' for n in found)}). Prepare each, e.g. `{prepare}`."
+        )
     if not data_dir.is_dir():
         raise DataNotFoundError(
             f"config.data.data_dir={data_config.data_dir} does not exist ({data_dir}). Prepare "
             f"the dataset first: `{prepare}`, or pass --config.data.data_dir=DIR with the folder "
             f"`isic-jax prepare --data-dir` wrote."
         )
-    found = _prepared_configs(data_dir)
-    if name in found:
+    if not missing:
         return
     if not found:
         raise DataNotFoundError(
@@ -89,6 +105,11 @@ def check_prepared_dataset(data_config: Any) -> None:
     )
 
 
+def _prepare_command(release: str, data_dir: Any, size: int) -> str:
+    return (f"isic-jax prepare --source YOUR_{release.upper()}_DOWNLOAD --data-dir {data_dir} "
+            f"--image-size {size}")  # fmt: skip
+
+
 class InputData:
     """The run's data: sources from `load_sources` and the Grain pipelines on them.
 
@@ -98,6 +119,13 @@ class InputData:
         config.data when None (tests pass in-memory sources).
       read_train_labels: passed to `load_sources` (default: when balanced sampling needs them;
         False where nothing is trained, e.g. evaluate).
+      metadata_encoder: the encoder of `config.model.metadata` saved with a model (evaluation,
+        export); default: fitted on the training split here.
+
+    Raises:
+      metadata.MetadataFeatureError: config.model.metadata names a feature that the prepared
+        dataset does not have (the message lists the available ones, or says to re-run
+        `isic-jax prepare` when a newer dataset version has it).
     """
 
     def __init__(
@@ -106,12 +134,30 @@ class InputData:
         sources: tuple | None = None,
         *,
         read_train_labels: bool | None = None,
+        metadata_encoder: Any = None,
     ):
         self._config = config
         if sources is None:
             check_prepared_dataset(config.data)
             sources = load_sources(config.data, read_train_labels=read_train_labels)
         self.train_source, self.val_source, self.info = sources
+        self.metadata = self._metadata(metadata_encoder)
+        if self.info.union is not None:
+            _announce(union_lib.describe(self.info.union.summary))
+
+    def _metadata(self, encoder: Any) -> Any:
+        """The metadata encoder of config.model.metadata (None when it is empty)."""
+        from isic_jax.data import metadata
+
+        spec = str(self._config.get("model", {}).get("metadata", "") or "")
+        if not metadata.parse_feature_list(spec):
+            return None
+        if encoder is not None:  # saved with the model: its statistics, these releases' columns
+            return encoder.bind(self.info.datasets or _datasets_of(self.train_source, self.info))
+        catalog = metadata.Catalog.from_datasets(
+            self.info.datasets or _datasets_of(self.train_source, self.info)
+        )
+        return metadata.fit(spec, self.train_source, catalog)
 
     @property
     def num_train(self) -> int:
@@ -138,6 +184,11 @@ class InputData:
     def malignant_classes(self) -> list[int]:
         return malignant_class_indices(self.info.task, self.info.release, self.class_names)
 
+    @property
+    def sources(self) -> list[str]:
+        """The releases of the run (the `source` of its examples), in config order."""
+        return list(self.info.sources or L.release_parts(self.info.release))
+
     def train_iterator(self) -> Iterator[dict[str, np.ndarray]]:
         """Infinite iterator of this process's training batches (get_state/set_state)."""
         ds = pipeline.create_train_dataset(
@@ -146,6 +197,7 @@ class InputData:
             int(self._config.train.batch_size),
             int(self._config.seed),
             labels=getattr(self.info, "train_labels", None),
+            metadata=self.metadata,
         )
         return iter(ds)
 
@@ -163,9 +215,16 @@ class InputData:
             return self.train_source
         import tensorflow_datasets as tfds
 
+        parts = split.split("+")
+        if self.info.union is not None:  # the union's own folds
+            known = [f"fold{k}" for k in range(self.info.union.num_folds)]
+            if not all(p in known for p in parts):
+                raise UnknownSplitError(
+                    f"unknown split {split!r}; known: val, train, {', '.join(known)}"
+                )
+            return self.info.union.source([known.index(p) for p in parts])
         builder = _builder(self._config.data)
         known = sorted(builder.info.splits)
-        parts = split.split("+")
         if not all(p in known for p in parts):
             raise UnknownSplitError(
                 f"unknown split {split!r}; known: val, train, {', '.join(known)}"
@@ -177,8 +236,9 @@ class InputData:
     def eval_batches(self, split: str = "val") -> Iterable[dict[str, np.ndarray]]:
         """One padded pass over a split (mask False on padding)."""
         return pipeline.create_eval_dataset(
-            self.source(split), self._config.data, int(self._config.eval.batch_size)
-        )
+            self.source(split), self._config.data, int(self._config.eval.batch_size),
+            metadata=self.metadata,
+        )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,6 +303,12 @@ class SourceInfo:
     val_split: str | None
     train_labels: np.ndarray | None = None
     label_read_seconds: float = 0.0
+    # The releases of the run (several for "a+b"), and per release what its prepared dataset
+    # holds: {"release", "version", "features", "tabular_columns", "tabular_text_columns",
+    # "prepare"} (what `metadata.Catalog` reads).
+    sources: list[str] = dataclasses.field(default_factory=list)
+    datasets: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    union: Any = None  # union.Union for several releases: its folds, summary and sources
 
     @property
     def has_val(self) -> bool:
@@ -266,15 +332,51 @@ def _split_counts(metadata: Mapping[str, Any], key: str, split: str) -> np.ndarr
         return None
 
 
-def _builder(data_config: Any) -> Any:
-    from isic_jax.data.isic import make_builder
+def _builder(data_config: Any, release: str | None = None) -> Any:
+    """The prepared dataset of `release` (default: config.data.release, one release) to read:
+    the newest prepared version (`isic.open_prepared`)."""
+    from isic_jax.data.isic import open_prepared
 
-    return make_builder(
-        data_config.release,
-        data_config.stored_size,
+    return open_prepared(
+        release or data_config.release,
+        int(data_config.stored_size),
         os.path.expanduser(str(data_config.data_dir)),
-        num_folds=int(data_config.get("num_folds", config_utils.DEFAULT_NUM_FOLDS)),
     )
+
+
+def _describe(release: str, builder: Any, data_config: Any) -> dict[str, Any]:
+    """What the catalog of metadata features needs to know about one opened dataset."""
+    metadata = dict(builder.info.metadata or {})
+    return {
+        "release": release,
+        "version": str(builder.info.version),
+        "features": list(builder.info.features.keys()),
+        "tabular_columns": list(metadata.get("tabular_columns") or ()),
+        "tabular_text_columns": list(metadata.get("tabular_text_columns") or ()),
+        "prepare": _prepare_command(
+            release, os.path.expanduser(str(data_config.data_dir)), int(data_config.stored_size)
+        ),
+    }
+
+
+def _datasets_of(source: Any, info: Any) -> list[dict[str, Any]]:
+    """A dataset description from a record of an in-memory source (tests, tools)."""
+    record = source[0] if len(source) else {}
+    return [{
+        "release": str(info.release), "version": "?", "features": list(record),
+        "tabular_columns": list(record.get("tabular_columns") or ()),
+        "tabular_text_columns": list(record.get("tabular_text_columns") or ()),
+        "prepare": "isic-jax prepare",
+    }]  # fmt: skip
+
+
+def _announce(message: str) -> None:
+    """Prints on the first JAX process only (every process opens the same data)."""
+    import sys
+
+    if "jax" in sys.modules and sys.modules["jax"].process_index() != 0:
+        return
+    print(message, flush=True)
 
 
 def _num_folds(builder: Any) -> int:
@@ -285,8 +387,20 @@ def _num_folds(builder: Any) -> int:
 
 
 def prepared_num_folds(data_config: Any) -> int:
-    """The number of folds (splits fold0..foldK-1) of the prepared dataset config.data names."""
-    return _num_folds(_builder(data_config))
+    """The number of folds (splits fold0..foldK-1) of the prepared dataset config.data names;
+    for several releases, of their union (config.data.num_folds, else the releases' own)."""
+    parts = L.release_parts(data_config.release)
+    if len(parts) == 1:
+        return _num_folds(_builder(data_config))
+    if data_config.get("num_folds") is not None:
+        return int(data_config.num_folds)
+    counts = {r: _num_folds(_builder(data_config, r)) for r in parts}
+    if len(set(counts.values())) != 1:
+        raise ValueError(
+            f"the prepared releases have different numbers of folds ({counts}): set "
+            "config.data.num_folds for the union"
+        )
+    return next(iter(counts.values()))
 
 
 def load_sources(
@@ -309,6 +423,8 @@ def load_sources(
 
     from isic_jax.data.isic import fold_names, train_val_splits
 
+    if len(L.release_parts(data_config.release)) > 1:
+        return _load_union(data_config)
     builder = _builder(data_config)
     metadata = dict(builder.info.metadata or {})
     num_folds = _num_folds(builder)
@@ -354,5 +470,67 @@ def load_sources(
         val_split=val_split,
         train_labels=train_labels,
         label_read_seconds=seconds,
+        sources=[str(data_config.release)],
+        datasets=[_describe(str(data_config.release), builder, data_config)],
+    )
+    return train, val, info
+
+
+def _load_union(data_config: Any) -> tuple[Any, Any, SourceInfo]:
+    """`load_sources` for several releases: the union's folds (see `union`)."""
+    import tensorflow_datasets as tfds
+
+    from isic_jax.data.isic import fold_names
+
+    raw = tfds.decode.DeserializeMethod.RAW_BYTES
+    parts, datasets = [], []
+    for release in L.release_parts(data_config.release):
+        builder = _builder(data_config, release)
+        k = _num_folds(builder)
+        records = TfExampleSource(
+            builder.as_data_source(split="+".join(fold_names(k)), deserialize_method=raw)
+        )
+        metadata = dict(builder.info.metadata or {})
+        parts.append(union_lib.Part(
+            release, records, list(builder.info.features["diagnosis"].names), k,
+            int(metadata.get("fold_seed", 0)),
+        ))  # fmt: skip
+        datasets.append(_describe(release, builder, data_config))
+    start = time.perf_counter()
+    num_folds = data_config.get("num_folds")
+    try:
+        union = union_lib.open_union(parts, num_folds=None if num_folds is None else int(num_folds))
+    except ValueError as exc:
+        raise ValueError(f"config.data.release={data_config.release}: {exc}") from exc
+    seconds = time.perf_counter() - start
+    val_fold = int(data_config.val_fold)
+    if val_fold >= union.num_folds:
+        raise ValueError(
+            f"config.data.val_fold={val_fold} must be < the union's {union.num_folds} folds"
+        )
+    folds = list(range(union.num_folds))
+    train_folds = folds if val_fold < 0 else [f for f in folds if f != val_fold]
+    train = union.source(train_folds)
+    val = None if val_fold < 0 else union.source([val_fold])
+    key = pipeline.label_key(data_config.task)
+    names = list(L.LABEL_NAMES) if key == "label" else list(L.COMMON_CLASSES)
+    pick = (lambda s: s.labels) if key == "label" else (lambda s: s.diagnoses)
+    train_labels = pick(train).astype(np.int32)
+    count = lambda s: np.bincount(pick(s), minlength=len(names)).astype(np.int64)
+    info = SourceInfo(
+        release=str(data_config.release),
+        task=data_config.task,
+        class_names=names,
+        num_train=len(train),
+        num_val=0 if val is None else len(val),
+        train_class_counts=count(train),
+        val_class_counts=np.zeros(len(names), np.int64) if val is None else count(val),
+        train_split="+".join(f"fold{k}" for k in train_folds),
+        val_split=None if val is None else f"fold{val_fold}",
+        train_labels=train_labels,
+        label_read_seconds=seconds,
+        sources=[p.name for p in parts],
+        datasets=datasets,
+        union=union,
     )
     return train, val, info

@@ -23,6 +23,12 @@ Batches (per JAX process, B = global_batch_size // process_count, S = data.image
     age          int32   [B]           -1 when missing
     anatom_site  bytes   [B] ('S')     b"unknown" when missing
     fitzpatrick  bytes   [B] ('S')     Fitzpatrick skin type as recorded; b"" when missing
+    source       bytes   [B] ('S')     the release the example comes from (its `source` field
+                                       in a several-release run, else config.data.release);
+                                       b"" on padding
+    metadata     float32 [B, F]        only with `metadata=` (config.model.metadata): the
+                                       features encoded by `metadata.MetadataEncoder`; padding
+                                       rows have every feature missing
 
 Training order (one global stream, identical on every process):
 
@@ -46,7 +52,7 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import grain
@@ -57,8 +63,9 @@ from isic_jax.utils import as_bytes
 
 BATCH_KEYS = (
     "image", "label", "mask", "index", "position", "image_id", "patient_id", "sex", "age",
-    "anatom_site", "fitzpatrick",
+    "anatom_site", "fitzpatrick", "source",
 )  # fmt: skip
+METADATA_KEY = "metadata"  # in the batches only when the pipeline has a metadata encoder
 _TASK_LABEL_KEY = {"binary": "label", "diagnosis": "diagnosis"}
 _UINT32 = 2**32
 
@@ -313,27 +320,52 @@ def read_labels(
     """
     n = len(source)
     out = np.empty(n, np.int32)
-    getitems = getattr(source, "__getitems__", None)
     start_time = time.perf_counter()
+    for start, records in _chunks(source, chunk):
+        out[start : start + len(records)] = [int(r[key]) for r in records]
+        if progress and start // chunk % 20 == 0:
+            done = start + len(records)
+            print(f"read labels {done}/{n} ({time.perf_counter() - start_time:.1f} s)")
+    return out
+
+
+def read_fields(
+    source: RandomAccessSource, fields: Callable[[Mapping[str, Any]], Any], chunk: int = 256
+) -> list[Any]:
+    """`fields(record)` of every record, in order, in one pass (uses `__getitems__` if any);
+    what the several-release index and the metadata statistics read."""
+    out: list[Any] = []
+    for _, records in _chunks(source, chunk):
+        out.extend(fields(r) for r in records)
+    return out
+
+
+def _chunks(source: RandomAccessSource, chunk: int) -> Iterator[tuple[int, list]]:
+    n = len(source)
+    getitems = getattr(source, "__getitems__", None)
     for start in range(0, n, chunk):
         keys = list(range(start, min(n, start + chunk)))
-        records = getitems(keys) if getitems is not None else [source[i] for i in keys]
-        out[start : start + len(keys)] = [int(r[key]) for r in records]
-        if progress and start // chunk % 20 == 0:
-            print(f"read labels {start + len(keys)}/{n} ({time.perf_counter() - start_time:.1f} s)")
-    return out
+        yield start, (getitems(keys) if getitems is not None else [source[i] for i in keys])
 
 
 # --------------------------------------------------------------------------- transforms
 
 
 def _collate(
-    images: np.ndarray, elements: Sequence[Element], label_key_: str
+    images: np.ndarray,
+    elements: Sequence[Element],
+    label_key_: str,
+    source: bytes = b"",
+    metadata: Any = None,
 ) -> dict[str, np.ndarray]:
-    """The batch dict of the module docstring from uint8 images [B, S, S, 3] and the elements."""
+    """The batch dict of the module docstring from uint8 images [B, S, S, 3] and the elements.
+
+    source: the `source` of records that have none (the run's one release). metadata: a
+    `metadata.MetadataEncoder`, or None (no `metadata` key).
+    """
     records = [_PADDING_RECORD if r is None else r for _, _, r in elements]
     mask = np.array([r is not None for _, _, r in elements], np.bool_)
-    return {
+    batch = {
         "image": images,
         "label": np.array([int(r[label_key_]) for r in records], np.int32),
         "mask": mask,
@@ -348,14 +380,27 @@ def _collate(
         ),
         "fitzpatrick": np.array([as_bytes(r.get("fitzpatrick", b"")) for r in records],
                                 np.bytes_),
+        # Padding records have source b"".
+        "source": np.array([as_bytes(r.get("source", source)) for r in records], np.bytes_),
     }
+    if metadata is not None:
+        rows = [r if m else None for r, m in zip(records, mask, strict=True)]
+        batch[METADATA_KEY] = metadata.encode_records(rows)
+    return batch
 
 
 # Metadata of evaluation padding rows (mask False): label 0, ids b"", sex 0 (unknown), age -1.
 _PADDING_RECORD: Mapping[str, Any] = {
     "label": 0, "diagnosis": 0, "image_id": b"", "patient_id": b"", "sex": 0, "age": -1,
-    "anatom_site": b"", "fitzpatrick": b"",
+    "anatom_site": b"", "fitzpatrick": b"", "source": b"",
 }  # fmt: skip
+
+
+def default_source(data_config: Any) -> bytes:
+    """The `source` of records that carry none: config.data.release for one release (a union's
+    records carry their own)."""
+    release = str(data_config.get("release", "") or "")
+    return b"" if "+" in release else release.encode()
 
 
 class TrainBatch(grain.transforms.Map):
@@ -367,12 +412,15 @@ class TrainBatch(grain.transforms.Map):
     """
 
     def __init__(
-        self, image_size: int, augment: image_ops.AugmentConfig, label_key_: str, seed: int
-    ):
+        self, image_size: int, augment: image_ops.AugmentConfig, label_key_: str, seed: int,
+        source: bytes = b"", metadata: Any = None,
+    ):  # fmt: skip
         self.image_size = int(image_size)
         self.augment = augment
         self.label_key = label_key_
         self.seed = int(seed)
+        self.source = source
+        self.metadata = metadata
 
     def map(self, elements: Sequence[Element]) -> dict[str, np.ndarray]:
         images = image_ops.train_batch(
@@ -382,7 +430,7 @@ class TrainBatch(grain.transforms.Map):
             self.image_size,
             self.augment,
         )
-        return _collate(images, elements, self.label_key)
+        return _collate(images, elements, self.label_key, self.source, self.metadata)
 
 
 class EvalBatch(grain.transforms.Map):
@@ -390,14 +438,18 @@ class EvalBatch(grain.transforms.Map):
     (`image_ops.eval_image`; zeros on padding). Colour constancy, if configured, and the
     normalisation run on the device (`device_augment.preprocess_eval`)."""
 
-    def __init__(self, image_size: int, label_key_: str):
+    def __init__(
+        self, image_size: int, label_key_: str, source: bytes = b"", metadata: Any = None
+    ):
         self.image_size = int(image_size)
         self.label_key = label_key_
+        self.source = source
+        self.metadata = metadata
 
     def map(self, elements: Sequence[Element]) -> dict[str, np.ndarray]:
         datas = [None if r is None else as_bytes(r["image"]) for _, _, r in elements]
         images = image_ops.eval_batch(datas, self.image_size)
-        return _collate(images, elements, self.label_key)
+        return _collate(images, elements, self.label_key, self.source, self.metadata)
 
 
 # --------------------------------------------------------------------------- pipelines
@@ -412,6 +464,7 @@ def train_map_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
     labels: np.ndarray | None = None,
+    metadata: Any = None,
 ) -> grain.MapDataset:
     """The random-access part of the training pipeline: infinite MapDataset of batches.
 
@@ -424,6 +477,7 @@ def train_map_dataset(
       process_index, process_count: default to jax.process_index()/process_count().
       labels: int [len(source)] class of each record, for balanced sampling; read from the
         source (`read_labels`) when needed and not given.
+      metadata: a `metadata.MetadataEncoder`: the batches get `metadata` float32 [B, F].
 
     Returns:
       MapDataset whose element i is this process's batch i (dict, module docstring).
@@ -446,7 +500,8 @@ def train_map_dataset(
     stream = _SampledSource(source, sampler)
     ds = grain.MapDataset.source(_ProcessBatches(stream, batch_size, process_index, process_count))
     augment = image_ops.AugmentConfig.from_config(data_config.augment)
-    return ds.map(TrainBatch(data_config.image_size, augment, key, augment_seed))
+    return ds.map(TrainBatch(data_config.image_size, augment, key, augment_seed,
+                             default_source(data_config), metadata))  # fmt: skip
 
 
 def create_train_dataset(
@@ -459,6 +514,7 @@ def create_train_dataset(
     process_count: int | None = None,
     labels: np.ndarray | None = None,
     read_options: grain.ReadOptions | None = None,
+    metadata: Any = None,
 ) -> grain.IterDataset:
     """Infinite training IterDataset of this process's batches (see `train_map_dataset`).
 
@@ -468,6 +524,7 @@ def create_train_dataset(
     ds = train_map_dataset(
         source, data_config, global_batch_size, seed,
         process_index=process_index, process_count=process_count, labels=labels,
+        metadata=metadata,
     )  # fmt: skip
     return _to_iter(ds, data_config, read_options)
 
@@ -480,6 +537,7 @@ def create_eval_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
     read_options: grain.ReadOptions | None = None,
+    metadata: Any = None,
 ) -> grain.IterDataset:
     """One deterministic pass; every record appears exactly once over all processes.
 
@@ -494,7 +552,9 @@ def create_eval_dataset(
     padded = _PaddedSource(source, num_batches * global_batch_size)
     key = label_key(data_config.task)
     batches = _ProcessBatches(padded, batch_size, process_index, process_count)
-    ds = grain.MapDataset.source(batches).map(EvalBatch(data_config.image_size, key))
+    ds = grain.MapDataset.source(batches).map(
+        EvalBatch(data_config.image_size, key, default_source(data_config), metadata)
+    )
     return _to_iter(ds, data_config, read_options)
 
 

@@ -1,9 +1,11 @@
 """`prepare`: a manual ISIC download -> the `isic` TFDS dataset (array_record), with a report.
 
 Runs the builder through the TFDS Python API (the `tfds build` CLI needs TensorFlow). The dataset
-lands in `<data_dir>/isic/<release>_<size>/1.0.0/`; TFDS writes it in a temporary sibling folder
-and renames it when complete, so an interrupted prepare leaves nothing that reads as a dataset (a
-killed one leaves an `incomplete.*` folder, which the report lists and which is safe to delete).
+lands in `<data_dir>/isic/<release>_<size>/<version>/` (1.1.0); TFDS writes it in a temporary
+sibling folder and renames it when complete, so an interrupted prepare leaves nothing that reads as
+a dataset (a killed one leaves an `incomplete.*` folder, which the report lists and which is safe
+to delete). A dataset of an older version in the same place is left as it is (runs that used it
+keep working); the report lists it (`older_versions`).
 
 A second prepare of the same release, size and options into the same data_dir is a no-op: it
 reads the stored report and says so (`reused: true`). Different content options (folds, policy,
@@ -115,6 +117,10 @@ def prepare(
     report["stale_incomplete_dirs"] = sorted(
         os.fspath(p) for p in builder.data_path.parent.glob("incomplete.*")
     )
+    report["older_versions"] = [
+        v for v in isic_lib.prepared_versions(release, image_size, data_dir)
+        if v != str(builder.version)
+    ]
     if report_path:
         report_path = os.path.expanduser(os.fspath(report_path))
         os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
@@ -201,6 +207,10 @@ def format_summary(report: dict[str, Any]) -> str:
         by_reason = collections.Counter(s["reason"].split(" (")[0] for s in skipped)
         lines.append(f"    ... {len(skipped) - PRINT_SKIPPED_LIMIT} more; all by reason:")
         lines += [f"    {n} x {r}" for r, n in by_reason.most_common()]
+    older = report.get("older_versions") or []
+    if older:
+        lines += ["", f"  older dataset versions beside it, left as they are: {', '.join(older)} "
+                  "(image-only runs on them keep working; delete them when no run needs them)"]
     stale = report.get("stale_incomplete_dirs") or []
     if stale:
         lines += ["", "  left over from interrupted prepares (safe to delete):"]

@@ -33,6 +33,8 @@ class Predictions:
     str [N] (empty strings when the pipeline has no such field); the subgroup metadata of the
     evaluation report: sex int32 [N] (0 unknown, 1 female, 2 male), age int32 [N] (-1 missing),
     anatom_site str [N] ("unknown" when missing), fitzpatrick str [N] ("" when missing);
+    source str [N]: the release each example comes from (for metrics per source in a
+    several-release run; "" when the pipeline has no such field, and when not given).
     `predict_split` fills every field, with those placeholders when the pipeline has no such
     field.
     """
@@ -46,6 +48,11 @@ class Predictions:
     age: np.ndarray
     anatom_site: np.ndarray
     fitzpatrick: np.ndarray | None = None  # str [N], "" when missing
+    source: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.source is None:
+            self.source = np.full(len(self.labels), "", dtype=object)
 
 
 def _gather_processes(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -89,7 +96,7 @@ def predict_split(
         the host).
     """
     probs, labels, index, image_id, patient_id = [], [], [], [], []
-    sex, age, anatom_site, fitzpatrick = [], [], [], []
+    sex, age, anatom_site, fitzpatrick, source = [], [], [], [], []
     it = iter(batches)
 
     def shard(b: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -117,6 +124,7 @@ def predict_split(
                 "fitzpatrick": np.asarray(
                     host.get("fitzpatrick", np.zeros(host["mask"].shape, "S1"))
                 ),
+                "source": np.asarray(host.get("source", np.zeros(host["mask"].shape, "S1"))),
             }
             if jax.process_count() > 1:
                 rows = _gather_processes(rows)  # every process computes metrics on all
@@ -130,6 +138,7 @@ def predict_split(
             age.append(rows["age"][mask])
             anatom_site.append(to_str(rows["anatom_site"][mask]))
             fitzpatrick.append(to_str(rows["fitzpatrick"][mask]))
+            source.append(to_str(rows["source"][mask]))
         pending.clear()
 
     try:
@@ -153,6 +162,7 @@ def predict_split(
         age=np.concatenate(age).astype(np.int32),
         anatom_site=np.concatenate(anatom_site),
         fitzpatrick=np.concatenate(fitzpatrick),
+        source=np.concatenate(source),
     )
 
 

@@ -94,11 +94,12 @@ class ExportError(RuntimeError):
 def class_names_for(config: Any) -> list[str]:
     """Class names in the model's output order: the prepared dataset's ClassLabel names.
 
-    task "binary": ["benign", "malignant"]; "diagnosis": DIAGNOSIS_CLASSES[release].
+    task "binary": ["benign", "malignant"]; "diagnosis": the release's classes, or for several
+    releases ("isic2019+isic2020") the common taxonomy they train on (`labels.diagnosis_classes`).
     """
     if config.data.task == "binary":
         return list(labels.LABEL_NAMES)
-    return list(labels.DIAGNOSIS_CLASSES[config.data.release])
+    return labels.diagnosis_classes(config.data.release)
 
 
 def malignant_classes_for(config: Any, class_names: Sequence[str]) -> list[int]:

@@ -12,9 +12,9 @@ Orbax variables + the model code are used instead (backend "checkpoint"; same fo
 `train.eval_step`).
 
 Inputs (`list_inputs`):
-- a folder: every image file (.jpg .jpeg .png .bmp .tif .tiff .webp, any case) up to 3 folder
-  levels down (`SourceTree`: hidden files skipped, folder links not followed, a link that
-  resolves outside the folder is refused with an error row). Image id: the file stem (the
+- a folder: every image file (.jpg .jpeg .png .bmp .tif .tiff .webp, DICOM .dcm; any case) up
+  to 3 folder levels down (`SourceTree`: hidden files skipped, folder links not followed, a link
+  that resolves outside the folder is refused with an error row). Image id: the file stem (the
   relative path without extension when two files share a stem).
 - a CSV: column `path`, or else `image` / `image_name` / `isic_id`, holding paths relative to the
   CSV's folder; an id without extension finds `<id>.<ext>` there. A path that resolves outside
@@ -68,7 +68,10 @@ from isic_jax.evaluation import calibration
 from isic_jax.inference import export as export_lib
 from isic_jax.utils import write_csv
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# .dcm: DICOM (e.g. Kaggle's ISIC 2020 test/*.dcm); `process_image` reads the JPEG it holds.
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm",
+)  # fmt: skip
 ID_COLUMNS: tuple[str, ...] = ("image", "image_name", "isic_id")
 # The submission columns: the 8 training diagnoses plus UNK (test set only).
 ISIC2019_CLASSES: tuple[str, ...] = (*labels.DIAGNOSIS_CLASSES["isic2019"], "UNK")

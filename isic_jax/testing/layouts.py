@@ -3,8 +3,9 @@
 `write_layout(root, layout, examples)` writes `examples` where the official download has them, in
 any layout of the release table (`isic_jax.data.isic.layouts`) that says what a typical image's
 label is: "archive" (isic-cli's metadata.csv), "archive_json" (legacy `<id>.json` records),
-"isic2016" ... "isic2024" (HDF5 images). The files, their names and columns, and the image folder
-are the entry's; the same writers write `isic-jax synth` output.
+"isic2016" ... "isic2024" (HDF5 images), "isic2020_dicom" (Kaggle's train.csv + DICOM). The
+files, their names and columns, and the image folder are the entry's; the same writers write
+`isic-jax synth` output.
 
 `Example.dx` is the release's own label value: "benign"/"malignant" (2016, archive_json),
 "nevus"/"melanoma"/"seborrheic_keratosis" (2017), a one-hot column name (2018/2019), "0"/"1"
@@ -130,7 +131,7 @@ def write_layout(
     ]
     write_metadata(variant, root, rows)
     images = {e.image_id: e.image for e in examples if e.image is not None}
-    write_images(variant, root, images, hdf5_storage="opaque")
+    write_images(variant, root, images, hdf5_storage="opaque", rows={r.image_id: r for r in rows})
     return root
 
 

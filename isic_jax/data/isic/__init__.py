@@ -19,14 +19,15 @@ from typing import Any
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("assign_folds", "fold_names", "train_val_splits"), "folds"),
     **dict.fromkeys(
-        ("DEFAULT_CONFIG", "REPORT_FILENAME", "STANDARD_SIZES", "BuildOptions", "Isic",
+        ("DEFAULT_CONFIG", "REPORT_FILENAME", "STANDARD_SIZES", "VERSION", "BuildOptions", "Isic",
          "IsicConfig", "NoUsableExamplesError", "config_for", "features", "make_builder",
-         "read_report"),
+         "missing_features", "open_prepared", "prepared_versions", "read_report", "version_of"),
         "isic",
     ),
     **dict.fromkeys(
-        ("ARCHIVE_CLASSES", "DIAGNOSIS_CLASSES", "LABEL_NAMES", "MALIGNANT_DIAGNOSES", "RELEASES",
-         "SEX_NAMES"),
+        ("ARCHIVE_CLASSES", "COMMON_CLASSES", "COMMON_MALIGNANT", "DIAGNOSIS_CLASSES",
+         "LABEL_NAMES", "MALIGNANT_DIAGNOSES", "RELEASES", "SEX_NAMES", "diagnosis_classes",
+         "malignant_diagnoses", "release_parts"),
         "labels",
     ),
     **dict.fromkeys(

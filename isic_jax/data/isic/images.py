@@ -15,6 +15,9 @@ Policy, applied to every release:
   scaled to 8 bits (value / 257), not clipped.
 - Resize: the shorter side becomes exactly `size` px, the aspect ratio is kept (the longer side is
   rounded), Lanczos filter, both down and up. Stored as baseline JPEG, quality 95, 4:2:0 chroma.
+- DICOM (`.dcm` paths, or bytes with the DICOM magic): `dicom.read_image` gives the JPEG it
+  encapsulates (decoded here like any JPEG, so both give the same stored image) or, for other
+  pixel encodings, an RGB image decoded by pydicom; its failures are `BadImage`s too.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from typing import BinaryIO, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from isic_jax.data.isic import dicom
 
 DEFAULT_MAX_PIXELS: int = 89_478_485  # PIL's own default limit (about 9459 x 9459)
 DEFAULT_JPEG_QUALITY: int = 95
@@ -82,7 +87,7 @@ def resized_shape(width: int, height: int, size: int) -> tuple[int, int]:
 
 
 def process_image(
-    fp: str | os.PathLike | BinaryIO | bytes,
+    fp: str | os.PathLike | BinaryIO | bytes | Image.Image,
     size: int,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -91,7 +96,8 @@ def process_image(
     """Decodes, validates and resizes one image; returns JPEG bytes.
 
     Args:
-      fp: a file path, an open binary file, or the encoded bytes.
+      fp: a file path, an open binary file, the encoded bytes (JPEG, PNG, ..., or a DICOM file),
+        or an already decoded PIL image.
       size: the shorter side of the result, px.
       max_pixels: images with more pixels (width * height) are refused.
       quality: JPEG quality of the result.
@@ -102,10 +108,18 @@ def process_image(
     Raises:
       BadImage: with the reason, for anything that is not a decodable image within the limit.
     """
+    if dicom.is_dicom(fp):
+        try:
+            fp = dicom.read_image(fp, max_pixels)  # JPEG bytes, or decoded RGB pixels
+        except dicom.DicomError as exc:
+            raise BadImage(str(exc)) from exc
+        except OSError as exc:
+            raise BadImage(f"cannot read the file ({exc})") from exc
     if isinstance(fp, bytes | bytearray | memoryview):
         fp = io.BytesIO(fp)
     try:
-        with Image.open(fp, formats=_FORMATS) as img:
+        opened = fp if isinstance(fp, Image.Image) else Image.open(fp, formats=_FORMATS)
+        with opened as img:
             width, height = img.size
             if width < 1 or height < 1:
                 raise BadImage(f"empty image ({width}x{height})")
@@ -114,7 +128,7 @@ def process_image(
                     f"decompression bomb: {width}x{height} = {width * height} px is over the "
                     f"limit of {max_pixels} px"
                 )
-            if img.format in ("JPEG", "MPO"):
+            if getattr(img, "format", None) in ("JPEG", "MPO"):
                 # Decode at the smallest DCT scale whose shorter side is still >= size.
                 img.draft("RGB", (size, size))
             img.load()  # full decode: this is where truncated or corrupt data fails

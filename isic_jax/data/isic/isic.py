@@ -1,7 +1,7 @@
 """The `isic` TFDS builder: one BuilderConfig per ISIC release and stored image size.
 
-Flow of `download_and_prepare` (TFDS writes into `<data_dir>/isic/<config>/incomplete.XXXX_1.0.0/`
-and renames it to `1.0.0/` only when every split is written, so an interrupted build never looks
+Flow of `download_and_prepare` (TFDS writes into `<data_dir>/isic/<config>/incomplete.XXXX_1.1.0/`
+and renames it to `1.1.0/` only when every split is written, so an interrupted build never looks
 complete; an exception also deletes the temporary folder):
 
 1. `_split_generators` reads the release's metadata (`releases.scan`): the candidates to decode and
@@ -17,6 +17,10 @@ complete; an exception also deletes the temporary folder):
    with the data.
 
 Records (`as_data_source`): see `features()`; splits are "fold0" ... "fold{K-1}".
+
+Versions: 1.1.0 added per-image metadata for the metadata branch and the model card (see
+`RELEASE_NOTES`). A 1.0.0 dataset prepared before keeps working for everything it has
+(`open_prepared` opens it from its folder); `isic-jax prepare` builds 1.1.0 beside it.
 """
 
 from __future__ import annotations
@@ -38,7 +42,12 @@ from isic_jax.data.isic import images, releases, tfds_compat
 from isic_jax.data.isic import labels as L
 from isic_jax.data.isic.layouts import RELEASES as ENTRIES
 
-VERSION = "1.0.0"
+VERSION = "1.1.0"
+# Features each version added over the one before (`features`).
+ADDED_IN: dict[str, tuple[str, ...]] = {
+    "1.1.0": ("images_per_patient", "attribution", "copyright_license", "fitzpatrick", "tabular",
+              "tabular_text"),
+}
 STANDARD_SIZES: tuple[int, ...] = (64, 96, 128, 192, 224, 256, 384, 512, 768, 1024)
 DEFAULT_CONFIG = "isic2020_512"
 REPORT_FILENAME = "isic_prepare_report.json"
@@ -96,9 +105,33 @@ class BuildOptions:
         return out
 
 
-def features(release: str) -> tfds.features.FeaturesDict:
-    """The features of one record (one image) of `release`. Missing values are explicit, never
-    dropped."""
+def features(release: str, version: str = VERSION) -> tfds.features.FeaturesDict:
+    """The features of one record (one image) of `release` in dataset `version`. Missing values
+    are explicit, never dropped.
+
+    1.1.0 adds: images_per_patient int32 (images of the same patient in the release, -1 without
+    a patient id), attribution, copyright_license and fitzpatrick (text, "" = missing), and, for a
+    release
+    with `Release.tabular` columns, tabular float32 [T] (NaN = missing; the column names are
+    `info.metadata["tabular_columns"]`) and with `Release.tabular_text` columns, tabular_text
+    text [K] ("" = missing; `info.metadata["tabular_text_columns"]`).
+    """
+    entry = ENTRIES[release]
+    new = {}
+    if tfds.core.Version(version) >= tfds.core.Version("1.1.0"):
+        new = {
+            "images_per_patient": tfds.features.Scalar(dtype=np.int32),  # -1 = no patient id
+            "attribution": tfds.features.Text(),  # "" = missing
+            "copyright_license": tfds.features.Text(),  # "" = missing
+            # Fitzpatrick skin type as the metadata writes it (I-VI; "" = missing).
+            "fitzpatrick": tfds.features.Text(),
+        }
+        if entry.tabular:
+            new["tabular"] = tfds.features.Tensor(shape=(len(entry.tabular),), dtype=np.float32)
+        if entry.tabular_text:
+            new["tabular_text"] = tfds.features.Tensor(
+                shape=(len(entry.tabular_text),), dtype=np.object_
+            )
     return tfds.features.FeaturesDict(
         {
             # JPEG bytes, RGB, shorter side = image_size (decode with PIL, or SkipDecoding).
@@ -111,10 +144,8 @@ def features(release: str) -> tfds.features.FeaturesDict:
             "age": tfds.features.Scalar(dtype=np.int32),  # -1 = missing
             "sex": tfds.features.ClassLabel(names=L.SEX_NAMES),  # 0 = unknown
             "anatom_site": tfds.features.Text(),  # "unknown" = missing
-            # Fitzpatrick skin type as the metadata writes it ("" = missing; readers of
-            # datasets prepared before this field treat it as missing).
-            "fitzpatrick": tfds.features.Text(),
             "fold": tfds.features.Scalar(dtype=np.int32),
+            **new,
         }
     )
 
@@ -123,7 +154,13 @@ class Isic(tfds.core.GeneratorBasedBuilder):
     """ISIC dermoscopy images, benign/malignant + diagnosis, in K patient-grouped folds."""
 
     RELEASE_NOTES = {  # keyed by the version string (before VERSION is rebound below)
-        VERSION: "Releases archive and isic2016-isic2024; K patient-grouped stratified folds."
+        "1.0.0": "Releases archive and isic2016-isic2024; K patient-grouped stratified folds.",
+        "1.1.0": "Per-image metadata: images_per_patient, attribution, copyright_license, "
+        "fitzpatrick (skin type); "
+        "tabular (float32, NaN = missing) and tabular_text: the release's other metadata "
+        "columns (ISIC 2024: clin_size_long_diam_mm and the tbp_lv_* lesion measurements), "
+        "names in info.metadata. ISIC 2020 also from the "
+        "Kaggle DICOM files. Re-run `isic-jax prepare` to get it (it is built beside 1.0.0).",
     }
     VERSION = tfds.core.Version(VERSION)
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
@@ -154,6 +191,7 @@ class Isic(tfds.core.GeneratorBasedBuilder):
         # Images per attribution / licence in the source metadata (those written).
         self._attributions: collections.Counter[str] = collections.Counter()
         self._licenses: collections.Counter[str] = collections.Counter()
+        self._images_per_patient: dict[str, int] = {}
         super().__init__(**kwargs)
 
     @property
@@ -171,7 +209,7 @@ class Isic(tfds.core.GeneratorBasedBuilder):
                 f"ISIC {cfg.release} dermoscopy images (JPEG, shorter side {cfg.image_size} px), "
                 "benign/malignant label and diagnosis, patient-grouped stratified folds."
             ),
-            features=features(cfg.release),
+            features=features(cfg.release, str(self.version)),
             supervised_keys=("image", "label"),
             homepage="https://www.isic-archive.com",
             citation=ENTRIES[cfg.release].citation,
@@ -201,6 +239,11 @@ class Isic(tfds.core.GeneratorBasedBuilder):
         if not scan.candidates:
             raise NoUsableExamplesError(no_usable_message(scan.source, self._skipped))
         cands = scan.candidates
+        # Over the images of the release that can be used (before decoding: a corrupt file of a
+        # patient is still one of that patient's photographs).
+        self._images_per_patient = dict(
+            collections.Counter(c.patient_id for c in cands if c.patient_id)
+        )
         try:
             fold_of = folds_lib.assign_folds(
                 [c.group for c in cands],
@@ -266,6 +309,7 @@ class Isic(tfds.core.GeneratorBasedBuilder):
             "diagnosis": [0] * len(L.DIAGNOSIS_CLASSES[self.release]),
         }
         workers = opts.num_workers or images.default_num_workers()
+        keys = set(self.info.features.keys())  # the features of the version being written
         for cand, result in images.ordered_map(work, self._inputs(candidates), workers):
             if isinstance(result, images.BadImage):
                 self._skipped.append(releases.Skip(cand.image_id, str(result), "decode"))
@@ -274,24 +318,27 @@ class Isic(tfds.core.GeneratorBasedBuilder):
             counts["diagnosis"][cand.diagnosis] += 1
             if cand.attribution:
                 self._attributions[cand.attribution] += 1
-            if cand.license:
-                self._licenses[cand.license] += 1
-            yield (
-                cand.image_id,
-                {
-                    "image": result,
-                    "image_id": cand.image_id,
-                    "label": cand.label,
-                    "diagnosis": cand.diagnosis,
-                    "patient_id": cand.patient_id,
-                    "lesion_id": cand.lesion_id,
-                    "age": np.int32(cand.age),
-                    "sex": cand.sex,
-                    "anatom_site": cand.anatom_site,
-                    "fitzpatrick": cand.fitzpatrick,
-                    "fold": np.int32(fold),
-                },
-            )
+            if cand.copyright_license:
+                self._licenses[cand.copyright_license] += 1
+            example = {
+                "image": result,
+                "image_id": cand.image_id,
+                "label": cand.label,
+                "diagnosis": cand.diagnosis,
+                "patient_id": cand.patient_id,
+                "lesion_id": cand.lesion_id,
+                "age": np.int32(cand.age),
+                "sex": cand.sex,
+                "anatom_site": cand.anatom_site,
+                "fitzpatrick": cand.fitzpatrick,
+                "fold": np.int32(fold),
+                "images_per_patient": np.int32(self._images_per_patient.get(cand.patient_id, -1)),
+                "attribution": cand.attribution,
+                "copyright_license": cand.copyright_license,
+                "tabular": np.asarray(cand.tabular, np.float32),
+                "tabular_text": np.asarray(cand.tabular_text, dtype=object),
+            }
+            yield cand.image_id, {k: v for k, v in example.items() if k in keys}
         if sum(counts["label"]) == 0:
             # TFDS cannot write an empty split; say why instead of its "No examples were yielded".
             raise NoUsableExamplesError(
@@ -302,7 +349,15 @@ class Isic(tfds.core.GeneratorBasedBuilder):
     # ------------------------------------------------------------------ report
 
     def _metadata(self) -> dict[str, Any]:
+        entry = ENTRIES[self.release]
+        columns = {}
+        if "images_per_patient" in self.info.features:  # 1.1.0 on
+            columns = {
+                "tabular_columns": list(entry.tabular),
+                "tabular_text_columns": list(entry.tabular_text),
+            }
         return {
+            **columns,
             "release": self.release,
             "image_size": self.image_size,
             **self.options.content(),
@@ -399,8 +454,9 @@ def make_builder(
 ) -> Isic:
     """The `isic` builder for `release` at `image_size` px under `data_dir` (array_record).
 
-    For reading, `num_folds` does not matter (the prepared dataset's own splits are used). For
-    writing, `options` (if given) overrides `num_folds`.
+    For reading, `num_folds` does not matter (the prepared dataset's own splits are used), and
+    `open_prepared` also opens an older version. For writing, `options` (if given) overrides
+    `num_folds`.
     """
     options = options or BuildOptions(num_folds=num_folds)
     config = config_for(release, image_size)
@@ -413,6 +469,52 @@ def make_builder(
         file_format="array_record",
         options=options,
     )
+
+
+def prepared_versions(release: str, image_size: int, data_dir: str | os.PathLike) -> list[str]:
+    """The versions of `<data_dir>/isic/<release>_<size>/` that are completely prepared (have a
+    dataset_info.json), oldest first."""
+    root = epath.Path(os.path.expanduser(os.fspath(data_dir)))
+    folder = root / "isic" / f"{release}_{image_size}"
+    if not folder.exists():
+        return []
+    found = []
+    for child in folder.iterdir():
+        try:
+            version = tfds.core.Version(child.name)
+        except ValueError:  # incomplete.* folders, stray files
+            continue
+        if (child / "dataset_info.json").exists():
+            found.append(version)
+    return [str(v) for v in sorted(found)]
+
+
+def open_prepared(release: str, image_size: int, data_dir: str | os.PathLike) -> Any:
+    """The prepared dataset to read: the builder of VERSION when that is prepared; else the
+    newest older version, opened from its folder (`tfds.builder_from_directory`: its own
+    features, e.g. a 1.0.0 dataset without the 1.1.0 metadata); else the (unprepared) VERSION
+    builder, whose reads fail as TFDS's do.
+
+    `version_of(builder)` says which one it is; `missing_features` what it lacks.
+    """
+    builder = make_builder(release, image_size, data_dir)
+    if builder.is_prepared():
+        return builder
+    versions = prepared_versions(release, image_size, data_dir)
+    if not versions:
+        return builder
+    return tfds.builder_from_directory(builder.data_path.parent / versions[-1])
+
+
+def version_of(builder: Any) -> str:
+    """The dataset version a builder reads ("1.0.0", "1.1.0")."""
+    return str(builder.info.version)
+
+
+def missing_features(builder: Any, names: Sequence[str]) -> list[str]:
+    """The record features among `names` that the prepared dataset `builder` lacks."""
+    have = set(builder.info.features.keys())
+    return [n for n in names if n not in have]
 
 
 def read_report(builder: Isic) -> dict[str, Any] | None:

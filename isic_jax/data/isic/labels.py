@@ -37,6 +37,13 @@ ARCHIVE_CLASSES: list[str] = [
     "other",
 ]
 
+# The common taxonomy of several releases trained together (`config.data.release =
+# "isic2019+isic2020"`): the ISIC 2019 training classes plus "unknown" (no or an unmatched
+# diagnosis), as the SIIM-ISIC 2020 winners mapped 2018-2020 onto one target. Each release entry
+# maps its own classes onto these (`Release.common`).
+COMMON_CLASSES: list[str] = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "unknown"]
+COMMON_MALIGNANT: list[str] = ["MEL", "BCC", "AK", "SCC"]
+
 # Keyword rules for ARCHIVE_CLASSES, tried in order on the lower-cased text (first match wins).
 # Covers the legacy `diagnosis` values ("nevus", "lentigo NOS", "angioma", ...) and the current
 # hierarchical taxonomy ("Melanoma Invasive", "Solar or actinic keratosis", "Hemangioma", ...).
@@ -121,6 +128,17 @@ def parse_site(value: object) -> str:
     return re.sub(r"\s+", " ", str(value).strip().lower().replace("_", " "))
 
 
+def parse_float(value: object) -> float:
+    """A measurement (e.g. `tbp_lv_areaMM2`); NaN when missing, not a number or not finite."""
+    if is_missing(value):
+        return math.nan
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        return math.nan
+    return number if math.isfinite(number) else math.nan
+
+
 def parse_text(value: object) -> str:
     """A free identifier (patient or lesion id); "" when missing."""
     return "" if is_missing(value) else str(value).strip()
@@ -136,6 +154,31 @@ def parse_binary(value: object) -> int | None:
     if text in ("malignant", "1", "1.0", "true"):
         return 1
     return None
+
+
+def release_parts(release: str) -> list[str]:
+    """The releases of `config.data.release`: "isic2019+isic2020" -> ["isic2019", "isic2020"]."""
+    return [part.strip() for part in str(release).split("+")]
+
+
+def diagnosis_classes(release: str) -> list[str]:
+    """The `diagnosis` classes of a release, or of several trained together ("a+b": the common
+    taxonomy, COMMON_CLASSES)."""
+    parts = release_parts(release)
+    return list(COMMON_CLASSES) if len(parts) > 1 else list(_table("DIAGNOSIS_CLASSES")[parts[0]])
+
+
+def malignant_diagnoses(release: str) -> list[str]:
+    """The malignant `diagnosis` classes of a release, or of several trained together."""
+    parts = release_parts(release)
+    if len(parts) > 1:
+        return list(COMMON_MALIGNANT)
+    return list(_table("MALIGNANT_DIAGNOSES")[parts[0]])
+
+
+def _table(name: str) -> Any:
+    """A table read from the release entries (module `__getattr__` is not used for globals)."""
+    return globals()[name] if name in globals() else __getattr__(name)
 
 
 _FROM_ENTRIES = ("RELEASES", "DIAGNOSIS_CLASSES", "MALIGNANT_DIAGNOSES")

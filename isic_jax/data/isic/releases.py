@@ -20,6 +20,11 @@ recognised by their content, see the entries' `Role`s and `EXPECTED`):
   training images) are ignored.
 - HDF5 image containers (ISIC 2024's `train-image.hdf5`: any `*.hdf5` next to the metadata, else
   anywhere; one dataset per image id holding the JPEG bytes), for the layouts that read one.
+- DICOM files `<id>.dcm` (the Kaggle copy of ISIC 2020), for the layouts that read them: a
+  release's layouts are tried in the entry's order, and a layout is read only when the tree
+  holds its kind of images, so JPEGs win over DICOM files when both are there.
+- A CSV whose header is exactly a release's sample submission (`Release.submission`, e.g.
+  Kaggle's `sample_submission.csv`: image_name,target) plays no role of another release.
 
 Safety: the tree walk does not follow symlinked folders; a file (or folder) link that resolves
 outside the source is never read and is reported; an id containing a path separator or `..` is
@@ -35,6 +40,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 
 from isic_jax.data.isic import labels as L
+from isic_jax.data.isic.dicom import DICOM_EXTENSIONS
 from isic_jax.data.isic.images import IMAGE_EXTENSIONS
 from isic_jax.data.isic.layouts import RELEASES as ENTRIES
 from isic_jax.data.isic.layouts import rows as R
@@ -79,11 +85,11 @@ class Candidate:
     age: int = -1
     sex: str = "unknown"
     anatom_site: str = L.UNKNOWN_SITE
-    # Where the metadata has them ("" otherwise): Fitzpatrick skin type as written (I-VI), and
-    # the image's attribution and licence (the prepare report counts them for model cards).
-    fitzpatrick: str = ""
+    fitzpatrick: str = ""  # Fitzpatrick skin type as written (I-VI), "" = missing
+    tabular: tuple[float, ...] = ()  # Release.tabular, NaN = missing
+    tabular_text: tuple[str, ...] = ()  # Release.tabular_text, "" = missing
     attribution: str = ""
-    license: str = ""
+    copyright_license: str = ""
 
     @property
     def group(self) -> str:
@@ -153,6 +159,10 @@ class SourceTree:
         """Image files, minus the challenges' auxiliary masks (ignored without a report line)."""
         return [f for f in self.with_suffix(*IMAGE_EXTENSIONS) if not _AUXILIARY.search(_stem(f))]
 
+    def dicoms(self) -> list[str]:
+        """DICOM files (`*.dcm`, `*.dicom`)."""
+        return self.with_suffix(*DICOM_EXTENSIONS)
+
 
 # ISIC 2017's superpixel maps and the segmentation tasks' masks sit next to the images.
 _AUXILIARY = re.compile(r"_(superpixels|segmentation|mask)$", re.IGNORECASE)
@@ -187,11 +197,24 @@ def _csv_recognisers() -> dict[str, Callable[[Sequence[Sequence[str]]], bool]]:
 
 
 _CSV_RECOGNISERS = _csv_recognisers()
+# Sample-submission headers (lower-case) -> the release they belong to.
+_SUBMISSIONS: dict[tuple[str, ...], str] = {
+    tuple(c.lower() for c in r.submission): r.name for r in ENTRIES.values() if r.submission
+}
 
 
 def csv_roles(head: list[list[str]]) -> set[str]:
-    """Roles a CSV can play, from its first rows ("isic2019/ground_truth", ...)."""
-    return {key for key, recognise in _CSV_RECOGNISERS.items() if recognise(head)}
+    """Roles a CSV can play, from its first rows ("isic2019/ground_truth", ...).
+
+    A release's sample submission (header exactly `Release.submission`) plays roles of that
+    release only: Kaggle's 2020 `sample_submission.csv` (image_name,target, then ISIC_...,0)
+    would otherwise read as an ISIC 2016 ground truth.
+    """
+    roles = {key for key, recognise in _CSV_RECOGNISERS.items() if recognise(head)}
+    owner = _SUBMISSIONS.get(tuple(c.strip().lower() for c in head[0])) if head else None
+    if owner is not None:
+        roles = {key for key in roles if key.split("/", 1)[0] == owner}
+    return roles
 
 
 def _is_json_record(path: str) -> bool:
@@ -382,14 +405,21 @@ def _locate(
     all_ids: set[str],
     skips: list[Skip],
     folders: set[str] | None = None,
+    *,
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
 ) -> dict[str, str]:
-    """image id -> relative image path; reports missing, duplicate, outside and row-less images."""
+    """image id -> relative image path; reports missing, duplicate, outside and row-less images.
+
+    extensions: of the image files looked for (IMAGE_EXTENSIONS, or DICOM_EXTENSIONS).
+    """
     by_stem: dict[str, list[str]] = {}
-    for rel in tree.images():
+    files = tree.images() if extensions == IMAGE_EXTENSIONS else tree.with_suffix(*extensions)
+    for rel in files:
         if folders is None or _dir(rel) in folders:
             by_stem.setdefault(_stem(rel), []).append(rel)
     outside = {_stem(rel): rel for rel in tree.outside}
-    ext_rank = {e: i for i, e in enumerate(IMAGE_EXTENSIONS)}
+    ext_rank = {e: i for i, e in enumerate(extensions)}
+    wanted = "/".join(extensions)
     located: dict[str, str] = {}
     for row in rows:
         paths = sorted(
@@ -409,7 +439,7 @@ def _locate(
                 skips.append(
                     Skip(
                         row.image_id,
-                        f"image file missing ({row.where} has no {row.image_id}.jpg/.jpeg/.png)",
+                        f"image file missing ({row.where} has no {row.image_id}{wanted})",
                     )
                 )
             continue
@@ -432,6 +462,12 @@ def _locate(
 
 
 def _candidate(release: str, row: Row, path: str, hdf5_key: str | None = None) -> Candidate:
+    entry = ENTRIES[release]
+    # A reader that read no tabular column gives all of them as missing.
+    tabular = row.tabular or (float("nan"),) * len(entry.tabular)
+    tabular_text = row.tabular_text or ("",) * len(entry.tabular_text)
+    if len(tabular) != len(entry.tabular) or len(tabular_text) != len(entry.tabular_text):
+        raise ValueError(f"{release}: the reader gave tabular values that do not fit the entry")
     return Candidate(
         image_id=row.image_id,
         path=path,
@@ -444,8 +480,10 @@ def _candidate(release: str, row: Row, path: str, hdf5_key: str | None = None) -
         sex=row.sex,
         anatom_site=row.anatom_site,
         fitzpatrick=row.fitzpatrick,
+        tabular=tuple(tabular),
+        tabular_text=tuple(tabular_text),
         attribution=row.attribution,
-        license=row.license,
+        copyright_license=row.copyright_license,
     )
 
 
@@ -464,6 +502,20 @@ def _from_files(
     tree = inputs.tree
     folders = set(inputs.record_dirs) if variant.images.beside_records else None
     located = _locate(tree, kept, all_ids, skips, folders)
+    return [
+        _candidate(release, row, tree.abspath(located[row.image_id]))
+        for row in kept
+        if row.image_id in located
+    ]
+
+
+def _from_dicom(
+    release: str, variant: Variant, inputs: Inputs, kept: list[Row], all_ids: set[str],
+    skips: list[Skip],
+) -> list[Candidate]:  # fmt: skip
+    """Candidates whose image is a DICOM file of the tree (decoded by `images.process_image`)."""
+    tree = inputs.tree
+    located = _locate(tree, kept, all_ids, skips, extensions=DICOM_EXTENSIONS)
     return [
         _candidate(release, row, tree.abspath(located[row.image_id]))
         for row in kept
@@ -509,6 +561,7 @@ class _ImageKind:
 
 _IMAGE_SOURCES: dict[str, _ImageKind] = {
     "files": _ImageKind(lambda tree: bool(tree.images()), _from_files),
+    "dicom": _ImageKind(lambda tree: bool(tree.dicoms()), _from_dicom),
     "hdf5": _ImageKind(lambda tree: True, _from_hdf5),
 }
 

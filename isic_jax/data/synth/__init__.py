@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from isic_jax.data.isic.layouts import RELEASE_OF, VARIANTS
 from isic_jax.data.isic.layouts import RELEASES as ENTRIES
 from isic_jax.data.isic.layouts.isic2024 import METADATA_COLUMNS as METADATA_2024_COLUMNS
 from isic_jax.data.isic.layouts.spec import MetadataRow
@@ -40,12 +41,19 @@ from isic_jax.data.synth.plan import INDETERMINATE_FRACTION, Record, invent_meta
 
 __all__ = [
     "CLASSES", "DEFAULT_IMAGE_SIZE", "DEFAULT_MALIGNANT_FRACTION", "FORMATS", "IMAGE_DIRS",
-    "INDETERMINATE_FRACTION", "JPEG_QUALITY", "MALIGNANT", "METADATA_2024_COLUMNS",
+    "INDETERMINATE_FRACTION", "JPEG_QUALITY", "LAYOUTS", "MALIGNANT", "METADATA_2024_COLUMNS",
     "RELEASE_DIAGNOSES", "STYLES", "Diagnosis", "write_synthetic",
 ]  # fmt: skip
 
 # One layout per release the builder reads (the releases whose entry says how to imitate them).
 FORMATS: tuple[str, ...] = tuple(name for name, r in ENTRIES.items() if r.synth is not None)
+# Every layout synth writes (`--format`): FORMATS, then the other layouts of those releases that
+# their entries mark (`Variant.synth`), e.g. "isic2020_dicom" (Kaggle's train.csv +
+# train/*.dcm). A layout of a release gets the release's images, labels and metadata: the same
+# seed gives the same pictures in every layout of one release.
+LAYOUTS: tuple[str, ...] = FORMATS + tuple(
+    v.name for f in FORMATS for v in ENTRIES[f].variants[1:] if v.synth
+)
 # Far above the real 2020/2024 rates: small test sets need positives.
 DEFAULT_MALIGNANT_FRACTION = 0.3
 DEFAULT_IMAGE_SIZE = 160  # longer side, px; aspect ratios vary (4:3, 3:2, 1:1, 3:4)
@@ -59,8 +67,8 @@ CLASSES: dict[str, list[str]] = {f: [d.name for d in RELEASE_DIAGNOSES[f]] for f
 MALIGNANT: dict[str, list[str]] = {
     f: [d.name for d in RELEASE_DIAGNOSES[f] if d.status == "malignant"] for f in FORMATS
 }
-# Where each release keeps its image files (None: inside an image container, e.g. HDF5).
-IMAGE_DIRS: dict[str, str | None] = {f: ENTRIES[f].variants[0].images.image_dir for f in FORMATS}
+# Where each layout keeps its image files (None: inside an image container, e.g. HDF5).
+IMAGE_DIRS: dict[str, str | None] = {f: VARIANTS[f].images.image_dir for f in LAYOUTS}
 
 # Fields of Record.meta that MetadataRow has as fields; every other key is an official column.
 _ROW_FIELDS = ("patient_id", "lesion_id", "age_approx", "sex", "site")
@@ -105,7 +113,7 @@ def write_synthetic(
 
     Args:
       output_dir: folder to write into (created; existing files of the same names are replaced).
-      fmt: one of FORMATS.
+      fmt: one of LAYOUTS (a release's name writes its first layout).
       num_images: number of images (isic2020: duplicates included).
       seed: everything is a function of (fmt, num_images, seed, malignant_fraction, image_size).
       malignant_fraction: share of malignant images (MALIGNANT[fmt] diagnoses), exact up to
@@ -125,8 +133,8 @@ def write_synthetic(
       or the cell is empty).
     """
     start = time.perf_counter()
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    if fmt not in LAYOUTS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {LAYOUTS}")
     if num_images < 1:
         raise ValueError("num_images must be >= 1")
     frac = DEFAULT_MALIGNANT_FRACTION if malignant_fraction is None else float(malignant_fraction)
@@ -136,19 +144,21 @@ def write_synthetic(
         raise ValueError("image_size must be >= 16")
     if hdf5_storage not in ("string", "opaque"):
         raise ValueError("hdf5_storage must be 'string' or 'opaque'")
-    release = ENTRIES[fmt]
-    spec, variant = release.synth, release.variants[0]
+    release = ENTRIES[RELEASE_OF[fmt]]
+    spec, variant = release.synth, VARIANTS[fmt]
     out = pathlib.Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     # Independent streams: the plan, the metadata and every image, so that e.g. a metadata
-    # change does not reshuffle pixels. The release's place in the table is part of the seed.
-    fmt_key = list(ENTRIES).index(fmt)
+    # change does not reshuffle pixels. The release's place in the table is part of the seed
+    # (not the layout's: every layout of a release holds the same pictures).
+    fmt_key = list(ENTRIES).index(release.name)
     plan_rng = np.random.default_rng([seed, fmt_key, 0])
     meta_rng = np.random.default_rng([seed, fmt_key, 1])
+    signal_rng = np.random.default_rng([seed, fmt_key, 3])
     plan = make_plan(spec, num_images, frac, image_size, plan_rng)
     records = plan.records
-    invent_metadata(spec, plan, meta_rng)
+    invent_metadata(spec, plan, meta_rng, signal_rng)
 
     # Images: one generator per lesion (its look) and per image (its photo).
     encoded: dict[int, bytes] = {}
@@ -170,7 +180,10 @@ def write_synthetic(
         rec.image_id: encoded[rec.duplicate_of if rec.duplicate_of >= 0 else i]
         for i, rec in enumerate(records)
     }
-    container = write_images(variant, out, images, hdf5_storage=hdf5_storage)
+    rows = [_metadata_row(spec, r, records) for r in sorted(records, key=lambda r: r.image_id)]
+    container = write_images(
+        variant, out, images, hdf5_storage=hdf5_storage, rows={r.image_id: r for r in rows}
+    )
     image_dir = IMAGE_DIRS[fmt]
     if spec.superpixels:
         for rec in records:
@@ -179,10 +192,11 @@ def write_synthetic(
     for folder in spec.licence_folders:
         _write_licence_files(out / folder)
 
-    rows = [_metadata_row(spec, r, records) for r in sorted(records, key=lambda r: r.image_id)]
     files = ([container] if container else []) + write_metadata(variant, out, rows)
     if spec.extra_files is not None:
         files += spec.extra_files(out, rows)
+    if variant.extras is not None:
+        files += variant.extras(out, rows)
 
     has_patients, has_lesions = "patient" in release.ids, "lesion" in release.ids
     recs = []

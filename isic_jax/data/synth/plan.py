@@ -34,6 +34,7 @@ class Record:
     lesion: index into the plan's lesions; patient: the hidden patient index; h, w: size in px.
     duplicate_of: index of the record whose bytes this one repeats (-1: none).
     meta: patient_id, lesion_id, age_approx, sex, site, then the release's own official columns.
+    traits: its patient's traits (`SynthSpec.per_patient`), what `per_image` draws around.
     """
 
     image_id: str
@@ -45,6 +46,7 @@ class Record:
     w: int = 0
     duplicate_of: int = -1
     meta: dict[str, str] = dataclasses.field(default_factory=dict)
+    traits: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -225,10 +227,31 @@ def _common_meta(spec: SynthSpec, plan: Plan, rng: np.random.Generator) -> None:
         )
 
 
-def invent_metadata(spec: SynthSpec, plan: Plan, rng: np.random.Generator) -> None:
-    """Fills every record's `meta`: ids, age, sex and site, the release's own columns
-    (`spec.per_image`), empty cells (`spec.blanks`); a duplicate gets its original's values."""
+def _signal(spec: SynthSpec, plan: Plan, rng: np.random.Generator) -> None:
+    """What makes the metadata learnable beyond the images: patients with a malignant lesion are
+    somewhat older (`spec.age_shift`), and every patient gets traits (`spec.per_patient`) that
+    its images' tabular values are drawn around. Drawn from their own stream, so that the ids,
+    sites and empty cells stay what they were without it."""
+    malignant = {r.patient for r in plan.records if r.dx.status == MALIGNANT}
+    shift = {
+        p: int(rng.choice(spec.age_shift)) if spec.age_shift and p in malignant else 0
+        for p in range(len(plan.patients))
+    }
+    traits = [spec.per_patient(rng) if spec.per_patient else {} for _ in plan.patients]
+    for rec in plan.records:
+        rec.traits = traits[rec.patient]
+        if shift[rec.patient]:
+            rec.meta["age_approx"] = str(min(90, int(rec.meta["age_approx"]) + shift[rec.patient]))
+
+
+def invent_metadata(
+    spec: SynthSpec, plan: Plan, rng: np.random.Generator, signal_rng: np.random.Generator
+) -> None:
+    """Fills every record's `meta`: ids, age, sex and site, the metadata signal (`_signal`),
+    the release's own columns (`spec.per_image`), empty cells (`spec.blanks`); a duplicate gets
+    its original's values."""
     _common_meta(spec, plan, rng)
+    _signal(spec, plan, signal_rng)
     if spec.per_image is not None:
         for rec in plan.records:
             rec.meta.update(spec.per_image(rec, rng))

@@ -80,7 +80,10 @@ def _read_csv(inputs: Inputs) -> Iterator[R.Row | R.Skip]:
         diagnosis = L.archive_class(
             *(row.get(f"diagnosis_{i}") for i in (5, 4, 3, 2)), row.get("diagnosis")
         )
-        yield R.Row(image_id, where, label, diagnosis, **R.archive_fields(row))
+        yield R.Row(
+            image_id, where, label, diagnosis, **R.archive_fields(row),
+            **R.extra_fields(row),
+        )  # fmt: skip
 
 
 def _read_json(inputs: Inputs) -> Iterator[R.Row | R.Skip]:
@@ -114,7 +117,7 @@ def _read_json(inputs: Inputs) -> Iterator[R.Row | R.Skip]:
             age=L.parse_age(clinical.get("age_approx")),
             sex=L.parse_sex(clinical.get("sex")),
             anatom_site=L.parse_site(clinical.get("anatom_site_general")),
-            fitzpatrick=L.parse_text(clinical.get("fitzpatrick_skin_type")),
+            **R.extra_fields({**clinical, **record}),
         )
 
 
@@ -235,6 +238,7 @@ RELEASE = Release(
     name="archive",
     classes=tuple(L.ARCHIVE_CLASSES),
     malignant=("MEL", "BCC", "SCC", "AK"),
+    common={"other": "unknown"},
     expected=(
         "`isic image download` export: metadata.csv with columns isic_id + diagnosis_1 (or "
         "benign_malignant), images <isic_id>.jpg|.png; or legacy per-image JSON records "

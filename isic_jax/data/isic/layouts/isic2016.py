@@ -62,6 +62,8 @@ RELEASE = Release(
     name="isic2016",
     classes=("benign", "malignant"),
     malignant=("malignant",),
+    # ISBI 2016 Part 3 is melanoma vs the rest: its benign images have no diagnosis.
+    common={"benign": "unknown", "malignant": "MEL"},
     expected=(
         "ISBI2016_ISIC_Part3_Training_GroundTruth.csv (2 columns, no header: "
         "ISIC_xxxxxxx,benign|malignant|0|1) + images (ISBI2016_ISIC_Part3_Training_Data/)"

@@ -83,6 +83,7 @@ RELEASE = Release(
     name="isic2017",
     classes=CLASSES,
     malignant=("melanoma",),
+    common={"nevus": "NV", "melanoma": "MEL", "seborrheic_keratosis": "BKL"},
     expected=(
         "ISIC-2017_Training_Part3_GroundTruth.csv (image_id,melanoma,seborrheic_keratosis) + "
         "images (ISIC-2017_Training_Data/); optional ISIC-2017_Training_Data_metadata.csv "

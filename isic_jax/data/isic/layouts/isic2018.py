@@ -76,6 +76,8 @@ RELEASE = Release(
     name="isic2018",
     classes=CLASSES,
     malignant=MALIGNANT_CLASSES,
+    # AKIEC: actinic keratosis + intraepithelial carcinoma, 2019's AK.
+    common={"AKIEC": "AK"},
     expected=(
         "ISIC2018_Task3_Training_GroundTruth.csv (image,MEL,NV,BCC,AKIEC,BKL,DF,VASC one-hot) or "
         "HAM10000_metadata.csv (lesion_id,image_id,dx,...) + images "

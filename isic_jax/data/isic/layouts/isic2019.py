@@ -82,6 +82,7 @@ RELEASE = Release(
         ),
     ),
     ids=("lesion",),
+    submission=("image", *_ONE_HOT),
     synth=SynthSpec(
         # ISIC 2019 training shares; AK counted malignant like 2018's AKIEC. UNK: test set only.
         diagnoses=(

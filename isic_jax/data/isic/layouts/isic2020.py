@@ -1,8 +1,14 @@
 """ISIC 2020 (SIIM-ISIC): a binary `target` per image with patient ids, and the list of duplicate
-images (the second of each pair is dropped)."""
+images (the second of each pair is dropped).
+
+Two layouts: the challenge's (`ISIC_2020_Training_GroundTruth(_v2).csv` + JPEGs) and the Kaggle
+copy's DICOM files (`train.csv` + `train/*.dcm`, JPEG-baseline encapsulated, YBR_FULL_422), read
+when the download holds no JPEG (the Kaggle copy also has `jpeg/train/*.jpg`, read first).
+"""
 
 from __future__ import annotations
 
+import pathlib
 from collections.abc import Iterator, Sequence
 
 from isic_jax.data.isic import labels as L
@@ -18,11 +24,18 @@ from isic_jax.data.isic.layouts.spec import (
     Variant,
 )
 from isic_jax.data.isic.layouts.synthspec import BENIGN, MALIGNANT, SynthSpec, dx, label_is_target
+from isic_jax.utils import write_csv
 
 GROUND_TRUTH_COLUMNS = (
     "image_name", "patient_id", "lesion_id", "sex", "age_approx", "anatom_site_general_challenge",
     "diagnosis", "benign_malignant", "target",
 )  # fmt: skip
+# Kaggle's train.csv: the v1 ground truth's columns (no lesion_id).
+KAGGLE_COLUMNS = tuple(c for c in GROUND_TRUTH_COLUMNS if c != "lesion_id")
+SUBMISSION = ("image_name", "target")
+# Kaggle's sample_submission.csv (image_name,target) also has the two columns the ground truth is
+# known by: a ground truth has at least one more of its own.
+_GROUND_TRUTH = Header(("image_name", "target"), any_of=("patient_id", "benign_malignant"))
 
 
 def _read(inputs: Inputs) -> Iterator[R.Row | R.Skip]:
@@ -90,14 +103,34 @@ def _pairs(rows: Sequence[MetadataRow]) -> list[list[str]]:
     return sorted([r.duplicate_of, r.image_id] for r in rows if r.duplicate_of)
 
 
+def _sample_submission(root: pathlib.Path, rows: Sequence[MetadataRow]) -> list[str]:
+    """Kaggle's sample_submission.csv: the test images (ids not among the training ones), 0."""
+    n = min(10, len(rows))
+    write_csv(root / "sample_submission.csv", list(SUBMISSION),
+              [[f"ISIC_{9_990_000 + i:07d}", "0"] for i in range(n)])  # fmt: skip
+    return ["sample_submission.csv"]
+
+
+def _duplicates_role() -> Role:
+    return Role(
+        "duplicates",
+        recognise=Header(("image_name_1", "image_name_2")),
+        official="ISIC_2020_Training_Duplicates.csv",
+        columns=("image_name_1", "image_name_2"),
+        table=_pairs,
+    )
+
+
 RELEASE = Release(
     name="isic2020",
     classes=tuple(L.ARCHIVE_CLASSES),
     malignant=("MEL", "BCC", "SCC", "AK"),
+    common={"other": "unknown"},
     expected=(
-        "ISIC_2020_Training_GroundTruth.csv or _v2.csv (image_name,patient_id,sex,age_approx,"
-        "anatom_site_general_challenge,diagnosis,benign_malignant,target[,lesion_id]) + images "
-        "(train/*.jpg); optional ISIC_2020_Training_Duplicates.csv (image_name_1,image_name_2)"
+        "ISIC_2020_Training_GroundTruth.csv or _v2.csv, or Kaggle's train.csv (image_name,"
+        "patient_id,sex,age_approx,anatom_site_general_challenge,diagnosis,benign_malignant,"
+        "target[,lesion_id]) + images (train/*.jpg, or the Kaggle copy's train/*.dcm when there "
+        "is no JPEG); optional ISIC_2020_Training_Duplicates.csv (image_name_1,image_name_2)"
     ),
     citation="Rotemberg et al., A patient-centric dataset of images and metadata for "
     "identifying melanomas using clinical context, Sci. Data 8, 34 (2021)",
@@ -107,26 +140,42 @@ RELEASE = Release(
             roles=(
                 Role(
                     "ground_truth",
-                    recognise=Header(("image_name", "target")),
+                    recognise=_GROUND_TRUTH,
                     required=True,
                     official="ISIC_2020_Training_GroundTruth_v2.csv",
                     columns=GROUND_TRUTH_COLUMNS,
                     values=_values,
                 ),
-                Role(
-                    "duplicates",
-                    recognise=Header(("image_name_1", "image_name_2")),
-                    official="ISIC_2020_Training_Duplicates.csv",
-                    columns=("image_name_1", "image_name_2"),
-                    table=_pairs,
-                ),
+                _duplicates_role(),
             ),
             read=_read,
             refine=_drop_duplicates,
             images=ImageSource(folder="train"),
             typical=TypicalLabels("0", "1", "unknown", "melanoma"),
         ),
+        Variant(
+            name="isic2020_dicom",  # the Kaggle copy: train.csv + train/*.dcm
+            roles=(
+                Role(
+                    "ground_truth",
+                    recognise=_GROUND_TRUTH,
+                    required=True,
+                    official="train.csv",
+                    columns=KAGGLE_COLUMNS,
+                    values=_values,
+                ),
+                # Not in the Kaggle copy; read when the user adds the challenge's list.
+                _duplicates_role(),
+            ),
+            read=_read,
+            refine=_drop_duplicates,
+            images=ImageSource(kind="dicom", folder="train"),
+            typical=TypicalLabels("0", "1", "unknown", "melanoma"),
+            synth=True,
+            extras=_sample_submission,
+        ),
     ),
+    submission=SUBMISSION,
     ids=("patient", "lesion"),
     synth=SynthSpec(
         diagnoses=(

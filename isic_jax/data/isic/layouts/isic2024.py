@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+
+import numpy as np
 
 from isic_jax.data.isic import labels as L
 from isic_jax.data.isic.layouts import rows as R
@@ -29,9 +30,6 @@ from isic_jax.data.isic.layouts.synthspec import (
     label_is_target,
 )
 
-if TYPE_CHECKING:
-    import numpy as np
-
 # The 55 columns of the ISIC 2024 Kaggle train-metadata.csv, in file order.
 METADATA_COLUMNS: list[str] = [
     "isic_id", "target", "patient_id", "age_approx", "sex", "anatom_site_general",
@@ -48,6 +46,15 @@ METADATA_COLUMNS: list[str] = [
 ]  # fmt: skip
 
 
+# Stored per image (the `tabular` / `tabular_text` features): the lesion measurements of the
+# TBP lesion visualizer and the clinical size. Not stored: the diagnoses (iddx_*) and what only a
+# histopathology report gives (mel_mitotic_index, mel_thick_mm): they are the label.
+TABULAR_TEXT: tuple[str, ...] = ("tbp_tile_type", "tbp_lv_location", "tbp_lv_location_simple")
+TABULAR: tuple[str, ...] = ("clin_size_long_diam_mm", *(
+    c for c in METADATA_COLUMNS if c.startswith("tbp_lv_") and c not in TABULAR_TEXT
+))  # fmt: skip
+
+
 def _read(inputs: Inputs) -> Iterator[R.Row | R.Skip]:
     rel = inputs.files["metadata"]
     for line, row in R.dict_rows(inputs.path("metadata")):
@@ -62,7 +69,10 @@ def _read(inputs: Inputs) -> Iterator[R.Row | R.Skip]:
         diagnosis = L.archive_class(
             *(row.get(f"iddx_{i}") for i in (5, 4, 3, 2)), full if "::" in full else ""
         )
-        yield R.Row(image_id, f"{rel} row {line}", label, diagnosis, **R.archive_fields(row))
+        yield R.Row(
+            image_id, f"{rel} row {line}", label, diagnosis, **R.archive_fields(row),
+            **R.extra_fields(row, TABULAR, TABULAR_TEXT),
+        )  # fmt: skip
 
 
 def _values(r: MetadataRow) -> dict[str, str]:
@@ -116,21 +126,51 @@ _ATTRIBUTIONS = [
 ]
 
 
-def _per_image(image: Drawn, rng: np.random.Generator) -> dict[str, str]:
-    """Plausible values for the TBP lesion-visualizer columns (not tied to the image); only
-    biopsied (strongly labelled) lesions keep their lesion_id."""
+def _per_patient(rng: np.random.Generator) -> dict[str, float]:
+    """How one patient's lesions typically look in the TBP measurements (its skin, the usual
+    size, colour and shape of its nevi): what the images of its lesions are drawn around."""
     u = rng.uniform
+    return {
+        "L": u(30, 55), "A": u(14, 30), "B": u(20, 36),  # lesion colour (CIELAB)
+        "Lext": u(50, 75), "Aext": u(10, 24), "Bext": u(16, 30),  # the skin around it
+        "diameter": u(2.0, 5.5), "eccentricity": u(0.45, 0.75), "color_std": u(0.4, 1.6),
+        "norm_color": u(1.0, 4.5), "norm_border": u(2.0, 5.0), "deltaLBnorm": u(5.0, 9.0),
+        "nevi_confidence": u(55, 95), "symm": u(0.2, 0.45),
+    }  # fmt: skip
+
+
+def _per_image(image: Drawn, rng: np.random.Generator) -> dict[str, str]:
+    """The TBP lesion-visualizer columns of one tile, drawn around its patient's traits.
+
+    The signal (images carry none of it, they are drawn apart): a malignant lesion is larger,
+    more varied in colour, with a less regular border and lower nevus confidence than its
+    patient's usual lesion (each shift smaller than the spread between patients), and its colour
+    (L, A, B) departs from the patient's usual colour in a random direction, so that only a
+    comparison with the same patient's other lesions shows it (the "ugly duckling"). Only biopsied
+    (strongly labelled) lesions keep their lesion_id.
+    """
+    u, n = rng.uniform, rng.normal
+    t = image.traits or _per_patient(rng)
     mal = image.dx.status == MALIGNANT
     loc, loc_simple, site = _LOCATIONS[int(rng.integers(0, len(_LOCATIONS)))]
     attribution, license_ = _ATTRIBUTIONS[int(rng.integers(0, len(_ATTRIBUTIONS)))]
-    L, Lext = u(25, 60), u(45, 75)
-    A, Aext = u(12, 35), u(10, 28)
-    Bc, Bext = u(18, 40), u(18, 35)
-    area = u(3, 40)
-    perim = math.sqrt(area) * u(3.6, 5.5)
+    # The ugly duckling: a colour away from the patient's usual one (|offset| ~ 7.5), else close.
+    direction = n(size=3)
+    offset = direction / np.linalg.norm(direction) * u(6, 9) if mal else n(0, 2.0, 3)
+    L, A, Bc = t["L"] + offset[0], t["A"] + offset[1], t["B"] + offset[2]
+    Lext, Aext, Bext = t["Lext"] + n(0, 1.5), t["Aext"] + n(0, 1.0), t["Bext"] + n(0, 1.0)
+    diameter = max(0.8, t["diameter"] * u(0.8, 1.2) + (u(0.5, 2.0) if mal else 0.0))
+    ecc = float(np.clip(t["eccentricity"] + n(0, 0.08) + (0.04 if mal else 0.0), 0.05, 0.99))
+    minor = diameter * math.sqrt(1 - ecc**2)
+    area = math.pi / 4 * diameter * minor * u(0.9, 1.1)
+    border = t["norm_border"] + n(0, 0.8) + (u(0.3, 1.5) if mal else 0.0)
+    perim = math.sqrt(4 * math.pi * area) * (1 + 0.06 * border)
+    colour_std = t["color_std"] + abs(n(0, 0.3)) + (u(0.2, 0.8) if mal else 0.0)
+    norm_color = t["norm_color"] + n(0, 0.8) + (u(0.3, 1.5) if mal else 0.0)
+    nevi = float(np.clip(t["nevi_confidence"] + n(0, 8) - (u(5, 20) if mal else 0), 0, 100))
     invasive = image.dx.name.endswith("Melanoma Invasive")
     values = {
-        "clin_size_long_diam_mm": f"{u(1, 12):.2f}",
+        "clin_size_long_diam_mm": f"{diameter:.2f}",
         "image_type": "TBP tile: close-up",
         "tbp_tile_type": "3D: XP" if rng.random() < 0.6 else "3D: white",
         "tbp_lv_A": f"{A:.6g}", "tbp_lv_Aext": f"{Aext:.6g}",
@@ -140,20 +180,22 @@ def _per_image(image: Drawn, rng: np.random.Generator) -> dict[str, str]:
         "tbp_lv_Hext": f"{math.degrees(math.atan2(Bext, Aext)):.6g}",
         "tbp_lv_L": f"{L:.6g}", "tbp_lv_Lext": f"{Lext:.6g}",
         "tbp_lv_areaMM2": f"{area:.6g}", "tbp_lv_area_perim_ratio": f"{perim**2 / area:.6g}",
-        "tbp_lv_color_std_mean": f"{u(0, 3) + (1.5 if mal else 0):.6g}",
+        "tbp_lv_color_std_mean": f"{colour_std:.6g}",
         "tbp_lv_deltaA": f"{A - Aext:.6g}", "tbp_lv_deltaB": f"{Bc - Bext:.6g}",
         "tbp_lv_deltaL": f"{L - Lext:.6g}",
         "tbp_lv_deltaLB": f"{math.hypot(L - Lext, Bc - Bext):.6g}",
-        "tbp_lv_deltaLBnorm": f"{u(4, 15):.6g}",
-        "tbp_lv_eccentricity": f"{u(0.3, 0.95):.6g}",
+        "tbp_lv_deltaLBnorm": f"{t['deltaLBnorm'] + n(0, 1.0) + (u(0.3, 1.5) if mal else 0):.6g}",
+        "tbp_lv_eccentricity": f"{ecc:.6g}",
         "tbp_lv_location": loc, "tbp_lv_location_simple": loc_simple,
-        "tbp_lv_minorAxisMM": f"{u(1, 6):.6g}",
-        "tbp_lv_nevi_confidence": f"{u(0, 100):.6g}",
-        "tbp_lv_norm_border": f"{u(0, 10):.6g}", "tbp_lv_norm_color": f"{u(0, 10):.6g}",
+        "tbp_lv_minorAxisMM": f"{minor:.6g}",
+        "tbp_lv_nevi_confidence": f"{nevi:.6g}",
+        "tbp_lv_norm_border": f"{max(0.0, border):.6g}",
+        "tbp_lv_norm_color": f"{max(0.0, norm_color):.6g}",
         "tbp_lv_perimeterMM": f"{perim:.6g}",
-        "tbp_lv_radial_color_std_max": f"{u(0, 3):.6g}",
-        "tbp_lv_stdL": f"{u(0.5, 5):.6g}", "tbp_lv_stdLExt": f"{u(0.5, 4):.6g}",
-        "tbp_lv_symm_2axis": f"{u(0.1, 0.8):.6g}",
+        "tbp_lv_radial_color_std_max": f"{colour_std * u(0.6, 1.0):.6g}",
+        "tbp_lv_stdL": f"{u(0.5, 3) + (0.4 if mal else 0.0):.6g}",
+        "tbp_lv_stdLExt": f"{u(0.5, 4):.6g}",
+        "tbp_lv_symm_2axis": f"{t['symm'] + n(0, 0.06) + (0.05 if mal else 0.0):.6g}",
         "tbp_lv_symm_2axis_angle": str(int(rng.integers(0, 36)) * 5),
         "tbp_lv_x": f"{u(-200, 200):.6g}", "tbp_lv_y": f"{u(0, 1600):.6g}",
         "tbp_lv_z": f"{u(-150, 150):.6g}",
@@ -163,7 +205,7 @@ def _per_image(image: Drawn, rng: np.random.Generator) -> dict[str, str]:
         "tbp_lv_dnn_lesion_confidence": f"{u(50, 100):.6g}",
         "site": site,
     }  # fmt: skip
-    if image.dx.status == BENIGN and image.dx.name == "Benign" and rng.random() < 0.85:
+    if image.dx.status == BENIGN and image.dx.name == "Benign" and rng.random() < 0.7:
         values["lesion_id"] = ""
     return values
 
@@ -172,6 +214,7 @@ RELEASE = Release(
     name="isic2024",
     classes=tuple(L.ARCHIVE_CLASSES),
     malignant=("MEL", "BCC", "SCC", "AK"),
+    common={"other": "unknown"},
     expected=(
         "train-metadata.csv (isic_id,target,patient_id,...) + train-image.hdf5 (one dataset per "
         "isic_id holding JPEG bytes) or image files (train-image/image/)"
@@ -209,6 +252,9 @@ RELEASE = Release(
         ),
     ),
     ids=("patient", "lesion"),
+    submission=("isic_id", "target"),
+    tabular=TABULAR,
+    tabular_text=TABULAR_TEXT,
     synth=SynthSpec(
         diagnoses=(
             dx("Benign", BENIGN, 0.90, ("NV", 0.8), ("LENTIGO", 0.1), ("BKL", 0.1)),
@@ -264,6 +310,7 @@ RELEASE = Release(
         sites=("x",),
         site_p=(1.0,),
         per_image=_per_image,
+        per_patient=_per_patient,
         blanks=(("age_approx", 0.01), ("sex", 0.03), ("site", 0.02)),
         decimal_ages=True,
     ),

@@ -41,11 +41,14 @@ class Row:
     age: int = -1
     sex: str = "unknown"
     anatom_site: str = L.UNKNOWN_SITE
-    # Where the metadata has them ("" otherwise): Fitzpatrick skin type as written (I-VI), and
-    # the image's attribution and licence (the prepare report counts them for model cards).
+    # Where the metadata has them: the Fitzpatrick skin type as written (I-VI), the release's
+    # `Release.tabular` / `tabular_text` columns, in that order (empty: none read, stored as
+    # missing), where the image comes from and under which licence ("" = missing).
     fitzpatrick: str = ""
+    tabular: tuple[float, ...] = ()
+    tabular_text: tuple[str, ...] = ()
     attribution: str = ""
-    license: str = ""
+    copyright_license: str = ""
 
 
 def stem(rel: str) -> str:
@@ -117,9 +120,22 @@ def archive_fields(row: Mapping[str, str]) -> dict[str, Any]:
         "age": L.parse_age(row.get("age_approx")),
         "sex": L.parse_sex(row.get("sex")),
         "anatom_site": L.parse_site(row.get("anatom_site_general")),
-        "fitzpatrick": L.parse_text(row.get("fitzpatrick_skin_type")),
-        "attribution": L.parse_text(row.get("attribution")),
-        "license": L.parse_text(row.get("copyright_license")),
+    }
+
+
+def extra_fields(
+    row: Mapping[str, Any], tabular: Sequence[str] = (), tabular_text: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Row's Fitzpatrick skin type, tabular measurements (NaN when missing), text columns,
+    attribution and licence, from a CSV row with lower-cased keys (`dict_rows`) or a JSON
+    record's fields."""
+    get = lambda name: row.get(name.lower(), row.get(name))
+    return {
+        "fitzpatrick": L.parse_text(get("fitzpatrick_skin_type")),
+        "tabular": tuple(L.parse_float(get(c)) for c in tabular),
+        "tabular_text": tuple(L.parse_text(get(c)) for c in tabular_text),
+        "attribution": L.parse_text(get("attribution")),
+        "copyright_license": L.parse_text(get("copyright_license")),
     }
 
 

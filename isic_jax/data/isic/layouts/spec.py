@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from isic_jax.data.isic import labels as L
 from isic_jax.data.isic.layouts.rows import Row, Skip
 
 if TYPE_CHECKING:
@@ -108,7 +109,9 @@ class ImageSource:
     """Where a variant's images are.
 
     kind: "files": `<image_id>.jpg|.jpeg|.png` anywhere in the tree (written to `folder`, "" is
-      the top level); "hdf5": one dataset per image id in the file of the role named `role`.
+      the top level); "dicom": `<image_id>.dcm` anywhere in the tree (written to `folder`; a
+      layout of this kind is read when the tree holds no image files, see `releases`); "hdf5":
+      one dataset per image id in the file of the role named `role`.
     beside_records: files only: images count only in the folders of the JSON records.
     """
 
@@ -175,6 +178,10 @@ class Variant:
     refine: after duplicate ids are dropped: drops more rows (adding their `Skip`s).
     weak: yields to any other release whose files are in the same source.
     typical: label values of typical images, for hand-made layouts (None: not written by them).
+    synth: `isic-jax synth --format <name>` writes this layout too (the release's first layout
+      is always written, under the release's name).
+    extras: synth writes these files beside the official ones (e.g. the Kaggle copy's
+      sample_submission.csv); gets the output folder and the rows, returns the names written.
     """
 
     name: str
@@ -184,6 +191,8 @@ class Variant:
     refine: Refiner | None = None
     weak: bool = False
     typical: TypicalLabels | None = None
+    synth: bool = False
+    extras: Callable[[Any, Sequence[MetadataRow]], list[str]] | None = None
 
     def role(self, name: str) -> Role:
         """The role called `name` (KeyError if the variant has none)."""
@@ -202,6 +211,13 @@ class Release:
     variants: its layouts, the preferred first (the first one whose required roles are found is
     read; synth writes the first). ids: which of "patient", "lesion" its metadata carries.
     synth: how `isic_jax.data.synth` imitates it (None: synth does not write it).
+    submission: the header of the release's sample submission (e.g. image_name,target): a CSV
+      with exactly these columns plays no role of another release.
+    tabular: numeric metadata columns stored per image in the `tabular` feature (float32, NaN =
+      missing), in this order; tabular_text: text columns stored in `tabular_text`.
+    common: class -> its class in the common taxonomy (`labels.COMMON_CLASSES`), used when
+      several releases train together; a class that is itself a common class maps to itself
+      unless listed.
     """
 
     name: str
@@ -212,8 +228,24 @@ class Release:
     variants: tuple[Variant, ...]
     ids: tuple[str, ...] = ()
     synth: SynthSpec | None = None
+    submission: tuple[str, ...] = ()
+    tabular: tuple[str, ...] = ()
+    tabular_text: tuple[str, ...] = ()
+    common: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         unknown = set(self.malignant) - set(self.classes)
         if unknown:
             raise ValueError(f"{self.name}: malignant classes {sorted(unknown)} not in classes")
+        unmapped = [c for c in self.classes if self.common_class(c) not in L.COMMON_CLASSES]
+        if unmapped:
+            raise ValueError(
+                f"{self.name}: classes {unmapped} have no class in the common taxonomy "
+                f"({', '.join(L.COMMON_CLASSES)}): list them in `common`"
+            )
+        if set(self.tabular) & set(self.tabular_text):
+            raise ValueError(f"{self.name}: a column is both in tabular and tabular_text")
+
+    def common_class(self, name: str) -> str:
+        """The class of the common taxonomy that this release's class `name` maps onto."""
+        return self.common.get(name, name)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -46,9 +46,11 @@ class Drawn(Protocol):
     style: str  # drawing style (synth's STYLES)
     h: int
     w: int
+    traits: Mapping[str, float]  # its patient's (`SynthSpec.per_patient`; {} without)
 
 
 PerImage = Callable[["Drawn", "np.random.Generator"], dict[str, str]]
+PerPatient = Callable[["np.random.Generator"], dict[str, float]]
 
 
 def label_is_name(d: Diagnosis) -> str:
@@ -101,6 +103,10 @@ class SynthSpec:
       photos of varied aspect (no hair, no dark rim). jpeg_quality: of the images.
     sites, site_p: anatomical sites and their shares; lesion_prefix: of the lesion ids.
     per_image: more metadata of one image (official column names; "site" replaces the site).
+    per_patient: traits of one patient that its images' `per_image` sees (`Drawn.traits`), e.g.
+      how the lesions of that patient typically look in the tabular measurements.
+    age_shift: years added to the age of a patient with a malignant lesion, drawn uniformly from
+      these values (a mild age signal); () for none.
     blanks: (field, share) of cells left empty; fields: patient_id, lesion_id, age_approx, sex,
       site. decimal_ages: ages written as "45.0".
     superpixels: a `<id>_superpixels.png` beside each image (ISIC 2017).
@@ -121,6 +127,8 @@ class SynthSpec:
     site_p: tuple[float, ...] = ARCHIVE_SITE_P
     lesion_prefix: str = "IL"
     per_image: PerImage | None = None
+    per_patient: PerPatient | None = None
+    age_shift: tuple[int, ...] = (5, 10, 15, 20)
     blanks: tuple[tuple[str, float], ...] = ()
     decimal_ages: bool = False
     superpixels: bool = False

@@ -43,6 +43,21 @@ def write_metadata(
     return written
 
 
+def _dicom_tags(row: MetadataRow | None) -> dict[str, str]:
+    """The patient data elements the Kaggle ISIC 2020 DICOM files carry, from a metadata row."""
+    if row is None:
+        return {}
+    age = ""
+    if row.age:
+        age = f"{int(float(row.age)):03d}Y"
+    return {
+        "PatientID": row.patient_id,
+        "PatientSex": {"female": "F", "male": "M"}.get(row.sex, ""),
+        "PatientAge": age,
+        "BodyPartExamined": row.site.upper().replace("/", " ")[:16],
+    }
+
+
 def write_images(
     variant: Variant,
     root: str | os.PathLike,
@@ -50,21 +65,32 @@ def write_images(
     *,
     hdf5_storage: str = "string",
     ext: str = ".jpg",
+    rows: Mapping[str, MetadataRow] | None = None,
 ) -> str | None:
     """Writes encoded images (by image id) where `variant` keeps them; returns the official path
     of the image container ("hdf5"), or None for image files.
 
     files: `<folder>/<image_id><ext>` (the folder is created even with no image; ids that are not
-    file names are not written). hdf5: one scalar dataset per id, sorted; `hdf5_storage`
-    "string" (fixed-length bytes, |S<n>, read back as numpy.bytes_) or "opaque" (np.void, |V<n>).
+    file names are not written). dicom: `<folder>/<image_id>.dcm`, the JPEG encapsulated as it is
+    (JPEG baseline, YBR_FULL_422), with the patient data elements of `rows[image_id]` when given.
+    hdf5: one scalar dataset per id, sorted; `hdf5_storage` "string" (fixed-length bytes, |S<n>,
+    read back as numpy.bytes_) or "opaque" (np.void, |V<n>).
     """
     source: ImageSource = variant.images
-    if source.kind == "files":
+    if source.kind in ("files", "dicom"):
         folder = pathlib.Path(root, source.folder)
         folder.mkdir(parents=True, exist_ok=True)
         for image_id, data in images.items():
-            if "/" not in image_id and ".." not in image_id:
+            if "/" in image_id or ".." in image_id:
+                continue
+            if source.kind == "files":
                 (folder / f"{image_id}{ext}").write_bytes(data)
+            else:
+                from isic_jax.data.isic import dicom
+
+                tags = _dicom_tags((rows or {}).get(image_id))
+                dicom.write_dicom(folder / f"{image_id}.dcm", jpeg=data, image_id=image_id,
+                                  tags=tags)  # fmt: skip
         return None
     if source.kind == "hdf5":
         import h5py  # only the HDF5 layouts need it
