@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax
@@ -16,7 +17,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from isic_jax.data import device_augment
+from isic_jax.data import device_augment, image_ops
 from isic_jax.training.losses import compute_loss
 from isic_jax.training.optim import ema_update
 from isic_jax.training.state import TrainState
@@ -134,8 +135,13 @@ def _no_augment() -> Any:
 
 
 def augment_config(config: ml_collections.ConfigDict) -> Any:
-    """The device half of config.data.augment (static, hashable)."""
-    return device_augment.DeviceAugmentConfig.from_config(config.data.augment)
+    """The device half of config.data.augment, with the run's input normalisation
+    (config.data.mean/std; ImageNet's when unset). Static, hashable."""
+    mean, std = image_ops.normalization(config.data)
+    return dataclasses.replace(
+        device_augment.DeviceAugmentConfig.from_config(config.data.augment),
+        mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
+    )
 
 
 def train_inputs(
