@@ -9,10 +9,11 @@ the size of the image or needs float maths runs here, batched:
                                                               jitter, constancy, normalise
     preprocess_eval(images, aug_config)                        eval/predict: constancy, normalise
 
-Both take uint8 [B, H, W, 3] and return float32 [B, H, W, 3], normalised with the config's mean/std
-(`DeviceAugmentConfig.mean/std`; ImageNet's by default): the model input the steps expect. They are jit / pmap / vmap / shard_map friendly: no Python control
-flow on traced values (the config is static Python), every per-example draw comes from that
-example's own key, and each example is processed independently of the others.
+Both take uint8 [B, H, W, 3] and return float32 [B, H, W, 3], normalised with the config's
+mean/std (`DeviceAugmentConfig.mean/std`; ImageNet's by default): the model input the steps
+expect. They are jit / pmap / vmap / shard_map friendly: no Python control flow on traced values
+(the config is static Python), every per-example draw comes from that example's own key, and
+each example is processed independently of the others.
 
 Per-example randomness (what the train step must pass)
 ------------------------------------------------------
@@ -99,7 +100,8 @@ class DeviceAugmentConfig:
 
     def __post_init__(self) -> None:
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError(f"mean/std must be 3 values each, std > 0; got {self.mean}, {self.std}")
+            raise ValueError(
+                f"mean/std must be 3 values each, std > 0; got {self.mean}, {self.std}")
         if self.fill not in _FILL_MODES:
             raise ValueError(f"fill must be one of {sorted(_FILL_MODES)}, got {self.fill!r}")
         lo, hi = self.rotation

@@ -85,7 +85,7 @@ EXPORT_VARIABLES_DIR = "variables"
 # Wrappers of a state dict in training checkpoints, tried in this order.
 _WRAPPER_KEYS = ("state_dict", "model", "module", "state_dict_ema", "model_ema")
 _IGNORED_SUFFIXES = (".num_batches_tracked",)
-_MAX_LISTED = 12
+_MAX_LISTED = 8
 _TRACE_SIZE = 64  # px: parameter shapes do not depend on the input size
 
 PyTree = Any
@@ -599,7 +599,22 @@ def expected_shapes(model_config: Any, num_classes: int) -> dict[FlatKey, tuple[
     shapes = jax.eval_shape(
         lambda x: model.init(jax.random.PRNGKey(0), x, train=False), dummy)
     shapes = {k: shapes[k] for k in ("params", "batch_stats") if k in shapes}
-    return {k: tuple(v.shape) for k, v in _flatten(shapes).items()}
+    flat = {k: tuple(v.shape) for k, v in _flatten(shapes).items()}
+    return dict(sorted(flat.items(), key=lambda item: _network_order(item[0])))
+
+
+def _network_order(key: FlatKey) -> tuple:
+    """Input to output (stem, stage1 block1, ..., head), params before statistics: the order
+    problems are listed in."""
+    collection, top, *rest = key
+    match = re.fullmatch(r"stage(\d+)_block(\d+)", top)
+    if top.startswith("stem"):
+        place = (0, 0, 0 if top == "stem_conv" else 1)
+    elif match:
+        place = (int(match[1]), int(match[2]), 0)
+    else:
+        place = (1_000, 0, 0)
+    return (*place, tuple(rest), collection != "params")
 
 
 def torch_key(key: FlatKey) -> tuple[str, str]:
@@ -706,7 +721,7 @@ def match_state_dict(
         else:
             unexpected.append(name)
     problems += [f"unexpected {name} {list(tensors[name].shape)} (this model has no such "
-                 f"tensor)" for name in unexpected]
+                 f"tensor)" for name in sorted(unexpected, key=_natural)]
     if problems:
         raise PretrainedError(_mismatch_message(file, model_config, num_classes, problems,
                                                 guess_architecture(tensors)))
@@ -859,13 +874,23 @@ def guess_architecture(tensors: Mapping[str, np.ndarray]) -> str | None:
 
 def _mismatch_message(file: Any, model_config: Any, num_classes: int, problems: list[str],
                       guess: str | None) -> str:
-    shown = problems[:_MAX_LISTED]
-    if len(problems) > _MAX_LISTED:
-        shown.append(f"... and {len(problems) - _MAX_LISTED} more")
+    """The problems grouped (shape/value, missing, unexpected), up to _MAX_LISTED of each."""
+    groups: dict[str, list[str]] = {"of another shape or unusable": [], "missing": [],
+                                    "unexpected": []}
+    for line in problems:
+        kind = line.split(" ", 1)[0]
+        groups[kind if kind in ("missing", "unexpected") else "of another shape or unusable"
+               ].append(line)
     what = (f"config.model.name={model_config.name}, width="
             f"{int(getattr(model_config, 'width', 64))}, " if model_config is not None else "")
-    text = (f"{file} does not fit this model ({what}{num_classes} classes): "
-            f"{len(problems)} problem(s):\n  " + "\n  ".join(shown))
+    text = f"{file} does not fit this model ({what}{num_classes} classes):"
+    for title, lines in groups.items():
+        if not lines:
+            continue
+        shown = lines[:_MAX_LISTED]
+        if len(lines) > _MAX_LISTED:
+            shown.append(f"... and {len(lines) - _MAX_LISTED} more")
+        text += f"\n {len(lines)} tensor(s) {title}:\n  " + "\n  ".join(shown)
     if guess:
         text += f"\nThe file looks like {guess}."
     return text
@@ -893,6 +918,11 @@ def _unflatten(flat: Mapping[FlatKey, Any]) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[key[-1]] = value
     return out
+
+
+def _natural(name: str) -> tuple:
+    """"layer1.10.conv1" after "layer1.2.conv1"."""
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
 
 
 def _is_triple(v: Any) -> bool:
