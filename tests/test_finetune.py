@@ -344,3 +344,32 @@ def test_state_dict_into_a_training_run_maps_every_tensor(tmp_path) -> None:
     assert record["tensors_mapped"] + len(record["ignored"]) == len(tensors)
     assert record["head"] == "reinitialized" and "1000 outputs" in record["head_reason"]
     assert record["sha256"] == pretrained._sha256(weights)
+
+
+def test_cli_preset_with_a_source_exits_6_before_writing(tmp_path) -> None:
+    """`--config=finetune:FILE` passes the file to the preset; weights of another architecture
+    stop `isic-jax train` with exit status 6, the file, the keys and a guess, and no workdir."""
+    import os
+    import subprocess
+    import sys
+
+    from isic_jax.data import prepare as prepare_lib
+    from isic_jax.data import synth
+
+    synth.write_synthetic(tmp_path / "src", "isic2020", 16, 0)
+    prepare_lib.prepare(tmp_path / "src", tmp_path / "data", image_size=40, num_folds=2)
+    weights = save_safetensors(tmp_path / "r18.safetensors", torchvision_state_dict("resnet18", 4))
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, "-m", "isic_jax", "train", f"--config=finetune:{weights}",
+         f"--workdir={tmp_path / 'run'}", f"--config.data.data_dir={tmp_path / 'data'}",
+         "--config.data.stored_size=40", "--config.data.image_size=32",
+         "--config.data.num_workers=0"],
+        env=env, cwd=str(pathlib.Path(__file__).resolve().parents[1]), capture_output=True,
+        text=True, timeout=300, check=False)
+    assert result.returncode == 6, result.stdout[-2000:] + result.stderr[-3000:]
+    message = " ".join(result.stderr.split())
+    assert f"{weights} does not fit this model (config.model.name=resnet50, width=64" in message
+    assert "conv1.weight: the file has [4, 3, 7, 7], this model needs [64, 3, 7, 7]" in message
+    assert "looks like a resnet18 (basic blocks 2-2-2-2, width 4)" in message
+    assert not (tmp_path / "run").exists()
