@@ -373,3 +373,18 @@ def test_cli_preset_with_a_source_exits_6_before_writing(tmp_path) -> None:
     assert "conv1.weight: the file has [4, 3, 7, 7], this model needs [64, 3, 7, 7]" in message
     assert "looks like a resnet18 (basic blocks 2-2-2-2, width 4)" in message
     assert not (tmp_path / "run").exists()
+
+
+def test_finetune_step_is_the_same_under_pmap_jit_and_one_device() -> None:
+    """Frozen stem (stopped gradients, inference-mode BatchNorm: no collective), a slower
+    layer-decayed backbone: pmap and jit over 4 devices agree with one device (SGD; the
+    tolerances of tests/test_parallel.py)."""
+    from train_helpers import run_worker
+
+    report = run_worker("equivalence", {"steps": 3, "finetune": {
+        "freeze_stages": 1, "backbone_lr_mult": 0.5, "layer_decay": 0.8}})
+    for mode in ("pmap", "jit"):
+        assert report[mode]["param_scale"] > 0.1
+        assert report[mode]["params"] < 1e-5, report
+        assert report[mode]["batch_stats"] < 1e-4, report
+        assert report[mode]["compiles"] == 1, report
