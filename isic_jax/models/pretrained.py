@@ -573,8 +573,14 @@ def _restore_numpy(path: pathlib.Path, keys: Sequence[str]) -> dict[FlatKey, np.
     import orbax.checkpoint as ocp
 
     try:
-        with ocp.StandardCheckpointer() as ckptr:
-            tree = ckptr.metadata(path).item_metadata.tree
+        # The item's own metadata (a Checkpointer would also look for a step-level file, which
+        # an item of a composite checkpoint does not have, and log about it).
+        handler = ocp.StandardCheckpointHandler()
+        try:
+            metadata = handler.metadata(path)
+        finally:
+            handler.close()
+        tree = getattr(metadata, "tree", metadata)
         item = {k: tree[k] for k in keys if k in tree}
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
         with ocp.PyTreeCheckpointer() as ckptr:
