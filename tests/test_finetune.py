@@ -124,6 +124,20 @@ def test_export_and_predict_use_the_runs_normalisation(finetuned, tmp_path) -> N
     ckpt_model = predict.load_model(tmp_path / "export", backend="checkpoint")
     np.testing.assert_allclose(np.asarray(ckpt_model.forward(images)), exported, atol=1e-5)
 
+    # An export is itself a source: its variables, its classes, its normalisation.
+    pre = pretrained.load(tmp_path / "export", config.model, 8, class_names=ISIC2019)
+    assert pre.source.origin == "isic_jax-export" and pre.head == "kept"
+    assert pre.mean == pytest.approx(CUSTOM_MEAN) and pre.mean_std_from == "the source run's"
+    for a, b in zip(jax.tree.leaves(pre.variables), jax.tree.leaves(jax.device_get(variables)),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    other = list(reversed(ISIC2019))  # 8 classes, another order: the head is not reused
+    pre = pretrained.load(tmp_path / "export", config.model, 8, class_names=other)
+    assert pre.head == "reinitialized" and "are not this model's" in pre.head_reason
+    with pytest.raises(PretrainedError, match="holds a resnet_tiny of width 4; this config "
+                                              "builds resnet18 of width 4"):
+        pretrained.load(tmp_path / "export", model_config("resnet18", 4), 8)
+
 
 def test_finetune_resumes_bit_exactly_without_rereading_the_source(source_run, tmp_path) -> None:
     """Every fine-tuning control on, with the standard resume config (accumulation, EMA,
