@@ -43,6 +43,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.augment.saturation = 0.2
     config.data.augment.hue = 0.02
     config.data.augment.color_constancy = False  # Shades of Gray (p=6), train and eval alike
+    # Input normalisation (x / 255 - mean) / std per RGB channel, in training, evaluation and
+    # export. () = the pretrained source's (config.model.init_from: timm's config.json, an
+    # isic_jax run's config; torchvision/timm ResNets: ImageNet), else ImageNet's
+    # (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225). The resolved values go into config.json.
+    config.data.mean = ()
+    config.data.std = ()
 
     # --- model
     config.model = ml_collections.ConfigDict()
@@ -50,6 +56,20 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.dropout = 0.0  # before the classifier head
     config.model.dtype = "bfloat16"  # compute dtype; parameters stay float32
     config.model.width = 64  # channels of the stem; halve it for a fast CPU model
+    # Pretrained weights (see README "Fine-tuning from pretrained weights"): "" = from scratch;
+    # a torchvision/timm ResNet state dict (FILE.safetensors, or FILE.pth/.pt/.bin with torch
+    # installed); hf-hub:ORG/NAME[@REVISION] (Hugging Face cache, HF_HOME / HF_HUB_OFFLINE
+    # honoured); or an isic_jax workdir (best checkpoint, else latest; EMA when kept) or export.
+    config.model.init_from = ""
+    config.model.init_head = "auto"  # auto: keep the source head if its classes match | reinit
+
+    # --- fine-tuning controls (all off by default; configs/finetune.py turns some on)
+    config.finetune = ml_collections.ConfigDict()
+    config.finetune.backbone_lr_mult = 1.0  # learning rate of all but the head, x this
+    config.finetune.layer_decay = 1.0  # lr x decay**depth below the head (last stage 1 ... stem)
+    config.finetune.freeze_stages = 0  # 0 none; 1 the stem; k: the stem + first k-1 stages
+    config.finetune.freeze_bn = False  # every BatchNorm uses and keeps its running statistics
+    config.finetune.head_warmup_epochs = 0.0  # epochs training the head alone, backbone fixed
     # Patient/lesion metadata features, comma-separated ("" = images only): age, sex, site,
     # images_per_patient, and a release's tabular columns (ISIC 2024: tbp_lv_*, ...); the
     # batches then carry them as `metadata` (data/metadata.py)

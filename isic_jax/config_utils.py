@@ -31,6 +31,7 @@ TASKS = ("binary", "diagnosis")
 MODEL_DTYPES = ("float32", "bfloat16")
 # How `evaluate` chooses the operating threshold (evaluation/operating_points.py).
 THRESHOLD_METHODS = ("sensitivity", "youden", "fixed")
+INIT_HEAD = ("auto", "reinit")
 DEFAULT_NUM_FOLDS = 5  # make_builder's default; `data.num_folds` overrides it when present
 # Scalar validation metrics a checkpoint can be ranked by (metrics.classification_metrics plus
 # the validation loss and accuracy computed by the trainer). "loss" is minimised, others maximised.
@@ -155,6 +156,31 @@ def _metadata_features(v: Any) -> str | None:
     return None
 
 
+def _channels(
+    lo: float, hi: float | None, lo_open: bool = False
+) -> Callable[[Any], str | None]:
+    """() (resolved later: the pretrained source's, else ImageNet's) or 3 numbers in range."""
+    one = _num(lo, hi, lo_open=lo_open)
+
+    def check(v: Any) -> str | None:
+        if not isinstance(v, (tuple, list)) or len(v) not in (0, 3):
+            return f"must be () or 3 numbers (R, G, B on the [0, 1] scale), got {v!r}"
+        problems = [one(x) for x in v]
+        bad = next((p for p in problems if p), None)
+        return f"(each channel) {bad}" if bad else None
+
+    return check
+
+
+def _init_from(v: Any) -> str | None:
+    """"" or a non-empty source spec; whether it exists is checked when training starts."""
+    if not isinstance(v, str):
+        return f"must be a string (a file, a folder, hf-hub:ORG/NAME, or \"\"), got {v!r}"
+    if v.startswith("hf-hub:") and "/" not in v[len("hf-hub:"):]:
+        return f"must name a Hub repository as hf-hub:ORG/NAME[@REVISION], got {v!r}"
+    return None
+
+
 def _model_name(v: Any) -> str | None:
     from isic_jax.models.resnet import ARCHITECTURES  # flax: imported only to check this key
 
@@ -186,11 +212,20 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "data.augment.saturation": _num(0.0),
     "data.augment.hue": _num(0.0, 0.5),
     "data.augment.color_constancy": _bool,
+    "data.mean": _channels(0.0, 1.0),
+    "data.std": _channels(0.0, None, lo_open=True),
     "model.name": _model_name,
     "model.dropout": _num(0.0, 1.0, hi_open=True),
     "model.dtype": _choice(MODEL_DTYPES),
     "model.width": _int(1),
     "model.metadata": _metadata_features,
+    "model.init_from": _init_from,
+    "model.init_head": _choice(INIT_HEAD),
+    "finetune.backbone_lr_mult": _num(0.0),
+    "finetune.layer_decay": _num(0.0, 1.0, lo_open=True),
+    "finetune.freeze_stages": _int(0),
+    "finetune.freeze_bn": _bool,
+    "finetune.head_warmup_epochs": _num(0.0),
     "loss.name": _choice(("cross_entropy", "focal")),
     "loss.label_smoothing": _num(0.0, 1.0, hi_open=True),
     "loss.class_weights": _choice(("none", "balanced")),
@@ -327,6 +362,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"config.data.val_fold={flat['data.val_fold']} must be < the number of folds "
             f"({num_folds}; config.data.num_folds)."
+        )
+    if bool(flat["data.mean"]) != bool(flat["data.std"]):
+        raise ConfigError(
+            f"config.data.mean={tuple(flat['data.mean'])} and config.data.std="
+            f"{tuple(flat['data.std'])}: set both (3 numbers each) or neither (())."
         )
     if flat["train.num_steps"] == 0:
         raise ConfigError(

@@ -35,3 +35,18 @@ def uda1_images() -> pathlib.Path:
 def uda1_fullres() -> pathlib.Path:
     """../shared/data/isic-uda1/fullres: 4 full-size archive images (up to 3872x2592)."""
     return _need(SHARED_DATA / "isic-uda1" / "fullres")
+
+
+def require_module(name: str):
+    """Imports an optional test dependency (torch, torchvision, timm: the `interop` extra) or
+    skips; `.ci/run` sets ISIC_JAX_REQUIRE_TORCH=1 in the pass that installs them, which turns
+    the skip into a failure."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        reason = f"{name} is not installed ({e}); pip install -e '.[interop]'"
+        if os.environ.get("ISIC_JAX_REQUIRE_TORCH") == "1":
+            pytest.fail(reason + "; ISIC_JAX_REQUIRE_TORCH=1 makes these tests mandatory")
+        pytest.skip(reason)

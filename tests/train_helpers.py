@@ -200,11 +200,13 @@ def run_worker(name: str, args: dict[str, Any], devices: int = 4, timeout: int =
 # ------------------------------------------------------------------------------ workers
 
 
-def worker_equivalence(steps: int = 3, optimizer: str = "sgd") -> dict:
+def worker_equivalence(steps: int = 3, optimizer: str = "sgd",
+                       finetune: dict[str, Any] | None = None) -> dict:
     """Params after `steps` steps: single device (jit on 1 device) vs pmap vs jit on all.
 
     Same init, same global batches (random arrays), dropout off. Returns max abs differences and
-    how many times each step function was compiled.
+    how many times each step function was compiled. `finetune`: config.finetune overrides (the
+    optimiser parts, frozen stages and BatchNorm of models/optim.py).
     """
     import functools
     import logging
@@ -215,7 +217,7 @@ def worker_equivalence(steps: int = 3, optimizer: str = "sgd") -> dict:
     from isic_jax.training import parallel
     from isic_jax.training import state as train_state
     from isic_jax.training import steps as train_steps
-    from isic_jax.training.optim import create_optimizer
+    from isic_jax.training.optim import FineTune, create_optimizer
 
     compiles: list[str] = []
 
@@ -246,7 +248,10 @@ def worker_equivalence(steps: int = 3, optimizer: str = "sgd") -> dict:
         }
         for i in range(steps)
     ]
-    tx, _ = create_optimizer(config.optim, 10, 10)
+    for key, value in (finetune or {}).items():
+        config.finetune[key] = value
+    ft = FineTune.from_config(config.finetune)
+    tx, _ = create_optimizer(config.optim, 10, 10, config.finetune, num_stages=2)
     init_model = create_model(config.model, 2)
     results = {}
     for name, mode, devices in [
@@ -255,13 +260,15 @@ def worker_equivalence(steps: int = 3, optimizer: str = "sgd") -> dict:
         ("jit", "jit", jax.devices()),
     ]:
         par = parallel.DataParallel.create(mode, devices)
-        model = create_model(config.model, 2, axis_name=par.axis_name)
+        model = create_model(config.model, 2, axis_name=par.axis_name,
+                             frozen_bn=ft.frozen_bn_parts(2))
         state = train_state.create_train_state(init_model, tx, jax.random.PRNGKey(0), size)
 
         def train_step(state, b, rng, par=par, model=model):
             return train_steps.train_step(state, b, rng, model=model, tx=tx,
                                           loss_config=config.loss, axis_name=par.axis_name,
-                                          augment=train_steps.augment_config(config))
+                                          augment=train_steps.augment_config(config),
+                                          frozen_parts=ft.frozen_parts(2))
 
         p_step = par.compile_train_step(functools.partial(train_step))
         state = par.replicate(state)

@@ -21,9 +21,10 @@ Exit status:
   3   the loss became NaN/Inf (the latest checkpoint is the last good one)
   4   the dataset config.data names is not prepared under config.data.data_dir
   5   the workdir's checkpoints cannot be used: another model's, or none readable
+  6   the pretrained weights (config.model.init_from) cannot be read or do not fit the model
   75  stopped by SIGTERM/SIGINT after saving a checkpoint (EX_TEMPFAIL: run it again to resume;
       Kubernetes and SLURM recipes in scripts/launch restart on it)
-Every failure at start-up (1, 2, 4, 5) happens before the checkpoint folder is changed.
+Every failure at start-up (1, 2, 4, 5, 6) happens before the checkpoint folder is changed.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ EXIT_CONFIG = 2
 EXIT_NON_FINITE = 3
 EXIT_DATA = 4
 EXIT_CHECKPOINT = 5
+EXIT_WEIGHTS = 6
 
 
 def main(argv: list[str]) -> None:
@@ -78,6 +80,7 @@ def main(argv: list[str]) -> None:
         fail("train", e, EXIT_CONFIG)
 
     from isic_jax.data import dataset
+    from isic_jax.models import PretrainedError
     from isic_jax.training import checkpointing, loop, preemption
 
     try:
@@ -90,6 +93,8 @@ def main(argv: list[str]) -> None:
         fail("train", e, EXIT_DATA)
     except checkpointing.CheckpointError as e:
         fail("train", e, EXIT_CHECKPOINT)
+    except PretrainedError as e:
+        fail("train", e, EXIT_WEIGHTS)
     if result.get("stopped_by_signal"):
         sys.exit(preemption.EXIT_PREEMPTED)
 

@@ -9,10 +9,11 @@ the size of the image or needs float maths runs here, batched:
                                                               jitter, constancy, normalise
     preprocess_eval(images, aug_config)                        eval/predict: constancy, normalise
 
-Both take uint8 [B, H, W, 3] and return float32 [B, H, W, 3], ImageNet mean/std normalised: the
-model input the steps expect. They are jit / pmap / vmap / shard_map friendly: no Python control
-flow on traced values (the config is static Python), every per-example draw comes from that
-example's own key, and each example is processed independently of the others.
+Both take uint8 [B, H, W, 3] and return float32 [B, H, W, 3], normalised with the config's
+mean/std (`DeviceAugmentConfig.mean/std`; ImageNet's by default): the model input the steps
+expect. They are jit / pmap / vmap / shard_map friendly: no Python control flow on traced values
+(the config is static Python), every per-example draw comes from that example's own key, and
+each example is processed independently of the others.
 
 Per-example randomness (what the train step must pass)
 ------------------------------------------------------
@@ -82,6 +83,8 @@ class DeviceAugmentConfig:
     color_constancy: Shades of Gray (p = 6) per image before the jitter (and in eval).
     fill: how rotation fills the corners: "reflect" (mirror at the border; skin continues past
       it) or "edge" (repeat the border pixel).
+    mean, std: the input normalisation per RGB channel on the [0, 1] scale (config.data.mean/std
+      as resolved for the run: the pretrained weights' or ImageNet's); train and eval alike.
     """
 
     dihedral: bool = False
@@ -92,8 +95,13 @@ class DeviceAugmentConfig:
     hue: float = 0.0
     color_constancy: bool = False
     fill: str = "reflect"
+    mean: tuple[float, float, float] = tuple(float(v) for v in IMAGENET_MEAN)
+    std: tuple[float, float, float] = tuple(float(v) for v in IMAGENET_STD)
 
     def __post_init__(self) -> None:
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(
+                f"mean/std must be 3 values each, std > 0; got {self.mean}, {self.std}")
         if self.fill not in _FILL_MODES:
             raise ValueError(f"fill must be one of {sorted(_FILL_MODES)}, got {self.fill!r}")
         lo, hi = self.rotation
@@ -124,6 +132,9 @@ class DeviceAugmentConfig:
         for key in ("color_constancy", "dihedral"):
             if key in kwargs:
                 kwargs[key] = bool(kwargs[key])
+        for key in ("mean", "std"):
+            if key in kwargs:
+                kwargs[key] = tuple(float(v) for v in kwargs[key])
         return cls(**kwargs)
 
     @property
@@ -327,10 +338,16 @@ def apply_color(images: jax.Array, affine: jax.Array) -> jax.Array:
     return jnp.clip(y, 0.0, 255.0)
 
 
-def normalize(images: jax.Array) -> jax.Array:
-    """uint8 [B, H, W, 3] (or [H, W, 3]) -> float32, (x / 255 - ImageNet mean) / std."""
+def normalize(
+    images: jax.Array, mean: Any = IMAGENET_MEAN, std: Any = IMAGENET_STD
+) -> jax.Array:
+    """uint8 [B, H, W, 3] (or [H, W, 3]) -> float32, (x / 255 - mean) / std (ImageNet's default).
+
+    mean, std: 3 values on the [0, 1] scale (static: folded into two float32 constants).
+    """
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
     x = jnp.asarray(images).astype(jnp.float32)
-    return x * jnp.asarray(1.0 / (255.0 * IMAGENET_STD)) - jnp.asarray(IMAGENET_MEAN / IMAGENET_STD)
+    return x * jnp.asarray(1.0 / (255.0 * std)) - jnp.asarray(mean / std)
 
 
 # --------------------------------------------------------------------------- public entry points
@@ -353,7 +370,7 @@ def augment_batch(
         results do not depend on the sharding. None: split(rng, B) over this (local) batch.
 
     Returns:
-      float32 [B, H, W, 3], ImageNet mean/std normalised.
+      float32 [B, H, W, 3], normalised with `aug_config`'s mean/std.
 
     Per example, from its key: one uniform vector u [6] -> angle = lo + (hi - lo) u0 degrees,
     brightness / contrast / saturation factors from u1..u3, hue = hue * (2 u4 - 1) turns,
@@ -397,7 +414,7 @@ def augment_batch(
             hue=config.hue * (2.0 * u[:, 4] - 1.0) if config.hue else None,
         )
         x = apply_color(x, affine)
-    return normalize(x)
+    return normalize(x, config.mean, config.std)
 
 
 def preprocess_eval(
@@ -411,7 +428,7 @@ def preprocess_eval(
     config = DeviceAugmentConfig.from_config(aug_config)
     images = jnp.asarray(images)
     if not config.color_constancy:
-        return normalize(images)
+        return normalize(images, config.mean, config.std)
     batch = images.shape[0]
     affine = color_matrices(jnp.zeros((batch, 3), jnp.float32), gains=shades_of_gray_gains(images))
-    return normalize(apply_color(images, affine))
+    return normalize(apply_color(images, affine), config.mean, config.std)

@@ -40,7 +40,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-# ImageNet statistics on the [0, 1] scale, RGB (device_augment normalises with these).
+# ImageNet statistics on the [0, 1] scale, RGB: the default input normalisation, and what
+# torchvision's and timm's ResNet weights were trained with.
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
@@ -248,14 +249,30 @@ def _crop_resize(
 # --------------------------------------------------------------------------- normalisation
 
 
-def normalize(image: np.ndarray) -> np.ndarray:
-    """uint8 [..., 3] -> float32, (image / 255 - IMAGENET_MEAN) / IMAGENET_STD (numpy).
+def normalization(data_config: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std), float32 [3] each on the [0, 1] scale, from `config.data.mean/std`.
+
+    Empty or absent (configs from before these keys, or not yet resolved from a pretrained
+    source) means ImageNet's.
+    """
+    mean = data_config.get("mean", ()) if data_config is not None else ()
+    std = data_config.get("std", ()) if data_config is not None else ()
+    if not len(mean) or not len(std):
+        return IMAGENET_MEAN, IMAGENET_STD
+    return np.asarray(mean, np.float32).reshape(3), np.asarray(std, np.float32).reshape(3)
+
+
+def normalize(
+    image: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> np.ndarray:
+    """uint8 [..., 3] -> float32, (image / 255 - mean) / std (numpy; ImageNet's by default).
 
     The host reference of `device_augment.normalize` (training and evaluation normalise on the
     device); for tools that feed a model without the device preprocessing.
     """
-    scale = (1.0 / (255.0 * IMAGENET_STD)).astype(np.float32)
-    shift = (IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    scale = (1.0 / (255.0 * std)).astype(np.float32)
+    shift = (mean / std).astype(np.float32)
     return np.asarray(image, np.float32) * scale - shift
 
 

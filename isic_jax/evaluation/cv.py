@@ -44,8 +44,9 @@ MEMBER_DONE = "cv_member.json"
 OOF_FILE = "oof_predictions.csv"
 METRICS_FILE = "cv_metrics.json"
 FORMAT = "isic_jax.cv"
-# Keys that differ between members by design.
-MEMBER_KEYS = ("data.val_fold", "seed")
+# Keys that `train` resolves when left empty (training/init_from.py), so a member's saved config
+# may hold a value where cv.json has none.
+RESOLVED_KEYS = ("data.mean:", "data.std:")
 # What the summary reports per member and pools out of fold.
 SUMMARY_METRICS = ("auc", "pauc_80", "balanced_accuracy", "sensitivity", "specificity")
 CHECKPOINTS = {"last": "latest", "best": "best"}
@@ -173,6 +174,10 @@ def _check_member_config(workdir: pathlib.Path, member: Member, manifest: dict[s
         return
     changed = config_utils.config_differences(manifest["config"],
                                               shared_config(json.loads(saved.read_text())))
+    # The trainer writes what it resolved: data.mean/std () becomes the weights' or ImageNet's.
+    changed = [line for line in changed
+               if not (line.startswith(RESOLVED_KEYS) and line.split(": ", 1)[1].startswith(
+                   ("[] ->", "() ->", "None ->")))]
     if changed:
         raise CVError(f"{saved.parent} was trained with another config than {workdir}/{MANIFEST}:"
                       "\n  " + "\n  ".join(changed))

@@ -181,9 +181,13 @@ def grad_cam(
     return np.asarray(cam, np.float32)
 
 
-def denormalize(images: Any) -> np.ndarray:
-    """Model input f32[..., 3] (ImageNet mean/std normalised) -> displayable uint8[..., 3]."""
-    x = np.asarray(images, np.float32) * image_ops.IMAGENET_STD + image_ops.IMAGENET_MEAN
+def denormalize(
+    images: Any, mean: Any = image_ops.IMAGENET_MEAN, std: Any = image_ops.IMAGENET_STD
+) -> np.ndarray:
+    """Model input f32[..., 3] (mean/std normalised; ImageNet's by default) -> displayable
+    uint8[..., 3]."""
+    x = (np.asarray(images, np.float32) * np.asarray(std, np.float32)
+         + np.asarray(mean, np.float32))
     return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
 
 

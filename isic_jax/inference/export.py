@@ -14,9 +14,10 @@ writes
       config.json         the run's resolved config (rebuilds the model with isic_jax)
 
 The exported function is the evaluation forward pass, `steps.eval_step`, with the variables
-baked in as constants: colour constancy (if the run used it) and ImageNet normalisation run
-inside it, so a caller only decodes, resizes and centre-crops (`model.json["preprocessing"]`,
-which `isic-jax predict` follows). The batch size is symbolic ("b"): any batch works. It is
+baked in as constants: colour constancy (if the run used it) and the run's normalisation
+(config.data.mean/std: ImageNet's, or the pretrained weights') run inside it, so a caller only
+decodes, resizes and centre-crops (`model.json["preprocessing"]`, which `isic-jax predict`
+follows). The batch size is symbolic ("b"): any batch works. It is
 lowered for CPU, CUDA and TPU where this JAX can (each platform is tried on its own when the
 joint lowering fails; the platforms that worked are in model.json). Loading it needs plain
 `jax` (and `flatbuffers`), not isic_jax:
@@ -59,6 +60,7 @@ from isic_jax.data.isic import images, labels
 from isic_jax.evaluation import evaluate
 from isic_jax.inference import model_card
 from isic_jax.models import create_model
+from isic_jax.training import init_from as warm_start
 from isic_jax.training import parallel, steps
 from isic_jax.training import state as train_state
 from isic_jax.utils import atomic_directory
@@ -308,9 +310,10 @@ def preprocessing_metadata(config: Any, max_pixels: int | None = None) -> dict[s
             "method": "shades_of_gray",
             "power": SHADES_OF_GRAY_POWER,
         },
-        # The decimal constants (the code holds them as float32).
-        "mean": [round(float(v), 6) for v in image_ops.IMAGENET_MEAN],
-        "std": [round(float(v), 6) for v in image_ops.IMAGENET_STD],
+        # The decimal constants (the code holds them as float32): config.data.mean/std as the
+        # run resolved them (the pretrained weights' or ImageNet's).
+        "mean": [round(float(v), 6) for v in image_ops.normalization(config.data)[0]],
+        "std": [round(float(v), 6) for v in image_ops.normalization(config.data)[1]],
         "value_scale": 255.0,
         "channel_order": "RGB",
         "layout": "NHWC",
@@ -444,10 +447,11 @@ def build_artefact(
 
 def model_metadata(
     config: Any, class_names: list[str], artefact: Artefact, *, ema: bool,
-    checkpoint: dict[str, Any],
+    checkpoint: dict[str, Any], init_from: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """model.json: which model, classes in order, input, preprocessing, the artefact, where the
-    weights come from (`checkpoint`: workdir, requested, step, metrics)."""
+    weights come from (`checkpoint`: workdir, requested, step, metrics; `init_from`: the
+    pretrained weights the run started from, its init_from.json, or None from scratch)."""
     image_size, num_classes = int(config.data.image_size), len(class_names)
     meta = {
         "format": FORMAT,
@@ -486,6 +490,7 @@ def model_metadata(
             "ema": ema,
         },
         "checkpoint": checkpoint,
+        "init_from": init_from,
     }
     return _jsonable(meta)
 
@@ -592,6 +597,7 @@ def export_checkpoint(
         config, class_names, artefact, ema=bool(state.ema),
         checkpoint={"workdir": str(workdir), "requested": str(checkpoint), "step": int(step),
                     "metrics": metrics},
+        init_from=warm_start.read_record(workdir),
     )
     meta["export"]["tta_inside"] = bool(tta)
     card = add_validation(meta, config, variables, workdir, int(step))

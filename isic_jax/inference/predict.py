@@ -299,12 +299,13 @@ def _member_forward(
     """One model's forward pass from its Orbax variables (`export_dir/variables`), config and
     the model code, preprocessing per meta."""
     pre = meta["preprocessing"]
-    if not (
-        np.allclose(pre["mean"], image_ops.IMAGENET_MEAN)
-        and np.allclose(pre["std"], image_ops.IMAGENET_STD)
-    ):
-        raise ValueError("model.json's mean/std differ from this isic_jax's normalisation")
     config = config_utils.load_config(export_dir)
+    # The forward pass normalises with config.json's mean/std; model.json must say the same.
+    mean, std = image_ops.normalization(config.data)
+    if not (np.allclose(pre["mean"], mean) and np.allclose(pre["std"], std)):
+        raise ValueError(
+            f"{export_dir}: model.json's mean/std ({pre['mean']}, {pre['std']}) differ from its "
+            f"config.json's ({mean.tolist()}, {std.tolist()}); re-export the run")
     config.data.augment.color_constancy = bool(pre["color_constancy"]["enabled"])
     variables = export_lib.restore_variables(export_dir)
     return export_lib.inference_forward(config, variables, len(meta["class_names"]))

@@ -5,6 +5,12 @@
     logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"],
                                   rngs={"dropout": key})        # logits float32 [B, 2]
 
+    variables = load_pretrained("resnet50-0676ba61.pth", config.model, num_classes=2)
+    probs = jax.nn.softmax(create_model(config.model, 2).apply(variables, x, train=False))
+
+Parts of a ResNet, for per-part learning rates and freezing (`part_of`): "stem" (stem_conv,
+stem_bn), "stage1" ... "stageN" (its blocks), "head".
+
 On CPU use inputs of 65 px or more (64 px hits a slow XLA:CPU path, see models/resnet.py).
 """
 
@@ -18,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from isic_jax.models.pretrained import PretrainedError, load_pretrained
 from isic_jax.models.resnet import ARCHITECTURES, BasicBlock, BottleneckBlock, ResNet
 
 __all__ = [
@@ -25,10 +32,14 @@ __all__ = [
     "BasicBlock",
     "BottleneckBlock",
     "MODEL_NAMES",
+    "PretrainedError",
     "ResNet",
     "count_params",
     "create_model",
     "init_variables",
+    "load_pretrained",
+    "num_stages",
+    "part_of",
 ]
 
 MODEL_NAMES: tuple[str, ...] = tuple(ARCHITECTURES)
@@ -36,7 +47,12 @@ MODEL_NAMES: tuple[str, ...] = tuple(ARCHITECTURES)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def create_model(model_config: Any, num_classes: int, axis_name: str | None = None) -> nn.Module:
+def create_model(
+    model_config: Any,
+    num_classes: int,
+    axis_name: str | None = None,
+    frozen_bn: tuple[str, ...] = (),
+) -> nn.Module:
     """Builds the network named by `model_config.name`.
 
     Args:
@@ -45,6 +61,9 @@ def create_model(model_config: Any, num_classes: int, axis_name: str | None = No
         "bfloat16" compute; parameters stay float32; default "float32").
       num_classes: size of the head.
       axis_name: the pmap axis BatchNorm averages its statistics over; None under jit.
+      frozen_bn: parts (`part_of` names, no "head") whose BatchNorm layers keep their running
+        statistics in training too (training.optim.frozen_bn_parts(config)); evaluation needs
+        none (it always uses the running statistics).
 
     Returns:
       A Linen module: `apply({"params", "batch_stats"}, x f32[B,H,W,3], train=bool,
@@ -70,7 +89,30 @@ def create_model(model_config: Any, num_classes: int, axis_name: str | None = No
         dropout=float(getattr(model_config, "dropout", 0.0)),
         dtype=_DTYPES[dtype_name],
         axis_name=axis_name,
+        frozen_bn=tuple(frozen_bn),
     )
+
+
+def num_stages(model_config: Any) -> int:
+    """Stages of the ResNet named by `model_config.name` (4 for ResNet-18 ... 200)."""
+    return len(ARCHITECTURES[model_config.name][1])
+
+
+def part_of(name: str) -> str:
+    """The part a top-level module of the ResNet belongs to: "stem_conv" -> "stem",
+    "stage3_block2" -> "stage3", "head" -> "head".
+
+    Raises:
+      ValueError: a name the ResNet does not have.
+    """
+    if name.startswith("stem_"):
+        return "stem"
+    if name == "head":
+        return "head"
+    stage, sep, block = name.partition("_block")
+    if sep and stage.startswith("stage") and stage[5:].isdigit() and block.isdigit():
+        return stage
+    raise ValueError(f"{name!r} is not a top-level module of the ResNet")
 
 
 def init_variables(

@@ -116,6 +116,9 @@ class ResNet(nn.Module):
         are reduced in float32; pooling and the head run in float32, logits are float32.
       axis_name: BatchNorm averages its batch statistics over this mapped axis (pmap); None
         under jit over a Mesh, where the batch is already global.
+      frozen_bn: parts ("stem", "stage1", ...) whose BatchNorm layers normalise with their
+        running statistics and never update them, even when train=True (fine-tuning with
+        frozen BatchNorm); the parameters are the same either way.
     """
 
     stage_sizes: Sequence[int]
@@ -125,6 +128,7 @@ class ResNet(nn.Module):
     dropout: float = 0.0
     dtype: Any = jnp.float32
     axis_name: str | None = None
+    frozen_bn: tuple[str, ...] = ()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -149,8 +153,11 @@ class ResNet(nn.Module):
             param_dtype=jnp.float32,
             axis_name=self.axis_name,
         )
+        # Frozen parts: inference-mode BatchNorm (no batch statistics, no collective, no update).
+        frozen_norm = functools.partial(norm, use_running_average=True)
+        part_norm = lambda part: frozen_norm if part in self.frozen_bn else norm
         x = conv(self.width, (7, 7), (2, 2), padding=_pad(7), name="stem_conv")(x)
-        x = nn.relu(norm(name="stem_bn")(x))
+        x = nn.relu(part_norm("stem")(name="stem_bn")(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
         for i, num_blocks in enumerate(self.stage_sizes):
             for j in range(num_blocks):
@@ -158,7 +165,7 @@ class ResNet(nn.Module):
                     filters=self.width * 2**i,
                     strides=2 if i > 0 and j == 0 else 1,
                     conv=conv,
-                    norm=norm,
+                    norm=part_norm(f"stage{i + 1}"),
                     name=f"stage{i + 1}_block{j + 1}",
                 )(x)
         # Pool and classify in float32: cheap, and keeps bfloat16 rounding out of the logits.

@@ -45,11 +45,12 @@ from isic_jax.data.dataset import InputData
 from isic_jax.evaluation.metrics import to_json_compatible
 from isic_jax.evaluation.predictions import predict_split, summarize
 from isic_jax.logging_utils import say
-from isic_jax.models import create_model
+from isic_jax.models import create_model, num_stages
+from isic_jax.models.pretrained import Pretrained
 from isic_jax.testing import hooks
-from isic_jax.training import checkpointing, parallel, preemption, resume, steps
+from isic_jax.training import checkpointing, init_from, parallel, preemption, resume, steps
 from isic_jax.training.losses import class_weights_for_config
-from isic_jax.training.optim import create_optimizer
+from isic_jax.training.optim import FineTune, create_optimizer
 from isic_jax.training.state import TrainState, create_train_state, seed_keys
 from isic_jax.utils import close_iterator
 
@@ -91,6 +92,9 @@ class Setup:
     train_rng: jax.Array
     config_dict: dict[str, Any]
     is_main: bool
+    # Pretrained weights of a fresh run (config.model.init_from); None from scratch or resuming.
+    pretrained: Pretrained | None = None
+    frozen_parts: tuple[str, ...] = ()  # config.finetune.freeze_stages: parts that do not train
 
     @property
     def topology(self) -> dict[str, Any]:
@@ -98,14 +102,18 @@ class Setup:
         return {"processes": jax.process_count(), "devices": self.par.num_devices,
                 "parallelism": self.par.mode}
 
-    def init_state(self) -> TrainState:
+    def init_state(self, abstract: bool = False) -> TrainState:
+        """The step-0 state: from the pretrained weights when the run has them, else random.
+        `abstract`: built for `jax.eval_shape` (the same shapes, without reading weights)."""
+        variables = None if abstract or self.pretrained is None else self.pretrained.variables
         return create_train_state(self.model, self.tx, self.init_rng,
                                   int(self.config.data.image_size),
-                                  use_ema=float(self.config.optim.ema_decay) > 0)
+                                  use_ema=float(self.config.optim.ema_decay) > 0,
+                                  variables=variables)
 
     def abstract_state(self) -> TrainState:
         """The state's shapes and dtypes, without allocating (restore target)."""
-        return jax.eval_shape(self.init_state)
+        return jax.eval_shape(functools.partial(self.init_state, abstract=True))
 
 
 def set_up(
@@ -125,7 +133,8 @@ def set_up(
 
     Raises:
       config_utils.ConfigError: a bad config value; ValueError: a global batch that does not
-        divide over the devices; dataset.DataNotFoundError: the dataset is not prepared.
+        divide over the devices; dataset.DataNotFoundError: the dataset is not prepared;
+      models.PretrainedError: config.model.init_from cannot be read or does not fit the model.
     """
     config_utils.validate_config(config)
     workdir = pathlib.Path(workdir).absolute()
@@ -134,22 +143,37 @@ def set_up(
     par.check_global_batch(int(config.train.batch_size), "config.train.batch_size")
     par.check_global_batch(int(config.eval.batch_size), "config.eval.batch_size")
     data = data or InputData(config)  # a missing dataset fails here, before the workdir is made
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
+    finetune = FineTune.from_config(config.get("finetune"))
+    stages = num_stages(config.model)
+    try:
+        frozen = finetune.frozen_parts(stages)
+    except ValueError as e:
+        raise config_utils.ConfigError(str(e)) from e
     total_steps, steps_per_epoch = schedule_lengths(config, data.num_train)
     k = int(config.optim.accumulation_steps)
     tx, schedule = create_optimizer(
         config.optim, total_steps=max(1, total_steps // k),
         steps_per_epoch=max(1, steps_per_epoch // k),
+        finetune_config=config.get("finetune"), num_stages=stages,
     )
     init_rng, train_rng = seed_keys(config.seed)
+    # Pretrained weights (fresh runs) are read and checked here, before the workdir is made;
+    # the returned config holds the resolved input normalisation.
+    config, pre, notes = init_from.resolve(config, workdir, data.num_classes, data.class_names,
+                                           init_rng)
+    for note in notes:
+        say(is_main, note)
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+    model = create_model(config.model, data.num_classes, axis_name=par.axis_name,
+                         frozen_bn=finetune.frozen_bn_parts(stages))
     return Setup(
-        config=config, workdir=workdir, par=par, data=data,
-        model=create_model(config.model, data.num_classes, axis_name=par.axis_name),
+        config=config, workdir=workdir, par=par, data=data, model=model,
         tx=tx, schedule=schedule, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
         class_weights=class_weights_for_config(config.loss, data.train_class_counts),
         init_rng=init_rng, train_rng=train_rng,
         config_dict=config_utils.config_to_dict(config), is_main=is_main,
+        pretrained=pre, frozen_parts=frozen,
     )
 
 
@@ -190,6 +214,8 @@ def run(setup: Setup, until: int | None = None) -> dict[str, Any]:
         # Written only once the checkpoints proved usable: a refused workdir stays as it was.
         if setup.is_main:
             config_utils.save_config(config, setup.workdir)
+            if start.step == 0 and setup.pretrained is not None:
+                init_from.write_record(setup.workdir, setup.pretrained)
         loop = TrainLoop(setup, ckpt, start, train_iter, stack)
         return loop.run(guard, until)
 
@@ -224,6 +250,7 @@ class TrainLoop:
             steps.train_step, model=setup.model, tx=setup.tx, loss_config=config.loss,
             class_weights=setup.class_weights, axis_name=par.axis_name,
             ema_decay=float(config.optim.ema_decay), augment=augment,
+            frozen_parts=setup.frozen_parts,
         ))
         self.p_eval = par.compile_eval_step(
             functools.partial(steps.eval_step, model=setup.model, augment=augment))

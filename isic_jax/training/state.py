@@ -50,13 +50,21 @@ def create_train_state(
     rng: jax.Array,
     image_size: int,
     use_ema: bool = False,
+    variables: dict[str, PyTree] | None = None,
 ) -> TrainState:
     """Initialises parameters, BatchNorm statistics and the optimiser (on the default device).
 
     Works under `jax.eval_shape` (to build restore targets without allocating).
+
+    Args:
+      variables: {"params", "batch_stats"} to start from (pretrained weights, already matched
+        to `model` by `models.pretrained.load`) instead of a random init.
     """
 
-    variables = init_variables(model, rng, image_size)
+    if variables is None:
+        variables = init_variables(model, rng, image_size)
+    else:
+        variables = jax.tree.map(jnp.asarray, dict(variables))
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
     ema = {}
@@ -81,12 +89,14 @@ def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
 def abstract_train_state(config: Any, num_classes: int) -> TrainState:
     """Shapes and dtypes of a run's train state from its config alone (jax.ShapeDtypeStruct
     leaves, nothing allocated): the restore target of `evaluate` and `export`."""
-    from isic_jax.models import create_model
+    from isic_jax.models import create_model, num_stages
     from isic_jax.training.optim import create_optimizer
 
     model = create_model(config.model, num_classes)
     # The optimiser only shapes opt_state here (the schedule lengths do not matter).
-    tx, _ = create_optimizer(config.optim, total_steps=1, steps_per_epoch=1)
+    tx, _ = create_optimizer(config.optim, total_steps=1, steps_per_epoch=1,
+                             finetune_config=config.get("finetune"),
+                             num_stages=num_stages(config.model))
     init_rng, _ = seed_keys(config.seed)
     use_ema = float(config.optim.ema_decay) > 0
     return jax.eval_shape(

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax
@@ -16,7 +17,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from isic_jax.data import device_augment
+from isic_jax.data import device_augment, image_ops
+from isic_jax.models import part_of
 from isic_jax.training.losses import compute_loss
 from isic_jax.training.optim import ema_update
 from isic_jax.training.state import TrainState
@@ -44,6 +46,7 @@ def train_step(
     axis_name: str | None = None,
     ema_decay: float = 0.0,
     augment: Any = None,
+    frozen_parts: tuple[str, ...] = (),
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser micro-step. Pure; collectives only when `axis_name` is given (pmap).
 
@@ -66,6 +69,9 @@ def train_step(
       ema_decay: > 0 updates `state.ema` after each applied optimiser update.
       augment: `device_augment.DeviceAugmentConfig` (from config.data.augment); None: no
         rotation/colour jitter, only normalisation.
+      frozen_parts: ResNet parts (`models.part_of`) that do not train
+        (`optim.FineTune.frozen_parts`): their gradients are stopped, so XLA drops their
+        backward pass (the optimiser gives them no update either).
 
     Returns:
       (new state, metrics) with metrics float32 scalars: loss (mean over the global batch),
@@ -80,6 +86,9 @@ def train_step(
     labels = batch["label"].astype(jnp.int32)
 
     def loss_fn(params):
+        if frozen_parts:
+            params = {name: jax.lax.stop_gradient(sub) if part_of(name) in frozen_parts else sub
+                      for name, sub in params.items()}
         logits, updates = model.apply(
             {"params": params, "batch_stats": state.batch_stats},
             images,
@@ -134,8 +143,13 @@ def _no_augment() -> Any:
 
 
 def augment_config(config: ml_collections.ConfigDict) -> Any:
-    """The device half of config.data.augment (static, hashable)."""
-    return device_augment.DeviceAugmentConfig.from_config(config.data.augment)
+    """The device half of config.data.augment, with the run's input normalisation
+    (config.data.mean/std; ImageNet's when unset). Static, hashable."""
+    mean, std = image_ops.normalization(config.data)
+    return dataclasses.replace(
+        device_augment.DeviceAugmentConfig.from_config(config.data.augment),
+        mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
+    )
 
 
 def train_inputs(
