@@ -74,6 +74,8 @@ def get_config() -> ml_collections.ConfigDict:
     # images_per_patient, and a release's tabular columns (ISIC 2024: tbp_lv_*, ...); the
     # batches then carry them as `metadata` (data/metadata.py)
     config.model.metadata = ""
+    config.model.metadata_hidden = 128  # width of the metadata branch's two dense layers
+    config.model.metadata_dropout = 0.1  # training: each feature set to missing with this prob.
 
     # --- loss
     config.loss = ml_collections.ConfigDict()

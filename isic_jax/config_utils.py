@@ -219,6 +219,8 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "model.dtype": _choice(MODEL_DTYPES),
     "model.width": _int(1),
     "model.metadata": _metadata_features,
+    "model.metadata_hidden": _int(1),
+    "model.metadata_dropout": _num(0.0, 1.0, hi_open=True),
     "model.init_from": _init_from,
     "model.init_head": _choice(INIT_HEAD),
     "finetune.backbone_lr_mult": _num(0.0),

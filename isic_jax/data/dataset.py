@@ -145,6 +145,15 @@ class InputData:
         if self.info.union is not None:
             _announce(union_lib.describe(self.info.union.summary))
 
+    @classmethod
+    def for_run(cls, config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+                **kwargs: Any) -> InputData:
+        """The data of an existing run: with the metadata encoder the run saved (its training
+        statistics), not one fitted anew."""
+        from isic_jax.data import metadata
+
+        return cls(config, metadata_encoder=metadata.load_encoder(workdir), **kwargs)
+
     def _metadata(self, encoder: Any) -> Any:
         """The metadata encoder of config.model.metadata (None when it is empty)."""
         from isic_jax.data import metadata

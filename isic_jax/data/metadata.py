@@ -28,7 +28,10 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import json
 import math
+import os
+import pathlib
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -39,6 +42,8 @@ import numpy as np
 from isic_jax.data.isic import labels as L
 
 FORMAT = "isic_jax.metadata"
+# Where a run (workdir) and an export keep the encoder fitted on the run's training split.
+ENCODER_FILE = "metadata_encoder.json"
 FORMAT_VERSION = 1
 MAX_CATEGORIES = 64  # fitted categories kept (the most frequent); rarer ones count as missing
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_*?\[\]-]+$")
@@ -407,6 +412,15 @@ class MetadataEncoder:
         normalisation or category), in column order."""
         return [c for f in self.fitted for c in f.columns()]
 
+    def groups(self) -> list[int]:
+        """The feature index (0..num features - 1) of every output column, int [F]."""
+        return [i for i, f in enumerate(self.fitted) for _ in range(f.width)]
+
+    def missing_row(self) -> np.ndarray:
+        """float32 [F]: the encoding of a row with every feature missing (what feature dropout
+        and absent inputs turn a feature into)."""
+        return self.encode_records([None])[0]
+
     def encode_records(self, records: Sequence[Mapping[str, Any] | None]) -> np.ndarray:
         """float32 [N, F] for prepared records (None: a padding row, every feature missing)."""
         layouts = [None if r is None else self._layout(r) for r in records]
@@ -473,6 +487,23 @@ class MetadataEncoder:
 
     def __repr__(self) -> str:
         return f"MetadataEncoder({', '.join(self.names)}; {self.width} columns)"
+
+
+def save_encoder(encoder: MetadataEncoder, folder: str | os.PathLike) -> pathlib.Path:
+    """Writes `folder/metadata_encoder.json` (atomically) and returns its path."""
+    path = pathlib.Path(folder) / ENCODER_FILE
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(encoder.to_json(), indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def load_encoder(folder: str | os.PathLike) -> MetadataEncoder | None:
+    """The encoder saved in a run or export folder, or None when it has none (images only)."""
+    path = pathlib.Path(folder) / ENCODER_FILE
+    if not path.is_file():
+        return None
+    return MetadataEncoder.from_json(json.loads(path.read_text()))
 
 
 def _concat(parts: list[np.ndarray], n: int) -> np.ndarray:

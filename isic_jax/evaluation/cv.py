@@ -275,7 +275,7 @@ def summarize_cv(workdir: str | os.PathLike, *, checkpoint: str = "last") -> dic
     for member, _ in members:
         run = workdir / member.name
         config = config_utils.load_config(run)
-        data = dataset.InputData(config, read_train_labels=False)
+        data = dataset.InputData.for_run(config, run, read_train_labels=False)
         par = parallel.DataParallel.create(config.train.parallelism)
         which = CHECKPOINTS[checkpoint]
         preds, step, _, _ = evaluate.predict_checkpoint(run, config, data, par, "val", which)

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from isic_jax import config_utils
-from isic_jax.data import dataset, device_augment, image_ops
+from isic_jax.data import dataset, device_augment, image_ops, metadata
 from isic_jax.evaluation import analysis, gradcam, html_report, predictions
 from isic_jax.evaluation import metrics as metrics_lib
 from isic_jax.evaluation import report as report_lib
@@ -58,7 +58,8 @@ def restore_for_eval(
       (state as `par.compile_eval_step` expects it, the checkpoint's step, the validation
       metrics saved with it (None when it has none)).
     """
-    abstract = train_state.abstract_train_state(config, num_classes)
+    abstract = train_state.abstract_train_state(config, num_classes,
+                                                metadata.load_encoder(workdir))
     with checkpointing.open_checkpointer(workdir, config, read_only=True) as ckpt:
         step = ckpt.resolve_step(checkpoint)
         target = checkpointing.abstract_target(abstract, par.state_sharding())
@@ -114,6 +115,7 @@ def write_report(
     num_mistakes: int = NUM_MISTAKES,
     summary: dict[str, Any] | None = None,
     calibrated_probs: np.ndarray | None = None,
+    metadata_encoder: Any = None,
 ) -> dict[str, Any]:
     """The evaluation report: `report.write_report`'s figures and the mistakes' Grad-CAM grid.
 
@@ -132,6 +134,8 @@ def write_report(
         calibration in the figures.
       calibrated_probs: f64 [N, C] after temperature scaling (the figures' probabilities; the
         raw ones then appear in the calibration figure as "before").
+      metadata_encoder: the run's `metadata.MetadataEncoder` (a model with a metadata branch:
+        Grad-CAM is computed with each mistake's own metadata).
 
     Returns:
       JSON-ready {"subgroup_auc": {variable: {group: {n, num_malignant, num_patients, auc,
@@ -160,6 +164,8 @@ def write_report(
         class_names=class_names,
         image_ids=list(preds.image_id[rows]),
         preprocess=preprocess,
+        metadata=None if metadata_encoder is None else metadata_encoder.encode_records(
+            [source[int(preds.index[r])] for r in rows]),
     )
     for entry, row in zip(mistakes, rows, strict=True):
         entry["index"] = int(preds.index[row])  # record index in the split's source
@@ -189,7 +195,7 @@ def evaluate_checkpoint(
     config = config_utils.load_config(workdir)
     settings = analysis.EvalSettings.from_config(config, **overrides)
     par = parallel.DataParallel.create(config.train.parallelism)
-    data = dataset.InputData(config, read_train_labels=False)  # no sampling here
+    data = dataset.InputData.for_run(config, workdir, read_train_labels=False)  # no sampling
     return evaluate_run(workdir, config, data, par, split, checkpoint, report=report,
                         settings=settings)
 
@@ -209,7 +215,7 @@ def predict_checkpoint(
     """
     par.check_global_batch(int(config.eval.batch_size), "config.eval.batch_size")
     state, step, _ = restore_for_eval(workdir, config, data.num_classes, par, checkpoint)
-    model = create_model(config.model, data.num_classes)
+    model = create_model(config.model, data.num_classes, metadata=data.metadata)
     aug = steps.augment_config(config)
     p_eval = par.compile_eval_step(functools.partial(steps.eval_step, model=model, augment=aug))
     preds = predictions.predict_split(p_eval, state, data.eval_batches(split), par,
@@ -276,6 +282,7 @@ def evaluate_run(
                     x, steps.augment_config(config)),
                 summary=result,
                 calibrated_probs=calibrated,
+                metadata_encoder=data.metadata,
             )
         )
         result = to_json_compatible(result)
@@ -373,7 +380,7 @@ def validation_metrics(
         if found.get("step") == step and analysis.Fitted.from_metrics(found) is not None:
             return found, f"{path} (isic-jax evaluate, step {step})"
     try:
-        data = dataset.InputData(config, read_train_labels=False)
+        data = dataset.InputData.for_run(config, workdir, read_train_labels=False)
     except (FileNotFoundError, ValueError) as e:  # DataNotFoundError is a FileNotFoundError
         return None, (f"not evaluated: no evaluation of step {step} in {path.parent}, and the "
                       f"run's dataset cannot be opened here ({' '.join(str(e).split())[:300]})")

@@ -54,11 +54,13 @@ def last_block_name(params: Mapping[str, Any]) -> str:
 
 
 def _logits_and_features(
-    model: nn.Module, variables: Mapping[str, Any], images: jax.Array, layer: str, delta: Any
+    model: nn.Module, variables: Mapping[str, Any], images: jax.Array, layer: str, delta: Any,
+    metadata: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Eval-mode logits f32[B, C] with `delta` added to `layer`'s output, and that output.
 
-    delta None only records the output (used by `jax.eval_shape` to learn its shape).
+    delta None only records the output (used by `jax.eval_shape` to learn its shape). metadata:
+    f32[B, F] for a model with a metadata branch (held fixed: the map explains the image).
     """
     captured: list[jax.Array] = []
 
@@ -73,7 +75,7 @@ def _logits_and_features(
         return out
 
     with nn.intercept_methods(interceptor):
-        logits = model.apply(variables, images, train=False)
+        logits = model.apply(variables, images, train=False, metadata=metadata)
     if not captured:
         raise ValueError(f"module {layer!r} was not called by the model")
     return logits.astype(jnp.float32), captured[0]
@@ -120,13 +122,15 @@ def _grad_cam(
     layer: str,
     resize: bool,
     normalize: bool,
+    metadata: jax.Array | None = None,
 ) -> jax.Array:
     feature_shape = jax.eval_shape(
-        lambda x: _logits_and_features(model, variables, x, layer, None)[1], images
+        lambda x: _logits_and_features(model, variables, x, layer, None, metadata)[1], images
     )
     delta = jnp.zeros(feature_shape.shape, feature_shape.dtype)
     logits, vjp_fn, features = jax.vjp(
-        lambda d: _logits_and_features(model, variables, images, layer, d), delta, has_aux=True
+        lambda d: _logits_and_features(model, variables, images, layer, d, metadata), delta,
+        has_aux=True,
     )
     # Images are independent in eval mode, so one cotangent picks each image's own class logit.
     (grads,) = vjp_fn(jax.nn.one_hot(class_index, logits.shape[-1], dtype=logits.dtype))
@@ -155,6 +159,7 @@ def grad_cam(
     layer: str | None = None,
     resize: bool = True,
     normalize: bool = True,
+    metadata: Any = None,
 ) -> np.ndarray:
     """Grad-CAM heat maps of `class_index` over `images` (eval mode: BatchNorm running stats).
 
@@ -168,6 +173,7 @@ def grad_cam(
         the map stays at the feature map's [h, w].
       normalize: divide each map by its maximum, so it lies in [0, 1] (an all-zero map, where no
         location raises the logit, stays zero).
+      metadata: f32[B, F], the encoded metadata of a model with a metadata branch.
 
     Returns:
       f32[B, H, W] (or [B, h, w]) numpy array; in [0, 1] when `normalize`.
@@ -177,7 +183,8 @@ def grad_cam(
         raise ValueError(f"images must be [B, H, W, 3], got shape {images.shape}")
     layer = layer or last_block_name(variables["params"])
     idx = jnp.broadcast_to(jnp.asarray(class_index, jnp.int32), images.shape[:1])
-    cam = _grad_cam_jit(model, variables, images, idx, layer, resize, normalize)
+    meta = None if metadata is None else jnp.asarray(metadata, jnp.float32)
+    cam = _grad_cam_jit(model, variables, images, idx, layer, resize, normalize, meta)
     return np.asarray(cam, np.float32)
 
 
@@ -320,6 +327,7 @@ def write_mistakes_figure(
     image_ids: Sequence[str] | None = None,
     preprocess: Callable[[np.ndarray], Any] | None = None,
     batch_size: int = 16,
+    metadata: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """Grad-CAM of the predicted (wrong) class over each mistake, drawn by `mistakes_grid`.
 
@@ -341,6 +349,7 @@ def write_mistakes_figure(
         on (default: `image_ops.normalize`, ImageNet mean/std only). The figure shows the uint8
         images as given.
       batch_size: images per Grad-CAM call (bounds memory).
+      metadata: f32[K, F] the images' encoded metadata (a model with a metadata branch).
 
     Returns:
       JSON-ready [{image_id, label, predicted, probability}] in figure order.
@@ -366,15 +375,21 @@ def write_mistakes_figure(
         inputs = (preprocess or image_ops.normalize)(batch)
         index = np.zeros(size, np.int64)
         index[: len(chunk)] = predicted[start : start + size]
-        maps.append(grad_cam(model, variables, inputs, index)[: len(chunk)])
+        meta = None
+        if metadata is not None:
+            meta = np.zeros((size, metadata.shape[1]), np.float32)
+            meta[: len(chunk)] = metadata[start : start + size]
+        maps.append(grad_cam(model, variables, inputs, index, metadata=meta)[: len(chunk)])
     heat = np.concatenate(maps) if maps else np.zeros(images_uint8.shape[:3], np.float32)
     suptitle = "Most confident mistakes: Grad-CAM of the predicted class"
     if k:
         # The map's own resolution: a 3 x 3 map upsampled looks blocky, and should be read so.
         layer = last_block_name(variables["params"])
         inputs = jax.ShapeDtypeStruct(images_uint8.shape, jnp.float32)
+        meta = None if metadata is None else jax.ShapeDtypeStruct(metadata.shape, jnp.float32)
         cells = jax.eval_shape(
-            lambda x: _logits_and_features(model, variables, x, layer, None)[1], inputs
+            lambda x, m: _logits_and_features(model, variables, x, layer, None, m)[1], inputs,
+            meta,
         ).shape[1:3]
         suptitle += f" ({layer} output, {cells[0]} x {cells[1]} cells, upsampled)"
     rows = []

@@ -52,6 +52,8 @@ def create_model(
     num_classes: int,
     axis_name: str | None = None,
     frozen_bn: tuple[str, ...] = (),
+    *,
+    metadata: Any = None,
 ) -> nn.Module:
     """Builds the network named by `model_config.name`.
 
@@ -64,6 +66,8 @@ def create_model(
       frozen_bn: parts (`part_of` names, no "head") whose BatchNorm layers keep their running
         statistics in training too (training.optim.frozen_bn_parts(config)); evaluation needs
         none (it always uses the running statistics).
+      metadata: the run's fitted `data.metadata.MetadataEncoder` when config.model.metadata is
+        set (its column groups and missing row shape the metadata branch), else None.
 
     Returns:
       A Linen module: `apply({"params", "batch_stats"}, x f32[B,H,W,3], train=bool,
@@ -90,6 +94,11 @@ def create_model(
         dtype=_DTYPES[dtype_name],
         axis_name=axis_name,
         frozen_bn=tuple(frozen_bn),
+        metadata_groups=tuple(metadata.groups()) if metadata is not None else (),
+        metadata_missing=tuple(float(v) for v in metadata.missing_row())
+        if metadata is not None else (),
+        metadata_hidden=int(getattr(model_config, "metadata_hidden", 128)),
+        metadata_dropout=float(getattr(model_config, "metadata_dropout", 0.1)),
     )
 
 
@@ -131,12 +140,15 @@ def init_variables(
     """
     h, w = (image_size,) * 2 if isinstance(image_size, int | np.integer) else image_size
     dummy = jnp.zeros((1, h, w, 3), jnp.float32)
+    width = int(getattr(model, "metadata_width", 0))
+    meta = jnp.zeros((1, width), jnp.float32) if width else None
     # The default partitionable threefry compiles slowly on XLA:CPU (tiny ResNet init 3.3 s vs
     # 1.0 s; ResNet-50 6.3 s vs 4.2 s). Init runs unsharded, so the other bit stream is fine:
     # still deterministic given `rng`.
     toggle = getattr(jax, "threefry_partitionable", None)
     with toggle(False) if toggle is not None else contextlib.nullcontext():
-        variables = jax.jit(lambda key, x: model.init(key, x, train=False))(rng, dummy)
+        variables = jax.jit(lambda key, x, m: model.init(key, x, train=False, metadata=m))(
+            rng, dummy, meta)
     return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
 
 

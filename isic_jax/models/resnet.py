@@ -102,8 +102,41 @@ class BottleneckBlock(nn.Module):
         return self.act(residual + y)
 
 
+class MetadataBranch(nn.Module):
+    """A small MLP on the encoded patient/lesion metadata, fused with the image features.
+
+    Feature dropout (training only): each feature of each example is replaced by its "missing"
+    encoding with probability `feature_dropout` (ISIC 2019's winners used 0.1), so the model
+    learns to do without any one of them, as at inference where values are often missing.
+
+    Attributes:
+      groups: the feature index of each input column (F columns, `MetadataEncoder.groups()`).
+      missing: the encoding of a row with every feature missing (F values).
+      hidden: width of the two dense layers.
+      feature_dropout: probability of dropping one feature of one example in training.
+    """
+
+    groups: tuple[int, ...]
+    missing: tuple[float, ...]
+    hidden: int = 128
+    feature_dropout: float = 0.1
+
+    @nn.compact
+    def __call__(self, m: jax.Array, train: bool = False) -> jax.Array:
+        """m: float32 [B, F] encoded metadata -> float32 [B, hidden]."""
+        m = m.astype(jnp.float32)
+        if train and self.feature_dropout > 0:
+            num_features = max(self.groups) + 1
+            drop = jax.random.bernoulli(self.make_rng("dropout"), self.feature_dropout,
+                                        (m.shape[0], num_features))
+            m = jnp.where(drop[:, jnp.asarray(self.groups)], jnp.asarray(self.missing), m)
+        dense = functools.partial(nn.Dense, dtype=jnp.float32, param_dtype=jnp.float32)
+        m = nn.silu(dense(self.hidden, name="dense1")(m))
+        return nn.silu(dense(self.hidden, name="dense2")(m))
+
+
 class ResNet(nn.Module):
-    """ResNet v1.5 classifier.
+    """ResNet v1.5 classifier, optionally with a metadata branch fused before the head.
 
     Attributes:
       stage_sizes: blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50. Stage i > 0 starts with a
@@ -119,6 +152,10 @@ class ResNet(nn.Module):
       frozen_bn: parts ("stem", "stage1", ...) whose BatchNorm layers normalise with their
         running statistics and never update them, even when train=True (fine-tuning with
         frozen BatchNorm); the parameters are the same either way.
+      metadata_groups, metadata_missing: the metadata encoder's column groups and missing row
+        (`MetadataBranch`); empty: images only. With them, `__call__` takes `metadata`
+        float32 [B, F] and the head sees [pooled image features, metadata features].
+      metadata_hidden, metadata_dropout: `MetadataBranch.hidden` and `feature_dropout`.
     """
 
     stage_sizes: Sequence[int]
@@ -129,14 +166,36 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     axis_name: str | None = None
     frozen_bn: tuple[str, ...] = ()
+    metadata_groups: tuple[int, ...] = ()
+    metadata_missing: tuple[float, ...] = ()
+    metadata_hidden: int = 128
+    metadata_dropout: float = 0.1
+
+    @property
+    def metadata_width(self) -> int:
+        """F, the metadata columns the model takes (0: images only)."""
+        return len(self.metadata_groups)
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        train: bool = False,
+        metadata: jax.Array | None = None,
+        return_embedding: bool = False,
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
         """x: float32 [B, H, W, 3] normalised image -> logits float32 [B, num_classes].
 
-        Train mode uses batch statistics and updates `batch_stats` (pass
-        `mutable=["batch_stats"]`) and, if dropout > 0, needs `rngs={"dropout": key}`.
+        metadata: float32 [B, F] (models with a metadata branch only). Train mode uses batch
+        statistics and updates `batch_stats` (pass `mutable=["batch_stats"]`) and, if dropout > 0
+        or with metadata, needs `rngs={"dropout": key}`. `return_embedding`: also the
+        penultimate features float32 [B, D] (pooled image features, with the metadata
+        branch's), as (logits, embedding).
         """
+        if self.metadata_width and metadata is None:
+            raise ValueError(f"this model takes metadata float32 [B, {self.metadata_width}]")
+        if not self.metadata_width and metadata is not None:
+            raise ValueError("this model has no metadata branch (config.model.metadata is empty)")
         conv = functools.partial(
             nn.Conv,
             use_bias=False,
@@ -170,9 +229,15 @@ class ResNet(nn.Module):
                 )(x)
         # Pool and classify in float32: cheap, and keeps bfloat16 rounding out of the logits.
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        if self.metadata_width:
+            branch = MetadataBranch(self.metadata_groups, self.metadata_missing,
+                                    self.metadata_hidden, self.metadata_dropout, name="metadata")
+            x = jnp.concatenate([x, branch(metadata, train)], axis=-1)
+        embedding = x
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         x = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32, name="head")(x)
-        return x.astype(jnp.float32)
+        logits = x.astype(jnp.float32)
+        return (logits, embedding) if return_embedding else logits
 
 
 # name -> (block class, blocks per stage). The tiny ones are for tests and smoke runs.

@@ -50,5 +50,5 @@ def evaluate(
     workdir = pathlib.Path(workdir).absolute()
     config = config_utils.load_config(workdir)
     par = parallel.DataParallel.create(config.train.parallelism, devices)
-    data = data or InputData(config, read_train_labels=False)
+    data = data or InputData.for_run(config, workdir, read_train_labels=False)
     return evaluate_lib.evaluate_run(workdir, config, data, par, split, checkpoint, report=report)

@@ -70,6 +70,10 @@ def resolve(
                               init_head=str(config.model.get("init_head", "auto")),
                               class_names=class_names, rng=rng)
         messages.append(pre.summary())
+        if str(config.model.get("metadata", "") or "").strip():
+            messages.append("The metadata branch and the head (which then also sees the "
+                            "metadata features) start from a random init; the backbone from "
+                            "the weights.")
     elif source:
         messages.append(f"config.model.init_from={source!r} is not read: the run resumes from "
                         f"its own checkpoints.")

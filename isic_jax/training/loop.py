@@ -41,6 +41,7 @@ import numpy as np
 import optax
 
 from isic_jax import config_utils, logging_utils
+from isic_jax.data import metadata
 from isic_jax.data.dataset import InputData
 from isic_jax.evaluation.metrics import to_json_compatible
 from isic_jax.evaluation.predictions import predict_split, summarize
@@ -142,7 +143,9 @@ def set_up(
     par = parallel.DataParallel.create(config.train.parallelism, devices)
     par.check_global_batch(int(config.train.batch_size), "config.train.batch_size")
     par.check_global_batch(int(config.eval.batch_size), "config.eval.batch_size")
-    data = data or InputData(config)  # a missing dataset fails here, before the workdir is made
+    # A missing dataset fails here, before the workdir is made. A resumed run keeps the metadata
+    # encoder it saved (InputData.for_run); a fresh one fits it on the training split.
+    data = data or InputData.for_run(config, workdir)
     finetune = FineTune.from_config(config.get("finetune"))
     stages = num_stages(config.model)
     try:
@@ -166,7 +169,7 @@ def set_up(
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
     model = create_model(config.model, data.num_classes, axis_name=par.axis_name,
-                         frozen_bn=finetune.frozen_bn_parts(stages))
+                         frozen_bn=finetune.frozen_bn_parts(stages), metadata=data.metadata)
     return Setup(
         config=config, workdir=workdir, par=par, data=data, model=model,
         tx=tx, schedule=schedule, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
@@ -216,6 +219,8 @@ def run(setup: Setup, until: int | None = None) -> dict[str, Any]:
             config_utils.save_config(config, setup.workdir)
             if start.step == 0 and setup.pretrained is not None:
                 init_from.write_record(setup.workdir, setup.pretrained)
+            if setup.data.metadata is not None:  # what evaluate, export and predict encode with
+                metadata.save_encoder(setup.data.metadata, setup.workdir)
         loop = TrainLoop(setup, ckpt, start, train_iter, stack)
         return loop.run(guard, until)
 

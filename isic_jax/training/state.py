@@ -58,11 +58,15 @@ def create_train_state(
 
     Args:
       variables: {"params", "batch_stats"} to start from (pretrained weights, already matched
-        to `model` by `models.pretrained.load`) instead of a random init.
+        to the image-only `model` by `models.pretrained.load`) instead of a random init. A model
+        with a metadata branch takes the pretrained backbone, and its own random metadata
+        branch and head (whose input then holds the metadata features too).
     """
 
     if variables is None:
         variables = init_variables(model, rng, image_size)
+    elif getattr(model, "metadata_width", 0):
+        variables = _overlay(init_variables(model, rng, image_size), variables)
     else:
         variables = jax.tree.map(jnp.asarray, dict(variables))
     params = variables["params"]
@@ -80,19 +84,32 @@ def create_train_state(
     )
 
 
+def _overlay(fresh: PyTree, given: PyTree) -> PyTree:
+    """`fresh` with the leaves of `given` wherever `given` has that variable with that shape."""
+    flat_given = {jax.tree_util.keystr(k): v
+                  for k, v in jax.tree_util.tree_flatten_with_path(given)[0]}
+
+    def pick(path: Any, leaf: jax.Array) -> jax.Array:
+        value = flat_given.get(jax.tree_util.keystr(path))
+        return jnp.asarray(value) if value is not None and value.shape == leaf.shape else leaf
+
+    return jax.tree_util.tree_map_with_path(pick, fresh)
+
+
 def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     """(init key, training key) from config.seed (uint32 [2] raw keys: plain to checkpoint)."""
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(int(seed)))
     return init_rng, train_rng
 
 
-def abstract_train_state(config: Any, num_classes: int) -> TrainState:
-    """Shapes and dtypes of a run's train state from its config alone (jax.ShapeDtypeStruct
-    leaves, nothing allocated): the restore target of `evaluate` and `export`."""
+def abstract_train_state(config: Any, num_classes: int, metadata: Any = None) -> TrainState:
+    """Shapes and dtypes of a run's train state from its config (and its metadata encoder, when
+    it has one) alone (jax.ShapeDtypeStruct leaves, nothing allocated): the restore target of
+    `evaluate` and `export`."""
     from isic_jax.models import create_model, num_stages
     from isic_jax.training.optim import create_optimizer
 
-    model = create_model(config.model, num_classes)
+    model = create_model(config.model, num_classes, metadata=metadata)
     # The optimiser only shapes opt_state here (the schedule lengths do not matter).
     tx, _ = create_optimizer(config.optim, total_steps=1, steps_per_epoch=1,
                              finetune_config=config.get("finetune"),

@@ -93,6 +93,7 @@ def train_step(
             {"params": params, "batch_stats": state.batch_stats},
             images,
             train=True,
+            metadata=batch.get("metadata"),
             mutable=["batch_stats"],
             rngs={"dropout": step_rng},
         )
@@ -171,8 +172,8 @@ def train_inputs(
 
 
 # What the steps read from a batch; only these go to the devices (ids stay on the host).
-TRAIN_KEYS = ("image", "label", "mask", "position")
-EVAL_KEYS = ("image",)
+TRAIN_KEYS = ("image", "label", "mask", "position", "metadata")
+EVAL_KEYS = ("image", "metadata")
 
 
 def device_batch(batch: dict[str, np.ndarray], keys: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -195,17 +196,31 @@ def eval_step(
 
     Args:
       batch: image uint8 [B, H, W, 3] (normalised here by `device_augment.preprocess_eval`,
-        with colour constancy if `augment` asks for it) or float32 already normalised.
+        with colour constancy if `augment` asks for it) or float32 already normalised;
+        metadata float32 [B, F] for a model with a metadata branch.
       augment: `device_augment.DeviceAugmentConfig` or None.
 
     Returns:
       float32 [B, C] softmax probabilities.
     """
+    return embed_step(state, batch, model=model, augment=augment)[0]
+
+
+def embed_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    model: flax.linen.Module,
+    augment: Any = None,
+) -> tuple[jax.Array, jax.Array]:
+    """`eval_step` that also returns the penultimate features: (probabilities float32 [B, C],
+    embedding float32 [B, D]) (pooled image features, with the metadata branch's)."""
     images = batch["image"]
     if images.dtype == jnp.uint8:
         images = device_augment.preprocess_eval(images, augment or _no_augment())
-    logits = model.apply(state.eval_variables(), images, train=False)
-    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    logits, embedding = model.apply(state.eval_variables(), images, train=False,
+                                    metadata=batch.get("metadata"), return_embedding=True)
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1), embedding
 
 
 @jax.jit
