@@ -442,6 +442,7 @@ class MetadataEncoder:
         """
         header = {k.strip().lower(): k for r in rows[:1] for k in r}
         warnings: list[str] = []
+        absent: list[str] = []
         parts = []
         for fitted in self.fitted:
             feature = fitted.feature
@@ -459,12 +460,61 @@ class MetadataEncoder:
             else:
                 values = [None] * len(rows)
                 if rows:
-                    warnings.append(
-                        f"metadata feature {feature.name!r}: no column "
-                        f"{' / '.join(feature.isic_columns)} in the input; treated as missing"
-                    )
+                    absent.append(f"{feature.name} ({' / '.join(feature.isic_columns)})")
             parts.append(fitted.encode(values))
+        if absent:  # one warning for all of them
+            warnings.append(f"{len(absent)} metadata feature(s) have no column in the input and "
+                            f"are treated as missing: {', '.join(absent)}")
         return _concat(parts, len(rows)), warnings
+
+    def recoder(self, source: MetadataEncoder) -> Callable[[Any], Any]:
+        """f(x) -> this encoder's encoding of what `source` encoded as x (float [N, F_source] ->
+        float32 [N, F]), traceable with jax.numpy: the encoders of one config fitted on
+        different training folds differ only in statistics and categories, so an ensemble of
+        fold models can take one encoding.
+
+        Raises:
+          ValueError: the two do not encode the same features in the same order.
+        """
+        import jax.numpy as jnp
+
+        if [(f.feature.name, f.feature.kind) for f in self.fitted] != [
+                (f.feature.name, f.feature.kind) for f in source.fitted]:
+            raise ValueError(f"the metadata encoders encode other features: {source.names} vs "
+                             f"{self.names}")
+        if self.to_json()["features"] == source.to_json()["features"]:
+            return lambda x: x
+        steps = []
+        offset = 0
+        for mine, theirs in zip(self.fitted, source.fitted, strict=True):
+            if mine.feature.kind == NUMERIC:
+                steps.append(("numeric", offset, theirs.mean, theirs.std, mine.mean, mine.std))
+            else:
+                # Source category j (or its missing column) -> this encoder's column.
+                index = {c: i for i, c in enumerate(mine.categories)}
+                miss = len(mine.categories)
+                matrix = np.zeros((theirs.width, mine.width), np.float32)
+                for j, c in enumerate(theirs.categories):
+                    matrix[j, index.get(c, miss)] = 1.0
+                matrix[len(theirs.categories), miss] = 1.0
+                steps.append(("categorical", offset, theirs.width, matrix))
+            offset += theirs.width
+
+        def recode(x: Any) -> Any:
+            x = jnp.asarray(x, jnp.float32)
+            out = []
+            for step in steps:
+                if step[0] == "numeric":
+                    _, o, mean_s, std_s, mean_d, std_d = step
+                    value, missing = x[:, o], x[:, o + 1]
+                    new = (value * std_s + mean_s - mean_d) / std_d
+                    out += [jnp.where(missing > 0.5, 0.0, new), missing]
+                else:
+                    _, o, width, matrix = step
+                    out.append(x[:, o : o + width] @ jnp.asarray(matrix))
+            return jnp.concatenate([c[:, None] if c.ndim == 1 else c for c in out], axis=1)
+
+        return recode
 
     def to_json(self) -> dict[str, Any]:
         """Everything needed to encode as at training time, plus the column descriptions."""
@@ -487,6 +537,17 @@ class MetadataEncoder:
 
     def __repr__(self) -> str:
         return f"MetadataEncoder({', '.join(self.names)}; {self.width} columns)"
+
+
+def recoding(forward: Callable[..., Any], encoder: MetadataEncoder | None,
+             shared: MetadataEncoder | None) -> Callable[..., Any]:
+    """f(images, metadata) of a model whose encoder is `encoder`, taking the metadata as
+    `shared` encodes it instead (an ensemble of cross-validation members, whose encoders were
+    fitted on different training folds, takes one encoding). Images-only models: `forward`."""
+    if encoder is None or shared is None:
+        return forward
+    recode = encoder.recoder(shared)
+    return lambda images, m: forward(images, recode(m))
 
 
 def save_encoder(encoder: MetadataEncoder, folder: str | os.PathLike) -> pathlib.Path:

@@ -25,6 +25,7 @@ from typing import Any
 import jax
 
 from isic_jax import config_utils
+from isic_jax.data import metadata
 from isic_jax.evaluation import analysis, cv, evaluate
 from isic_jax.inference import export, model_card
 from isic_jax.training import parallel
@@ -107,13 +108,16 @@ def export_ensemble(
     configs = [config_utils.load_config(run) for run in runs]
     check_compatible(runs, configs)
     class_names = export.class_names_for(configs[0])
+    encoders = member_encoders(runs)
     par = parallel.DataParallel.create("jit", [jax.local_devices()[0]])
     forwards, variables, entries = [], [], []
     for i, (run, config) in enumerate(zip(runs, configs, strict=True)):
         state, step, metrics = evaluate.restore_for_eval(run, config, len(class_names), par,
                                                          checkpoint)
         member_vars = jax.device_get(state.eval_variables())
-        forwards.append(export.inference_forward(config, member_vars, len(class_names)))
+        forwards.append(metadata.recoding(
+            export.inference_forward(config, member_vars, len(class_names), encoders[i]),
+            encoders[i], encoders[0]))
         variables.append(member_vars)
         entries.append({
             "dir": f"{MEMBERS_DIR}/{i}",
@@ -129,9 +133,11 @@ def export_ensemble(
     if tta:
         forward = export.with_tta(forward)
     dtype = "bfloat16" if any(str(c.model.dtype) == "bfloat16" for c in configs) else "float32"
+    width = encoders[0].width if encoders[0] is not None else 0
     artefact = export.build_artefact(forward, int(configs[0].data.image_size), dtype, platforms,
-                                     verify)
-    meta = export.model_metadata(configs[0], class_names, artefact, ema=False, checkpoint=None)
+                                     verify, metadata_width=width)
+    meta = export.model_metadata(configs[0], class_names, artefact, ema=False, checkpoint=None,
+                                 metadata_encoder=encoders[0])
     meta["format_version"] = ENSEMBLE_FORMAT_VERSION
     meta["model"] = {"name": "ensemble", "num_classes": len(class_names),
                      "members": [e["model"] for e in entries]}
@@ -157,12 +163,39 @@ def export_ensemble(
                                  validation=validation, validation_source=how, workdir=runs[0])
     with atomic_directory(output) as tmp:
         (tmp / export.EXPORTED_FILE).write_bytes(artefact.serialized)
-        for entry, member_vars, config in zip(entries, variables, configs, strict=True):
+        for entry, member_vars, config, encoder in zip(entries, variables, configs, encoders,
+                                                       strict=True):
             export.save_variables(tmp / entry["dir"] / export.VARIABLES_DIR, member_vars)
             config_utils.save_config(config, tmp / entry["dir"])
+            if encoder is not None:
+                metadata.save_encoder(encoder, tmp / entry["dir"])
+        if encoders[0] is not None:  # the encoding the exported function takes
+            metadata.save_encoder(encoders[0], tmp)
         (tmp / export.METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         model_card.write_card(tmp, card)
     return meta
+
+
+def member_encoders(runs: Sequence[pathlib.Path]) -> list[Any]:
+    """Each member's metadata encoder (None for images-only members).
+
+    Raises:
+      export.ExportError: some members take metadata and others do not, or they encode other
+        features.
+    """
+    encoders = [metadata.load_encoder(run) for run in runs]
+    if any(e is not None for e in encoders) and any(e is None for e in encoders):
+        with_meta = [str(r) for r, e in zip(runs, encoders, strict=True) if e is not None]
+        raise export.ExportError(f"only some members take metadata ({', '.join(with_meta)}): "
+                                 f"an ensemble's members all take it or none does")
+    if encoders[0] is not None:
+        for run, encoder in zip(runs[1:], encoders[1:], strict=True):
+            try:
+                encoder.recoder(encoders[0])
+            except ValueError as e:
+                raise export.ExportError(
+                    f"{run} cannot join an ensemble with {runs[0]}: {e}") from e
+    return encoders
 
 
 def oof_validation(runs: Sequence[pathlib.Path], config: Any

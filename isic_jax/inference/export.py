@@ -55,7 +55,7 @@ import numpy as np
 from jax import export as jax_export
 
 from isic_jax import config_utils
-from isic_jax.data import dataset, image_ops
+from isic_jax.data import dataset, image_ops, metadata
 from isic_jax.data.isic import images, labels
 from isic_jax.evaluation import evaluate
 from isic_jax.inference import model_card
@@ -110,20 +110,22 @@ def malignant_classes_for(config: Any, class_names: Sequence[str]) -> list[int]:
 
 
 def inference_forward(
-    config: Any, variables: dict[str, PyTree], num_classes: int
-) -> Callable[[jax.Array], jax.Array]:
+    config: Any, variables: dict[str, PyTree], num_classes: int, metadata_encoder: Any = None
+) -> Callable[..., jax.Array]:
     """The evaluation forward pass with `variables` closed over (traceable, not jitted).
 
     Args:
       config: the run's resolved config (model, data.augment.color_constancy).
       variables: {"params", "batch_stats"}: what evaluation uses (EMA ones when kept).
       num_classes: size of the model's head.
+      metadata_encoder: the run's `metadata.MetadataEncoder` (a model with a metadata branch).
 
     Returns:
-      f(images uint8 [B, S, S, 3] RGB) -> float32 [B, C] softmax probabilities: exactly
-      `steps.eval_step` (colour constancy if configured, ImageNet normalisation, the model).
+      f(images uint8 [B, S, S, 3] RGB[, metadata float32 [B, F]]) -> float32 [B, C] softmax
+      probabilities: exactly `steps.eval_step` (colour constancy if configured, the run's
+      normalisation, the model).
     """
-    model = create_model(config.model, num_classes)
+    model = create_model(config.model, num_classes, metadata=metadata_encoder)
     augment = steps.augment_config(config)
     state = train_state.TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -133,32 +135,35 @@ def inference_forward(
         ema={},
     )
 
-    def forward(images: jax.Array) -> jax.Array:
-        return steps.eval_step(state, {"image": images}, model=model, augment=augment)
+    def forward(images: jax.Array, metadata: jax.Array | None = None) -> jax.Array:
+        batch = {"image": images} if metadata is None else {"image": images,
+                                                             "metadata": metadata}
+        return steps.eval_step(state, batch, model=model, augment=augment)
 
     return forward
 
 
-def mean_forward(forwards: Sequence[Callable[[jax.Array], jax.Array]]
-                 ) -> Callable[[jax.Array], jax.Array]:
-    """f(x) -> the mean of the members' probabilities float32 [B, C] (an ensemble)."""
+def mean_forward(forwards: Sequence[Callable[..., jax.Array]]) -> Callable[..., jax.Array]:
+    """f(images[, metadata]) -> the mean of the members' probabilities float32 [B, C] (an
+    ensemble; each member gets the same arguments)."""
     if len(forwards) == 1:
         return forwards[0]
 
-    def averaged(images: jax.Array) -> jax.Array:
-        return jnp.mean(jnp.stack([f(images) for f in forwards]), axis=0)
+    def averaged(images: jax.Array, *metadata: jax.Array) -> jax.Array:
+        return jnp.mean(jnp.stack([f(images, *metadata) for f in forwards]), axis=0)
 
     return averaged
 
 
-def with_tta(forward: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
-    """f(x) -> mean over the 8 flips/transposes k of f(dihedral(x, k)); one call on 8B images."""
+def with_tta(forward: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """f(images[, metadata]) -> mean over the 8 flips/transposes k of f(dihedral(images, k)[,
+    metadata]); one call on 8B images."""
 
-    def averaged(images: jax.Array) -> jax.Array:
+    def averaged(images: jax.Array, *metadata: jax.Array) -> jax.Array:
         batch = images.shape[0]
         variants = jnp.concatenate(
             [image_ops.dihedral(images, k, axes=(1, 2)) for k in range(8)], axis=0)
-        probs = forward(variants)
+        probs = forward(variants, *(jnp.concatenate([m] * 8, axis=0) for m in metadata))
         return jnp.mean(probs.reshape(8, batch, probs.shape[-1]), axis=0)
 
     return averaged
@@ -169,17 +174,19 @@ def with_tta(forward: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array],
 
 
 def _export_for(
-    jitted: Callable, spec: jax.ShapeDtypeStruct, platforms: Sequence[str]
+    jitted: Callable, specs: Sequence[jax.ShapeDtypeStruct], platforms: Sequence[str]
 ) -> jax_export.Exported:
-    return jax_export.export(jitted, platforms=tuple(platforms))(spec)
+    return jax_export.export(jitted, platforms=tuple(platforms))(*specs)
 
 
 def export_forward(
-    forward: Callable[[jax.Array], jax.Array],
+    forward: Callable[..., jax.Array],
     image_size: int,
     platforms: Sequence[str] = DEFAULT_PLATFORMS,
+    metadata_width: int = 0,
 ) -> tuple[jax_export.Exported, list[str], dict[str, str]]:
-    """Lowers `forward` for uint8 [b, S, S, 3] with a symbolic batch `b`, for `platforms`.
+    """Lowers `forward` for uint8 [b, S, S, 3] (and float32 [b, F] metadata when
+    `metadata_width` F > 0) with a symbolic batch `b`, for `platforms`.
 
     All platforms are lowered together first (one artefact that runs on each); if that fails,
     each platform is tried alone and the artefact covers those that lowered.
@@ -191,7 +198,9 @@ def export_forward(
       ExportError: no platform lowered.
     """
     (batch,) = jax_export.symbolic_shape("b")
-    spec = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.uint8)
+    spec = [jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.uint8)]
+    if metadata_width:
+        spec.append(jax.ShapeDtypeStruct((batch, metadata_width), jnp.float32))
     jitted = jax.jit(forward)
     platforms = [p.lower() for p in platforms]
     try:
@@ -358,16 +367,20 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _verify(
-    forward: Callable[[jax.Array], jax.Array],
+    forward: Callable[..., jax.Array],
     exported: jax_export.Exported,
     image_size: int,
     seed: int = 0,
+    metadata_width: int = 0,
 ) -> float:
-    """max |exported(x) - forward(x)| over random uint8 images; float."""
+    """max |exported(x) - forward(x)| over random uint8 images (and standard-normal metadata
+    when the model takes it); float."""
     rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, (VERIFY_BATCH, image_size, image_size, 3), dtype=np.uint8)
-    expected = np.asarray(jax.jit(forward)(images))
-    got = np.asarray(jax.jit(exported.call)(images))
+    args = [rng.integers(0, 256, (VERIFY_BATCH, image_size, image_size, 3), dtype=np.uint8)]
+    if metadata_width:
+        args.append(rng.standard_normal((VERIFY_BATCH, metadata_width)).astype(np.float32))
+    expected = np.asarray(jax.jit(forward)(*args))
+    got = np.asarray(jax.jit(exported.call)(*args))
     if got.shape != expected.shape:
         raise ExportError(f"exported output shape {got.shape} != model output {expected.shape}")
     return float(np.max(np.abs(got - expected)))
@@ -417,11 +430,12 @@ class Artefact:
 
 
 def build_artefact(
-    forward: Callable[[jax.Array], jax.Array],
+    forward: Callable[..., jax.Array],
     image_size: int,
     dtype: str,
     platforms: Sequence[str] = DEFAULT_PLATFORMS,
     verify: bool = True,
+    metadata_width: int = 0,
 ) -> Artefact:
     """Lowers `forward` (`export_forward`), serialises it and, when this platform is covered
     and `verify`, checks the deserialised artefact against `forward` within the tolerance of
@@ -430,12 +444,13 @@ def build_artefact(
     Raises:
       ExportError: nothing lowered, or the artefact differs from `forward` beyond tolerance.
     """
-    exported, covered, failed = export_forward(forward, image_size, platforms)
+    exported, covered, failed = export_forward(forward, image_size, platforms, metadata_width)
     serialized = exported.serialize()
     tolerance = TOLERANCE.get(dtype, TOLERANCE["bfloat16"])
     here, max_diff = current_platform(), None
     if verify and here in covered:
-        max_diff = _verify(forward, jax_export.deserialize(bytearray(serialized)), image_size)
+        max_diff = _verify(forward, jax_export.deserialize(bytearray(serialized)), image_size,
+                           metadata_width=metadata_width)
         if not max_diff <= tolerance:
             raise ExportError(
                 f"the exported model differs from the trained model by {max_diff:.3g} "
@@ -448,10 +463,12 @@ def build_artefact(
 def model_metadata(
     config: Any, class_names: list[str], artefact: Artefact, *, ema: bool,
     checkpoint: dict[str, Any], init_from: dict[str, Any] | None = None,
+    metadata_encoder: Any = None,
 ) -> dict[str, Any]:
     """model.json: which model, classes in order, input, preprocessing, the artefact, where the
     weights come from (`checkpoint`: workdir, requested, step, metrics; `init_from`: the
-    pretrained weights the run started from, its init_from.json, or None from scratch)."""
+    pretrained weights the run started from, its init_from.json, or None from scratch), and,
+    for a model with a metadata branch, its second input (`metadata_encoder`)."""
     image_size, num_classes = int(config.data.image_size), len(class_names)
     meta = {
         "format": FORMAT,
@@ -492,6 +509,20 @@ def model_metadata(
         "checkpoint": checkpoint,
         "init_from": init_from,
     }
+    if metadata_encoder is not None:
+        width = metadata_encoder.width
+        meta["input"]["metadata"] = {
+            "shape": [None, width],
+            "dtype": "float32",
+            "file": metadata.ENCODER_FILE,
+            "missing_row": [float(v) for v in metadata_encoder.missing_row()],
+            "kind": "the second argument of the exported function: the encoded metadata, one "
+                    "column per entry of model.json's metadata.columns",
+        }
+        meta["metadata"] = {"features": metadata_encoder.names,
+                            "columns": metadata_encoder.columns()}
+        meta["export"]["function"] = (f"uint8 [b, S, S, 3] RGB, float32 [b, {width}] metadata "
+                                      f"-> float32 [b, C] probabilities")
     return _jsonable(meta)
 
 
@@ -588,21 +619,29 @@ def export_checkpoint(
     state, step, metrics = evaluate.restore_for_eval(workdir, config, len(class_names), par,
                                                      checkpoint)
     variables = state.eval_variables()
-    forward = inference_forward(config, variables, len(class_names))
+    encoder = metadata.load_encoder(workdir)
+    forward = inference_forward(config, variables, len(class_names), encoder)
     if tta:
         forward = with_tta(forward)
+    width = encoder.width if encoder is not None else 0
     artefact = build_artefact(forward, int(config.data.image_size),
-                              str(config.model.get("dtype", "float32")), platforms, verify)
+                              str(config.model.get("dtype", "float32")), platforms, verify,
+                              metadata_width=width)
     meta = model_metadata(
         config, class_names, artefact, ema=bool(state.ema),
         checkpoint={"workdir": str(workdir), "requested": str(checkpoint), "step": int(step),
                     "metrics": metrics},
-        init_from=warm_start.read_record(workdir),
+        init_from=warm_start.read_record(workdir), metadata_encoder=encoder,
     )
     meta["export"]["tta_inside"] = bool(tta)
     card = add_validation(meta, config, variables, workdir, int(step))
-    write_export(output, artefact, variables, config, meta,
-                 write_extra=lambda folder: model_card.write_card(folder, card))
+
+    def extra(folder: pathlib.Path) -> None:
+        model_card.write_card(folder, card)
+        if encoder is not None:
+            metadata.save_encoder(encoder, folder)
+
+    write_export(output, artefact, variables, config, meta, write_extra=extra)
     return meta
 
 

@@ -62,6 +62,7 @@ from jax.sharding import PartitionSpec as P
 
 from isic_jax import config_utils, logging_utils
 from isic_jax.data import image_ops
+from isic_jax.data import metadata as metadata_lib
 from isic_jax.data.isic import images, labels
 from isic_jax.data.isic.releases import SourceTree
 from isic_jax.evaluation import calibration
@@ -114,13 +115,15 @@ class Item:
 
     image_id: the id written to the output. path: absolute path to read (None when refused).
     shown: the path as the user gave it (relative to the folder / CSV folder). error: why it
-    was refused before decoding (None when it is to be read).
+    was refused before decoding (None when it is to be read). row: the CSV row it comes from
+    (its metadata columns, read by their ISIC names, for a model with a metadata branch).
     """
 
     image_id: str
     path: str | None
     shown: str
     error: str | None = None
+    row: dict[str, str] | None = None
 
 
 def _inside(real: str, root: str) -> bool:
@@ -198,10 +201,10 @@ def list_csv(csv_path: str | os.PathLike) -> list[Item]:
         if not image_id:
             image_id = os.path.splitext(os.path.basename(value))[0]
         if not value:
-            items.append(Item(image_id, None, value, "empty path"))
+            items.append(Item(image_id, None, value, "empty path", row))
             continue
         path, error = _resolve_csv_path(root, value)
-        items.append(Item(image_id, path, value, error))
+        items.append(Item(image_id, path, value, error, row))
     return items
 
 
@@ -237,12 +240,15 @@ class InferenceModel:
     """A loaded export.
 
     meta: model.json. backend: "export" (the jax.export artefact) or "checkpoint" (Orbax
-    variables + model code). forward: traceable f(uint8 [b, S, S, 3]) -> float32 [b, C].
+    variables + model code). forward: traceable f(uint8 [b, S, S, 3][, float32 [b, F]
+    metadata]) -> float32 [b, C]. encoder: the export's metadata encoder (a model with a
+    metadata branch), else None.
     """
 
     meta: dict[str, Any]
     backend: str
-    forward: Callable[[jax.Array], jax.Array]
+    forward: Callable[..., jax.Array]
+    encoder: Any = None
 
     @property
     def class_names(self) -> list[str]:
@@ -275,8 +281,20 @@ def load_model(export_dir: str | os.PathLike, backend: str = "auto") -> Inferenc
                 "use backend 'checkpoint'"
             )
         exported = export_lib.load_exported(export_dir)
-        return InferenceModel(meta, "export", exported.call)
-    return InferenceModel(meta, "checkpoint", _checkpoint_forward(export_dir, meta))
+        return InferenceModel(meta, "export", exported.call, _encoder(export_dir, meta))
+    return InferenceModel(meta, "checkpoint", _checkpoint_forward(export_dir, meta),
+                          _encoder(export_dir, meta))
+
+
+def _encoder(export_dir: str | os.PathLike, meta: dict[str, Any]) -> Any:
+    """The export's metadata encoder when its function takes metadata."""
+    if "metadata" not in meta.get("input", {}):
+        return None
+    encoder = metadata_lib.load_encoder(export_dir)
+    if encoder is None:
+        raise ValueError(f"{export_dir}: model.json says the model takes metadata, but "
+                         f"{metadata_lib.ENCODER_FILE} is missing; re-export the run")
+    return encoder
 
 
 def _checkpoint_forward(
@@ -285,8 +303,12 @@ def _checkpoint_forward(
     """The exported function rebuilt from the Orbax variables and the model code: one model, or
     the mean of an ensemble's members (and the 8 flips when the export has them inside)."""
     if meta.get("members"):
+        shared = metadata_lib.load_encoder(export_dir)
         forward = export_lib.mean_forward([
-            _member_forward(pathlib.Path(export_dir) / m["dir"], meta) for m in meta["members"]
+            metadata_lib.recoding(_member_forward(pathlib.Path(export_dir) / m["dir"], meta),
+                              metadata_lib.load_encoder(pathlib.Path(export_dir) / m["dir"]),
+                              shared)
+            for m in meta["members"]
         ])
     else:
         forward = _member_forward(export_dir, meta)
@@ -308,14 +330,15 @@ def _member_forward(
             f"config.json's ({mean.tolist()}, {std.tolist()}); re-export the run")
     config.data.augment.color_constancy = bool(pre["color_constancy"]["enabled"])
     variables = export_lib.restore_variables(export_dir)
-    return export_lib.inference_forward(config, variables, len(meta["class_names"]))
+    return export_lib.inference_forward(config, variables, len(meta["class_names"]),
+                                        metadata_lib.load_encoder(export_dir))
 
 
 class Runner:
     """Runs a forward pass on batches sharded over the local devices (jit + shard_map).
 
     Args:
-      forward: traceable uint8 [b, S, S, 3] -> float32 [b, C].
+      forward: traceable uint8 [b, S, S, 3] (, float32 [b, F] metadata) -> float32 [b, C].
       batch_size: images per call; rounded up to a multiple of the device count.
       devices: default all local devices.
     """
@@ -331,29 +354,39 @@ class Runner:
         self.batch_size = -(-max(1, int(batch_size)) // self.num_devices) * self.num_devices
         self.mesh = Mesh(np.asarray(devices), (MESH_AXIS,))
         self.sharding = NamedSharding(self.mesh, P(MESH_AXIS))
-        # Each device runs the (single-device) program on its slice: no collectives.
-        self._fn = jax.jit(
-            jax.shard_map(forward, mesh=self.mesh, in_specs=P(MESH_AXIS), out_specs=P(MESH_AXIS))
-        )
+        self._forward = forward
+        self._fns: dict[int, Callable[..., jax.Array]] = {}
 
-    def submit(self, images: np.ndarray) -> jax.Array:
-        """Starts one batch (<= batch_size images, uint8 [n, S, S, 3]); returns the device
-        output [batch_size, C] (rows past n are padding). Asynchronous."""
+    def _fn(self, *arrays: jax.Array) -> jax.Array:
+        # Each device runs the (single-device) program on its slice: no collectives. One
+        # program per number of inputs (images, or images and metadata).
+        fn = self._fns.get(len(arrays))
+        if fn is None:
+            specs = tuple(P(MESH_AXIS) for _ in arrays)
+            fn = self._fns[len(arrays)] = jax.jit(jax.shard_map(
+                self._forward, mesh=self.mesh, in_specs=specs, out_specs=P(MESH_AXIS)))
+        return fn(*arrays)
+
+    def submit(self, images: np.ndarray, *metadata: np.ndarray) -> jax.Array:
+        """Starts one batch (<= batch_size images, uint8 [n, S, S, 3], and their metadata
+        float32 [n, F] for a model that takes it); returns the device output [batch_size, C]
+        (rows past n are padding). Asynchronous."""
         n = len(images)
         if n > self.batch_size:
             raise ValueError(f"{n} images > batch size {self.batch_size}")
+        arrays = [images, *metadata]
         if n < self.batch_size:
-            pad = np.zeros((self.batch_size - n, *images.shape[1:]), images.dtype)
-            images = np.concatenate([images, pad])
-        return self._fn(jax.device_put(images, self.sharding))
+            arrays = [np.concatenate([a, np.zeros((self.batch_size - n, *a.shape[1:]), a.dtype)])
+                      for a in arrays]
+        return self._fn(*(jax.device_put(a, self.sharding) for a in arrays))
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        """float32 [n, C] for uint8 [n, S, S, 3], any n (batched, padded)."""
-        outs = [
-            (len(chunk), self.submit(chunk))
-            for chunk in (images[i : i + self.batch_size]
-                          for i in range(0, len(images), self.batch_size))
-        ]
+    def __call__(self, images: np.ndarray, *metadata: np.ndarray) -> np.ndarray:
+        """float32 [n, C] for uint8 [n, S, S, 3] (and metadata [n, F]), any n (batched,
+        padded)."""
+        step = self.batch_size
+        outs = [(len(images[i : i + step]),
+                 self.submit(images[i : i + step], *(m[i : i + step] for m in metadata)))
+                for i in range(0, len(images), step)]
         return np.concatenate([np.asarray(out)[:n] for n, out in outs])
 
 
@@ -488,6 +521,12 @@ def predict_items(
                          "exported with --tta): drop --tta")
     forward = export_lib.with_tta(model.forward) if tta_flips else model.forward
     runner = Runner(forward, batch_size, devices)
+    meta_rows = None
+    if model.encoder is not None:
+        # Read by their ISIC names (CSV input); absent columns or values are missing.
+        meta_rows, warnings = model.encoder.encode_rows([item.row or {} for item in items])
+        for warning in dict.fromkeys(warnings):
+            print(f"isic-jax predict: {warning}", file=sys.stderr, flush=True)
     pre = model.meta["preprocessing"]
     workers = num_workers or images.default_num_workers()
     bar = logging_utils.Progress(len(items), enabled=progress,
@@ -501,6 +540,10 @@ def predict_items(
             probs[indices] = np.asarray(out)[: len(indices)]
             bar.advance(len(indices))
 
+    def submit(indices: list[int], imgs: list[np.ndarray]) -> jax.Array:
+        extra = () if meta_rows is None else (meta_rows[indices],)
+        return runner.submit(np.stack(imgs), *extra)
+
     batch_idx: list[int] = []
     batch_img: list[np.ndarray] = []
     try:
@@ -513,11 +556,11 @@ def predict_items(
                 batch_idx.append(i)
                 batch_img.append(image)
                 if len(batch_idx) == runner.batch_size:
-                    pending.append((batch_idx, runner.submit(np.stack(batch_img))))
+                    pending.append((batch_idx, submit(batch_idx, batch_img)))
                     batch_idx, batch_img = [], []
                     drain(keep=2)  # decode of the next batches overlaps the device
         if batch_idx:
-            pending.append((batch_idx, runner.submit(np.stack(batch_img))))
+            pending.append((batch_idx, submit(batch_idx, batch_img)))
         drain(keep=0)
     finally:
         bar.close()
