@@ -1,5 +1,6 @@
 """`isic-jax evaluate --workdir DIR [--split S] [--checkpoint latest|best|STEP] [--noreport]
-[--bootstrap-samples N] [--threshold-method sensitivity|youden|fixed] [--target-sensitivity S]`.
+[--bootstrap-samples N] [--threshold-method sensitivity|youden|fixed] [--target-sensitivity S]
+[--features FILE.csv|FILE.parquet]`.
 
 Loads the config the run saved in DIR, restores the checkpoint on this machine's devices (any
 count), runs the evaluation pipeline over the split and writes DIR/eval/<split>/metrics.json
@@ -9,7 +10,10 @@ bootstrap band, precision-recall, operating point, confusion matrix, reliability
 distributions, AUC by subgroup, the most confident mistakes with Grad-CAM) and report.html (all
 of it in one self-contained file). On --split val the temperature and the threshold are fitted;
 other splits reuse those of eval/val for the same checkpoint. The flags override the run's
-config.eval values. Exit status 2 when there is no such run, checkpoint or split, or a bad value.
+config.eval values. `--features FILE` also writes, per image, the probabilities, the
+penultimate-layer embedding, the metadata and the patient context, for a tabular stacker
+(CSV or Parquet by the file's extension). Exit status 2 when there is no such run, checkpoint or
+split, or a bad value.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ _METHOD = underscore_alias(flags.DEFINE_enum(
 _TARGET = underscore_alias(flags.DEFINE_float(
     "target-sensitivity", None, "Sensitivity the threshold must reach (threshold method "
     "sensitivity); default: the run's config.eval.target_sensitivity (0.90)."))
+_FEATURES = flags.DEFINE_string(
+    "features", None, "Also write stacking features per image (probabilities, embedding, "
+    "metadata, patient context) to this .csv or .parquet file.")
 flags.mark_flags_as_required(["workdir"])
 
 EXIT_USAGE = 2
@@ -57,9 +64,10 @@ def main(argv: list[str]) -> None:
         result = evaluate.evaluate_checkpoint(
             _WORKDIR.value, _SPLIT.value, which, report=_REPORT.value,
             bootstrap_samples=_BOOTSTRAP.value, threshold_method=_METHOD.value,
-            target_sensitivity=_TARGET.value,
+            target_sensitivity=_TARGET.value, features_path=_FEATURES.value,
         )
-    except (FileNotFoundError, config_utils.ConfigError, dataset.UnknownSplitError) as e:
+    except (FileNotFoundError, config_utils.ConfigError, dataset.UnknownSplitError,
+            ValueError) as e:
         fail("evaluate", e, EXIT_USAGE)
     print(summary_text(result))
     out_dir = os.path.join(_WORKDIR.value, "eval", _SPLIT.value)
@@ -69,6 +77,8 @@ def main(argv: list[str]) -> None:
         print(f"figures in {out_dir}/: {', '.join(figures)}")
     if result.get("report"):
         print(f"report: {os.path.join(out_dir, result['report'])}")
+    if result.get("features_file"):
+        print(f"stacking features: {result['features_file']}")
 
 
 def summary_text(result: dict) -> str:

@@ -187,7 +187,7 @@ def _calibration_block(probs: np.ndarray, y: np.ndarray, y_bin: np.ndarray, scor
 
 def metadata_of(preds: Any) -> dict[str, Any]:
     """The subgroup metadata of `predictions.Predictions` (fitzpatrick when it has it)."""
-    keys = ("sex", "age", "anatom_site", "patient_id", "fitzpatrick")
+    keys = ("sex", "age", "anatom_site", "patient_id", "fitzpatrick", "source")
     return {k: getattr(preds, k) for k in keys if getattr(preds, k, None) is not None}
 
 
@@ -261,11 +261,40 @@ def analyse(
     if settings.bootstrap_samples > 0 and y.size > 0:
         intervals = _bootstrap(result, preds, cal, y, y_bin, score, raw_score, threshold,
                                members, settings)
+    by_source = _by_source(preds, cal, y, class_names, malignant_classes, threshold, settings)
+    if by_source:
+        result["by_source"] = by_source
     result["subgroup_auc"] = subgroups.subgroup_auc(
         y_bin, score, metadata_of(preds),
         {k: v for k, v in intervals.items() if "/" in k},
     )
     return isic_metrics.to_json_compatible(result), cal
+
+
+# What metrics.json reports per source release of a several-release run.
+SOURCE_METRICS = ("auc", "pauc_80", "balanced_accuracy", "sensitivity", "specificity",
+                  "average_precision")
+
+
+def _by_source(preds: Any, cal: np.ndarray, y: np.ndarray, class_names: Sequence[str],
+               malignant_classes: Sequence[int], threshold: float, settings: EvalSettings
+               ) -> dict[str, Any] | None:
+    """{release: {num_examples, num_malignant, metrics at the operating threshold}} when the
+    split holds several source releases (e.g. the AUC on the ISIC 2020 images alone), else
+    None."""
+    source = getattr(preds, "source", None)
+    names = subgroups.as_names(source) if source is not None else None
+    if names is None or len(set(names.tolist()) - {subgroups.UNKNOWN}) < 2:
+        return None
+    out = {}
+    for name in sorted(set(names.tolist())):
+        sel = names == name
+        part = isic_metrics.classification_metrics(
+            cal[sel], y[sel], class_names, malignant_classes=malignant_classes,
+            threshold=threshold, pauc_min_tpr=settings.pauc_min_tpr)
+        out[name] = {"num_examples": int(sel.sum()), "num_malignant": part.get("num_malignant"),
+                     **{k: part.get(k) for k in SOURCE_METRICS}}
+    return out
 
 
 def _bootstrap(

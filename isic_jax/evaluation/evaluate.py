@@ -30,7 +30,7 @@ import numpy as np
 
 from isic_jax import config_utils
 from isic_jax.data import dataset, device_augment, image_ops, metadata
-from isic_jax.evaluation import analysis, gradcam, html_report, predictions
+from isic_jax.evaluation import analysis, features, gradcam, html_report, predictions
 from isic_jax.evaluation import metrics as metrics_lib
 from isic_jax.evaluation import report as report_lib
 from isic_jax.evaluation.metrics import to_json_compatible
@@ -182,11 +182,12 @@ def evaluate_checkpoint(
     checkpoint: str | int = "latest",
     *,
     report: bool = True,
+    features_path: str | os.PathLike | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Evaluates one checkpoint of a run on a split, on all of this process's devices, with the
-    data the run's saved config names; see `evaluate_run`. `overrides`: `analysis.EvalSettings`
-    fields (None keeps the run's value), e.g. bootstrap_samples=2000.
+    data the run's saved config names; see `evaluate_run` (`features_path` too). `overrides`:
+    `analysis.EvalSettings` fields (None keeps the run's value), e.g. bootstrap_samples=2000.
 
     Raises:
       config_utils.ConfigError: a bad override (checked before anything runs).
@@ -197,7 +198,7 @@ def evaluate_checkpoint(
     par = parallel.DataParallel.create(config.train.parallelism)
     data = dataset.InputData.for_run(config, workdir, read_train_labels=False)  # no sampling
     return evaluate_run(workdir, config, data, par, split, checkpoint, report=report,
-                        settings=settings)
+                        settings=settings, features_path=features_path)
 
 
 def predict_checkpoint(
@@ -207,8 +208,11 @@ def predict_checkpoint(
     par: parallel.DataParallel,
     split: str = "val",
     checkpoint: str | int = "latest",
+    *,
+    with_embedding: bool = False,
 ) -> tuple[predictions.Predictions, int, Any, Any]:
-    """One checkpoint of a run over one padded pass of a split.
+    """One checkpoint of a run over one padded pass of a split (`with_embedding`: also the
+    penultimate features of every image, `Predictions.embedding`).
 
     Returns:
       (predictions, the checkpoint's step, the restored state (replicated for `par`), the model).
@@ -217,7 +221,8 @@ def predict_checkpoint(
     state, step, _ = restore_for_eval(workdir, config, data.num_classes, par, checkpoint)
     model = create_model(config.model, data.num_classes, metadata=data.metadata)
     aug = steps.augment_config(config)
-    p_eval = par.compile_eval_step(functools.partial(steps.eval_step, model=model, augment=aug))
+    step_fn = steps.embed_step if with_embedding else steps.eval_step
+    p_eval = par.compile_eval_step(functools.partial(step_fn, model=model, augment=aug))
     preds = predictions.predict_split(p_eval, state, data.eval_batches(split), par,
                                       prefetch=max(1, int(config.data.device_prefetch)))
     return preds, step, state, model
@@ -234,6 +239,7 @@ def evaluate_run(
     report: bool = True,
     write: bool = True,
     settings: analysis.EvalSettings | None = None,
+    features_path: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Evaluates one checkpoint of a run on a split; writes metrics.json, predictions.csv and
     (with `report`) the report's figures (see `write_report`) and report.html.
@@ -249,11 +255,14 @@ def evaluate_run(
         "most_confident_mistakes" to the metrics (process 0 only).
       write: False computes the metrics without writing anything (export uses it).
       settings: evaluation settings (default: from config).
+      features_path: also write the stacking features of every image there (.csv or .parquet;
+        `evaluation.features`).
 
     Returns:
       The metrics dict written to `workdir/eval/<split>/metrics.json`.
     """
-    preds, step, state, model = predict_checkpoint(workdir, config, data, par, split, checkpoint)
+    preds, step, state, model = predict_checkpoint(workdir, config, data, par, split, checkpoint,
+                                                   with_embedding=features_path is not None)
     settings = settings or analysis.EvalSettings.from_config(config)
     fitted = fitted_for(workdir, split, int(step), preds, data.malignant_classes, settings)
     result, calibrated = evaluation_result(preds, data, config, split, checkpoint, step,
@@ -263,6 +272,12 @@ def evaluate_run(
     # Metrics and predictions first: they stay even if drawing the report fails.
     out_dir = write_evaluation(workdir, split, result, preds, data, calibrated,
                                float(fitted.threshold))
+    if features_path is not None:
+        layouts = {d["release"]: d.get("tabular_columns") or ()
+                   for d in (data.info.datasets or ())}
+        table = features.feature_table(preds, data.class_names, data.malignant_classes,
+                                       data.source(split), layouts)
+        result["features_file"] = str(features.write_table(table, features_path))
     if report:
         # One host copy of what was evaluated (EMA when kept): Grad-CAM then runs on this
         # process's default device alone, whatever the sharding of the restored state.

@@ -203,6 +203,20 @@ def _subgroups(metrics: Mapping[str, Any]) -> str:
                   left=2)
 
 
+def _by_source(metrics: Mapping[str, Any]) -> str:
+    by_source = metrics.get("by_source") or {}
+    if not by_source:
+        return ""
+    keys = ("num_examples", "num_malignant", "auc", "pauc_80", "balanced_accuracy",
+            "sensitivity", "specificity")
+    rows = [[_esc(name), *[_num(v.get(k)) for k in keys]] for name, v in by_source.items()]
+    return ("<h2>By source release</h2>"
+            + _table(["Release", "Images", "Malignant", "AUC", "pAUC80", "Balanced acc.",
+                      "Sensitivity", "Specificity"], rows)
+            + '<p class="meta">Each release\'s images alone, at the operating threshold (their '
+              'AUC intervals are in the subgroup table).</p>')
+
+
 def _confusion(metrics: Mapping[str, Any]) -> str:
     cm, names = metrics.get("confusion_matrix"), metrics.get("confusion_matrix_labels")
     counts = metrics.get("binary_counts")
@@ -287,6 +301,7 @@ def render(metrics: Mapping[str, Any], out_dir: str | os.PathLike, run: str | No
         _calibration(metrics),
         "<h2>Figures</h2>",
         _figure_html(out, [*(metrics.get("figures") or []), *(f for f, _ in FIGURE_CAPTIONS)]),
+        _by_source(metrics),
         "<h2>Subgroups</h2>",
         _subgroups(metrics),
         "<h2>Per class (one vs rest)</h2>",

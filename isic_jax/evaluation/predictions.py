@@ -49,6 +49,7 @@ class Predictions:
     anatom_site: np.ndarray
     fitzpatrick: np.ndarray | None = None  # str [N], "" when missing
     source: np.ndarray | None = None
+    embedding: np.ndarray | None = None  # float32 [N, D] penultimate features, when asked for
 
     def __post_init__(self) -> None:
         if self.source is None:
@@ -89,13 +90,14 @@ def predict_split(
     """Runs a compiled eval step over an iterable of host batches (one pass, padded last batch).
 
     Args:
-      p_eval: `par.compile_eval_step(partial(eval_step, model=...))`.
+      p_eval: `par.compile_eval_step(partial(eval_step, model=...))`, or of `embed_step`
+        (probabilities and embeddings: `Predictions.embedding` is filled).
       state: replicated as for `p_eval`.
       batches: dicts with image float32 [B, H, W, 3], label int32 [B], mask bool [B] and
         optionally index, image_id, patient_id, sex, age, anatom_site, fitzpatrick (kept on
         the host).
     """
-    probs, labels, index, image_id, patient_id = [], [], [], [], []
+    probs, labels, index, image_id, patient_id, embedding = [], [], [], [], [], []
     sex, age, anatom_site, fitzpatrick, source = [], [], [], [], []
     it = iter(batches)
 
@@ -107,6 +109,9 @@ def predict_split(
 
     def drain() -> None:
         for out, host in pending:
+            emb = None
+            if isinstance(out, tuple):  # embed_step
+                out, emb = out
             rows = {
                 "probs": par.local_rows(out),
                 "mask": np.asarray(host["mask"], bool),
@@ -126,6 +131,8 @@ def predict_split(
                 ),
                 "source": np.asarray(host.get("source", np.zeros(host["mask"].shape, "S1"))),
             }
+            if emb is not None:
+                rows["embedding"] = par.local_rows(emb)
             if jax.process_count() > 1:
                 rows = _gather_processes(rows)  # every process computes metrics on all
             mask = rows["mask"]
@@ -139,6 +146,8 @@ def predict_split(
             anatom_site.append(to_str(rows["anatom_site"][mask]))
             fitzpatrick.append(to_str(rows["fitzpatrick"][mask]))
             source.append(to_str(rows["source"][mask]))
+            if emb is not None:
+                embedding.append(rows["embedding"][mask])
         pending.clear()
 
     try:
@@ -163,6 +172,7 @@ def predict_split(
         anatom_site=np.concatenate(anatom_site),
         fitzpatrick=np.concatenate(fitzpatrick),
         source=np.concatenate(source),
+        embedding=np.concatenate(embedding).astype(np.float32) if embedding else None,
     )
 
 
@@ -203,9 +213,13 @@ def write_predictions(
     probabilities), then, when given, malignant_probability (f[N], after temperature scaling:
     what `predict` writes) and malignant_at_threshold (1 iff it is >= threshold)."""
     header = ["image_id", "patient_id", "label", "index", *[f"prob_{n}" for n in class_names]]
+    # The source release of each image, in a several-release run.
+    sources = preds.source if len(set(np.asarray(preds.source).tolist()) - {""}) > 1 else None
     extra = malignant_probability is not None
     if extra:
         header += ["malignant_probability"] + (["malignant_at_threshold"] if threshold else [])
+    if sources is not None:
+        header.append("source")
 
     def row(i: int) -> list[Any]:
         out = [preds.image_id[i], preds.patient_id[i], int(preds.labels[i]), int(preds.index[i]),
@@ -215,6 +229,8 @@ def write_predictions(
             out.append(repr(m))  # exact: it is compared with the threshold
             if threshold:
                 out.append(int(m >= threshold))
+        if sources is not None:
+            out.append(sources[i])
         return out
 
     write_csv(path, header, (row(i) for i in range(len(preds.labels))))

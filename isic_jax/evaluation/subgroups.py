@@ -30,12 +30,14 @@ VARIABLES: tuple[tuple[str, str], ...] = (
     ("sex", "sex"),
     ("age", "age_band"),
     ("fitzpatrick", "fitzpatrick"),
+    ("source", "source"),
 )
 TITLES = {
     "anatom_site": "Anatomic site",
     "sex": "Sex",
     "age_band": "Age band (years)",
     "fitzpatrick": "Fitzpatrick skin type",
+    "source": "Source release",
 }
 
 
@@ -129,7 +131,7 @@ def subgroup_variables(metadata: Mapping[str, Any] | None, n: int) -> dict[str, 
     if not metadata:
         return {}
     convert = {"anatom_site": as_names, "sex": _sex_names, "age": age_bands,
-               "fitzpatrick": fitzpatrick_names}
+               "fitzpatrick": fitzpatrick_names, "source": as_names}
     out: dict[str, np.ndarray] = {}
     for key, variable in VARIABLES:
         if metadata.get(key) is None:
@@ -137,8 +139,11 @@ def subgroup_variables(metadata: Mapping[str, Any] | None, n: int) -> dict[str, 
         names = convert[key](metadata[key])
         if names.shape[0] != n:
             raise ValueError(f"metadata[{key!r}] has {names.shape[0]} values for {n} images")
-        if not np.all(names == UNKNOWN):  # else the release does not record it
-            out[variable] = names
+        if np.all(names == UNKNOWN):  # the release does not record it
+            continue
+        if variable == "source" and len(set(names.tolist())) < 2:
+            continue  # one release: nothing to compare
+        out[variable] = names
     return out
 
 
