@@ -498,10 +498,9 @@ def open_prepared(release: str, image_size: int, data_dir: str | os.PathLike) ->
     `version_of(builder)` says which one it is; `missing_features` what it lacks.
     """
     builder = make_builder(release, image_size, data_dir)
-    if builder.is_prepared():
-        return builder
+    # The version folders first: TFDS's own check warns about a missing VERSION folder.
     versions = prepared_versions(release, image_size, data_dir)
-    if not versions:
+    if not versions or VERSION in versions:
         return builder
     return tfds.builder_from_directory(builder.data_path.parent / versions[-1])
 
