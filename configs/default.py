@@ -56,6 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.dropout = 0.0  # before the classifier head
     config.model.dtype = "bfloat16"  # compute dtype; parameters stay float32
     config.model.width = 64  # channels of the stem; halve it for a fast CPU model
+    # auto: on CPU, convolutions and max-pooling lowered for XLA:CPU (models/cpu_lowering.py);
+    # GPU/TPU always get XLA's own | xla: XLA's own everywhere. Same numbers either way.
+    config.model.lowering = "auto"
     # Pretrained weights (see README "Fine-tuning from pretrained weights"): "" = from scratch;
     # a torchvision/timm ResNet state dict (FILE.safetensors, or FILE.pth/.pt/.bin with torch
     # installed); hf-hub:ORG/NAME[@REVISION] (Hugging Face cache, HF_HOME / HF_HUB_OFFLINE

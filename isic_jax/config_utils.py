@@ -32,6 +32,7 @@ MODEL_DTYPES = ("float32", "bfloat16")
 # How `evaluate` chooses the operating threshold (evaluation/operating_points.py).
 THRESHOLD_METHODS = ("sensitivity", "youden", "fixed")
 INIT_HEAD = ("auto", "reinit")
+LOWERINGS = ("auto", "xla")
 DEFAULT_NUM_FOLDS = 5  # make_builder's default; `data.num_folds` overrides it when present
 # Scalar validation metrics a checkpoint can be ranked by (metrics.classification_metrics plus
 # the validation loss and accuracy computed by the trainer). "loss" is minimised, others maximised.
@@ -218,6 +219,7 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "model.dropout": _num(0.0, 1.0, hi_open=True),
     "model.dtype": _choice(MODEL_DTYPES),
     "model.width": _int(1),
+    "model.lowering": _choice(LOWERINGS),
     "model.metadata": _metadata_features,
     "model.metadata_hidden": _int(1),
     "model.metadata_dropout": _num(0.0, 1.0, hi_open=True),

@@ -1,7 +1,8 @@
 """Training-loop benchmarks, printed side by side.
 
-    python scripts/bench_train.py            # (a) (b) (c) on this CPU, ~3-5 minutes on 2 cores
-    python scripts/bench_train.py --only a,c # a subset
+    python scripts/bench_train.py            # (a) (b) (c) (e) on this CPU, ~10 minutes on 2 cores
+    python scripts/bench_train.py --only a,e # a subset
+    python scripts/bench_train.py --only e --torch-python .venv/bin/python  # torch elsewhere
     python scripts/bench_train.py --gpu      # (d) ResNet-50 on the GPU (needs a GPU jaxlib)
 
 (a) loop overhead: steps/s of the real training loop (`loop.train_and_evaluate`: Grain input
@@ -15,6 +16,15 @@
 (d) --gpu: ResNet-50 at 224 px, bfloat16 compute, the real train step on batches already on the
     GPU: images/s and the fraction of the GPU's dense bf16 peak (H200/H100: ~989 TFLOP/s; A100:
     312), next to the published anchor of ~2,470 img/s on one A100 with mixed precision.
+
+(e) isic_jax vs PyTorch on this CPU, side by side in one run: ResNet-18 at 112 px batch 32 and
+    ResNet-50 at 224 px batch 16, float32. For each: the real `isic-jax train` loop's img/s
+    (Grain JPEG pipeline, device augmentation, prefetch, metric pulls), the bare compiled train
+    step (SGD-Nesterov, batch already on the device, device augmentation included) with
+    `model.lowering=auto` (the CPU lowering, `models/cpu_lowering.py`) and `xla` (XLA's own
+    convolutions), and torchvision's same net in PyTorch (channels_last, SGD-Nesterov, all
+    cores), run in its own process (`--torch-python`, default this interpreter) so that the two
+    never share the cores. torch is never a dependency: without it the PyTorch column says so.
 
 CPU runs set XLA_FLAGS (before jax is imported) to the YNN fusion flags `isic-jax train` uses and
 to 2 fake host devices for (c), unless XLA_FLAGS is already set.
@@ -42,9 +52,9 @@ BF16_DENSE_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 def _set_cpu_flags() -> None:
     if "XLA_FLAGS" in os.environ:
         return
-    from isic_jax import config_utils
+    from isic_jax import runtime
 
-    flags = config_utils.set_default_xla_flags() or ""
+    flags = runtime.set_default_xla_flags() or ""
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=2".strip()
 
 
@@ -330,15 +340,136 @@ def bench_gpu(batch_size: int = 256, steps: int = 20) -> dict:
     }  # fmt: skip
 
 
+TORCH_CASES = (("resnet18", 112, 32), ("resnet50", 224, 16))
+
+
+def torch_worker(net: str, size: int, batch: int, steps: int, repeats: int) -> dict:
+    """PyTorch's train step of torchvision's `net` (run in a process of its own)."""
+    import torch
+    import torchvision
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, net)(num_classes=2).to(memory_format=torch.channels_last)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    x = torch.randn(batch, 3, size, size).to(memory_format=torch.channels_last)
+    y = torch.arange(batch) % 2
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+    for _ in range(2):
+        step()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        best = min(best, (time.perf_counter() - start) / steps)
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "images_per_s": batch / best}
+
+
+def _torch_images_per_s(python: str, net: str, size: int, batch: int, steps: int) -> dict:
+    """torch_worker in a fresh process of `python`; {"error": why} when torch is missing."""
+    import json
+    import subprocess
+
+    spec = f"{net},{size},{batch},{steps}"
+    result = subprocess.run([python, __file__, "--torch-worker", spec], capture_output=True,
+                            text=True, check=False, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode != 0 or not lines:
+        tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"PyTorch not run ({python}: {tail})"}
+    return json.loads(lines[-1])
+
+
+def _loop_images_per_s(config, batch: int, size: int, steps: int, log_every: int) -> float:
+    """img/s the real training loop logs (best interval after the first, which compiles)."""
+    import jax
+
+    from isic_jax import logging_utils
+    from isic_jax.testing import runs
+
+    config.train.num_steps = steps
+    config.train.log_every = log_every
+    config.train.eval_every = steps
+    config.train.checkpoint_every = steps
+    config.data.image_size = size
+    config.data.stored_size = size + size // 8
+    config.train.batch_size = batch
+    seen: list[float] = []
+    original = logging_utils.MetricWriter.write_scalars
+
+    def record(self, step, scalars):
+        if "train/images_per_sec" in scalars:
+            seen.append(scalars["train/images_per_sec"])
+        return original(self, step, scalars)
+
+    logging_utils.MetricWriter.write_scalars = record
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            runs.train(config, tmp, devices=jax.devices()[:1],
+                       data=_data(config, 4 * batch, 8, config.data.stored_size))
+    finally:
+        logging_utils.MetricWriter.write_scalars = original
+    return max(seen[1:] or seen)
+
+
+def bench_vs_torch(torch_python: str, quick: bool = False) -> list[dict]:
+    """(e) loop, bare step (auto and xla lowering) and PyTorch, per TORCH_CASES entry."""
+    import jax
+
+    from isic_jax.training import parallel
+
+    out = []
+    for net, size, batch in TORCH_CASES:
+        steps = 3 if quick else (10 if net == "resnet18" else 5)
+        row = {"net": net, "size": size, "batch": batch}
+        for lowering in ("auto", "xla"):
+            config = _config(**{"model.name": net, "model.width": 64, "model.dtype": "float32",
+                                "model.lowering": lowering})
+            par = parallel.DataParallel.create("jit", jax.devices()[:1])
+            p_step, state, dev_batch, rng = _step_setup(config, par, batch, size)
+            sec, _ = _time_steps(p_step, state, dev_batch, rng, steps, repeats=3)
+            row[f"step_{lowering}"] = batch / sec
+            print(f"(e) {net} {size}px b{batch}: bare step, lowering={lowering}: "
+                  f"{batch / sec:.1f} img/s", flush=True)
+        config = _config(**{"model.name": net, "model.width": 64, "model.dtype": "float32",
+                            "data.num_workers": 0})
+        log_every = 5 if quick else 10
+        row["loop"] = _loop_images_per_s(config, batch, size, 3 * log_every, log_every)
+        row["torch"] = _torch_images_per_s(torch_python, net, size, batch, steps)
+        print(f"(e) {net} {size}px b{batch}: loop {row['loop']:.1f} img/s, torch "
+              f"{row['torch']}", flush=True)
+        out.append(row)
+    return out
+
+
 # ------------------------------------------------------------------------------ main
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gpu", action="store_true", help="run (d) on the GPU instead")
-    parser.add_argument("--only", default="a,b,c", help="comma list of a,b,c (CPU mode)")
+    parser.add_argument("--only", default="a,b,c,e", help="comma list of a,b,c,e (CPU mode)")
     parser.add_argument("--gpu-batch", type=int, default=256)
+    parser.add_argument("--torch-python", default=sys.executable,
+                        help="interpreter with torch+torchvision for (e)")
+    parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
+    parser.add_argument("--torch-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.torch_worker:
+        import json
+
+        net, size, batch, steps = args.torch_worker.split(",")
+        print(json.dumps(torch_worker(net, int(size), int(batch), int(steps), repeats=3)))
+        return
     if not args.gpu:
         _set_cpu_flags()
     import jax
@@ -384,6 +515,19 @@ def main() -> None:
                      f"{r['devices']} devices",
                      f"pmap {r['pmap_step_ms']:.1f} ms/step | jit {r['jit_step_ms']:.1f} ms/step |"
                      f" jit on 1 device {r['jit_1_device_step_ms']:.1f} ms/step"))
+    if "e" in chosen:
+        for r in bench_vs_torch(args.torch_python, args.quick):
+            torch_ips = r["torch"].get("images_per_s")
+            name = f"(e) {r['net']} {r['size']}px b{r['batch']} f32"
+            if torch_ips is None:
+                rows.append((name, f"loop {r['loop']:.1f} img/s | step {r['step_auto']:.1f} "
+                                   f"(xla lowering {r['step_xla']:.1f}) | {r['torch']['error']}"))
+                continue
+            rows.append((name, f"loop {r['loop']:.1f} img/s | step {r['step_auto']:.1f} (xla "
+                               f"lowering {r['step_xla']:.1f}) | PyTorch {r['torch']['torch']} "
+                               f"{torch_ips:.1f} | loop/torch {r['loop'] / torch_ips:.2f}, "
+                               f"step/torch {r['step_auto'] / torch_ips:.2f} (xla "
+                               f"{r['step_xla'] / torch_ips:.2f})"))
     print("\n" + "\n".join(f"{name:<52} {text}" for name, text in rows))
     print("(d) GPU: not run (pass --gpu on a machine with a GPU)")
 

@@ -60,7 +60,9 @@ def create_model(
     Args:
       model_config: `config.model` with `name` (one of MODEL_NAMES), `width` (stem channels, 64
         standard; default 64), `dropout` (before the head; default 0), `dtype` ("float32" or
-        "bfloat16" compute; parameters stay float32; default "float32").
+        "bfloat16" compute; parameters stay float32; default "float32"), `lowering` ("auto":
+        the CPU lowering of `cpu_lowering` on CPU, XLA's own elsewhere; "xla": XLA's own
+        everywhere; default "auto").
       num_classes: size of the head.
       axis_name: the pmap axis BatchNorm averages its statistics over; None under jit.
       frozen_bn: parts (`part_of` names, no "head") whose BatchNorm layers keep their running
@@ -99,6 +101,7 @@ def create_model(
         if metadata is not None else (),
         metadata_hidden=int(getattr(model_config, "metadata_hidden", 128)),
         metadata_dropout=float(getattr(model_config, "metadata_dropout", 0.1)),
+        lowering=str(getattr(model_config, "lowering", "auto")),
     )
 
 

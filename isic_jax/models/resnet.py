@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from isic_jax.models import cpu_lowering
+
 ModuleDef = Any
 
 # torchvision's kaiming_normal_(mode="fan_out", nonlinearity="relu").
@@ -156,6 +158,9 @@ class ResNet(nn.Module):
         (`MetadataBranch`); empty: images only. With them, `__call__` takes `metadata`
         float32 [B, F] and the head sees [pooled image features, metadata features].
       metadata_hidden, metadata_dropout: `MetadataBranch.hidden` and `feature_dropout`.
+      lowering: "auto": convolutions and max-pooling through `cpu_lowering` (its own lowering
+        on CPU, XLA's native ops on GPU/TPU); "xla": XLA's native ops on every platform. The
+        parameters and the numbers (to float rounding) are the same.
     """
 
     stage_sizes: Sequence[int]
@@ -170,6 +175,7 @@ class ResNet(nn.Module):
     metadata_missing: tuple[float, ...] = ()
     metadata_hidden: int = 128
     metadata_dropout: float = 0.1
+    lowering: str = "auto"
 
     @property
     def metadata_width(self) -> int:
@@ -202,6 +208,8 @@ class ResNet(nn.Module):
             dtype=self.dtype,
             param_dtype=jnp.float32,
             kernel_init=_conv_init,
+            conv_general_dilated=cpu_lowering.conv_general_dilated
+            if self.lowering == "auto" else None,
         )
         norm = functools.partial(
             nn.BatchNorm,
@@ -217,7 +225,10 @@ class ResNet(nn.Module):
         part_norm = lambda part: frozen_norm if part in self.frozen_bn else norm
         x = conv(self.width, (7, 7), (2, 2), padding=_pad(7), name="stem_conv")(x)
         x = nn.relu(part_norm("stem")(name="stem_bn")(x))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
+        if self.lowering == "auto":
+            x = cpu_lowering.max_pool(x, 3, 2, _pad(3))
+        else:
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
         for i, num_blocks in enumerate(self.stage_sizes):
             for j in range(num_blocks):
                 x = self.block_cls(
