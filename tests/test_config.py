@@ -203,11 +203,25 @@ def test_xla_flags_default_and_user_override() -> None:
                          capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr[-2000:]  # the flag is accepted by this jaxlib
     lines = out.stdout.split()
-    assert lines == ["--xla_cpu_experimental_ynn_fusion_type=eltwise,reduce"] * 2
+    from isic_jax import runtime
+
+    assert lines == [runtime.ynn_flag()] * 2
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=str(REPO),
                          capture_output=True, text=True, timeout=120, check=False)
     assert out.stdout.split() == ["None", "--xla_force_host_platform_device_count=2"]
+
+
+def test_ynn_flag_follows_avx512(tmp_path: pathlib.Path) -> None:
+    from isic_jax import runtime
+
+    avx512 = tmp_path / "avx512"
+    avx512.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n")
+    plain = tmp_path / "plain"
+    plain.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")
+    assert runtime.has_avx512(str(avx512)) and not runtime.has_avx512(str(plain))
+    assert not runtime.has_avx512(str(tmp_path / "missing"))
+    assert runtime.ynn_flag() in (runtime.YNN_FLAG, runtime.YNN_FLAG_AVX512)
 
 
 def test_xla_flag_probe_rejects_unknown_values() -> None:

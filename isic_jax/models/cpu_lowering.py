@@ -1,22 +1,25 @@
-"""Convolutions and max-pooling lowered for XLA:CPU, where XLA's own kernels are slow.
+"""Convolutions and max-pooling lowered for XLA:CPU, where XLA's own backward pass is slow.
 
-XLA:CPU runs a forward convolution near its matmul rate, but the convolutions autodiff makes for
-the backward pass (the weight gradient, and the input gradient of a strided convolution) run far
-below it (README, "Measured"). Here, on CPU only:
+XLA:CPU runs forward convolutions near its matmul rate; what autodiff makes of them for the
+backward pass runs well below it (profiled in README "Measured"). Here, on CPU only:
 
-- a 1x1 convolution is a strided slice and a dot: both gradients are then dots as well;
-- a kxk convolution keeps XLA's forward convolution and gets its own backward pass
-  (`jax.custom_vjp`): the weight gradient as one dot of the kxk shifted windows of the input
-  ("patches", built from strided slices) with the output gradient, and the input gradient of a
-  strided convolution as k*k dots scattered back by interior padding;
+- every convolution gets its own backward pass (`jax.custom_vjp`) whose inputs sit behind an
+  optimisation barrier: otherwise XLA fuses the BatchNorm and ReLU that produced them into the
+  transposes of its gradient convolutions and recomputes them there, slowly;
+- a 1x1 convolution is a (strided) slice and a dot; its weight gradient is a batch of 8 dots over
+  row chunks of [B*H*W, C], summed (one dot over hundreds of thousands of rows runs at ~1/3 of
+  the matmul rate, the batch near it);
+- the input gradient of a strided kxk convolution, which XLA computes as a convolution over a
+  zero-dilated gradient, is stride**2 stride-1 convolutions with sub-kernels ("phases"),
+  interleaved (2-3x faster);
 - max-pooling is a maximum over strided slices, with a backward pass that sends each window's
-  gradient to its first maximal element, as XLA's `select_and_scatter` does (plain `jnp.maximum`
-  would split it between ties, frequent after a ReLU).
+  gradient to its first maximal element, as XLA's `select_and_scatter` does (plain
+  `jnp.maximum` would split it between ties, frequent after a ReLU).
 
-Every function takes and returns what `lax.conv_general_dilated` / `flax.linen.max_pool` do and
-chooses its lowering with `lax.platform_dependent`: on GPU and TPU (and in an export lowered for
-them) the program holds XLA's native convolution and pooling, untouched. The gradients equal the
-plain path's to float rounding (tests/test_cpu_lowering.py).
+Both public functions take what `lax.conv_general_dilated` / `flax.linen.max_pool` take and pick
+their lowering with `lax.platform_dependent`: on GPU and TPU (and in an export lowered for them)
+the program holds XLA's native convolutions and pooling, untouched. Values and gradients equal
+the native ones to float rounding (tests/test_cpu_lowering.py).
 """
 
 from __future__ import annotations
@@ -70,67 +73,166 @@ def _dot_channels(x: jax.Array, w: jax.Array, precision: Any,
                            preferred_element_type=preferred_element_type)
 
 
-# ----------------------------------------------------------------------------- kxk convolution
+def _materialised(x: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(x, g in x's dtype) behind an optimisation barrier, for a backward pass.
+
+    Without it XLA fuses the BatchNorm/ReLU that produced x (and g) into the transposes and
+    slices of the gradient convolutions, recomputing them there at a fraction of the speed of a
+    plain copy (ResNet-18: 136 -> 65 ms of transposes per step).
+    """
+    return lax.optimization_barrier((x, g.astype(x.dtype)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _conv_kxk(x: jax.Array, w: jax.Array, stride: int, pads: tuple, precision: Any,
-              preferred_element_type: Any) -> jax.Array:
-    return lax.conv_general_dilated(x, w, (stride, stride), pads, dimension_numbers=_NHWC,
-                                    precision=precision,
-                                    preferred_element_type=preferred_element_type)
+# ----------------------------------------------------------------------------- 1x1 convolution
+
+# Row chunks of the 1x1 weight gradient: one [N, C]^T [N, D] dot with N = B*H*W in the hundreds of
+# thousands runs at ~1/3 of the matmul rate on XLA:CPU, a batch of 8 such dots over N/8 rows each
+# (then summed) near it (scripts/bench_train.py, README "Measured").
+_WGRAD_CHUNKS = 8
 
 
-def _conv_kxk_fwd(x, w, stride, pads, precision, preferred_element_type):
-    return _conv_kxk(x, w, stride, pads, precision, preferred_element_type), (x, w)
+def _chunks(rows: int) -> int:
+    return next(n for n in (_WGRAD_CHUNKS, 4, 2, 1) if rows % n == 0)
 
 
-def _conv_kxk_bwd(stride, pads, precision, preferred_element_type, residuals, g):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_1x1(x: jax.Array, w: jax.Array, stride: int, precision: Any) -> jax.Array:
+    out_h, out_w = (x.shape[1] - 1) // stride + 1, (x.shape[2] - 1) // stride + 1
+    return _dot_channels(_window(x, 0, 0, stride, out_h, out_w), w[0, 0], precision, None)
+
+
+def _conv_1x1_fwd(x, w, stride, precision):
+    return _conv_1x1(x, w, stride, precision), (x, w)
+
+
+def _conv_1x1_bwd(stride, precision, residuals, g):
     x, w = residuals
-    kh, kw, cin, cout = w.shape
-    _, out_h, out_w, _ = g.shape
-    xp = _pad_hw(x, pads)
-    g_in = g.astype(x.dtype)
-    # Weight gradient: [B*Ho*Wo, kh*kw*Cin]^T . [B*Ho*Wo, Cout], one dot near the matmul rate.
-    patches = jnp.concatenate(
-        [_window(xp, i, j, stride, out_h, out_w) for i in range(kh) for j in range(kw)], axis=-1)
-    dw = lax.dot_general(patches, g_in, (((0, 1, 2), (0, 1, 2)), ((), ())),
-                         precision=precision, preferred_element_type=jnp.float32)
-    dw = dw.reshape(kh, kw, cin, cout).astype(w.dtype)
-    if stride == 1:
-        # Input gradient of a stride-1 convolution: a stride-1 convolution of g with the flipped
-        # kernel, which XLA:CPU runs as fast as the forward one.
-        (top, bottom), (left, right) = pads
-        dx = lax.conv_general_dilated(
-            g_in, jnp.flip(w, (0, 1)).swapaxes(2, 3), (1, 1),
-            ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right)),
-            dimension_numbers=_NHWC, precision=precision)
-    else:
-        height, width = xp.shape[1], xp.shape[2]
-        dxp = None
-        for i in range(kh):
-            for j in range(kw):
-                part = _scatter_window(_dot_channels(g_in, w[i, j].T, precision, None), i, j,
-                                       stride, height, width)
-                dxp = part if dxp is None else dxp + part
-        (top, _), (left, _) = pads
-        dxp = lax.slice(dxp, (0, top, left, 0),
-                        (x.shape[0], top + x.shape[1], left + x.shape[2], cin))
-        dx = dxp
+    x, g = _materialised(x, g)
+    _, out_h, out_w, cout = g.shape
+    cin = x.shape[3]
+    xs = _window(x, 0, 0, stride, out_h, out_w)
+    rows = xs.shape[0] * out_h * out_w
+    n = _chunks(rows)
+    dw = lax.dot_general(xs.reshape(n, rows // n, cin), g.reshape(n, rows // n, cout),
+                         (((1,), (1,)), ((0,), (0,))), precision=precision,
+                         preferred_element_type=jnp.float32)
+    dw = jnp.sum(dw, axis=0).astype(w.dtype)[None, None]
+    dx = _dot_channels(g, w[0, 0].T, precision, None)
+    if stride > 1:
+        dx = _scatter_window(dx, 0, 0, stride, x.shape[1], x.shape[2])
     return dx.astype(x.dtype), dw
 
 
-_conv_kxk.defvjp(_conv_kxk_fwd, _conv_kxk_bwd)
+_conv_1x1.defvjp(_conv_1x1_fwd, _conv_1x1_bwd)
+
+
+# ----------------------------------------------------------------------------- strided kxk
+
+
+def _conv_native(x, w, stride, pads, precision):
+    return lax.conv_general_dilated(x, w, (stride, stride), pads, dimension_numbers=_NHWC,
+                                    precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_strided(x: jax.Array, w: jax.Array, stride: int, pads: tuple, precision: Any
+                  ) -> jax.Array:
+    return _conv_native(x, w, stride, pads, precision)
+
+
+def _conv_strided_fwd(x, w, stride, pads, precision):
+    return _conv_native(x, w, stride, pads, precision), (x, w)
+
+
+def _conv_strided_bwd(stride, pads, precision, residuals, g):
+    x, w = residuals
+    x, g = _materialised(x, g)
+    # The weight gradient stays XLA's (it runs near the matmul rate); only the input gradient,
+    # which XLA computes as a convolution over a zero-dilated g, is replaced.
+    _, w_vjp = jax.vjp(lambda w_: _conv_native(x, w_, stride, pads, precision), w)
+    (dw,) = w_vjp(g)
+    return _input_grad_by_phases(g.astype(x.dtype), w, x.shape, stride, pads, precision), dw
+
+
+def _input_grad_by_phases(g: jax.Array, w: jax.Array, x_shape: tuple, stride: int, pads: tuple,
+                          precision: Any) -> jax.Array:
+    """The input gradient of a strided convolution as stride**2 stride-1 convolutions.
+
+    Padded input row u = stride*q + r only meets kernel rows r, r + stride, ...: per phase
+    (r1, r2) the gradient is a stride-1 ("full") convolution of g with the sub-kernel
+    w[r1::stride, r2::stride] flipped, and the phases interleave back into [B, H, W, Cin].
+    """
+    batch, height, width, cin = x_shape
+    (top, bottom), (left, right) = pads
+    _, out_h, out_w, _ = g.shape
+    q1 = -(-(height + top + bottom) // stride)
+    q2 = -(-(width + left + right) // stride)
+    rows = []
+    for r1 in range(stride):
+        row = []
+        for r2 in range(stride):
+            sub = w[r1::stride, r2::stride]
+            m1, m2 = sub.shape[:2]
+            if m1 == 0 or m2 == 0:
+                row.append(jnp.zeros((batch, q1, q2, cin), g.dtype))
+            elif (m1, m2) == (1, 1):
+                part = _dot_channels(g, sub[0, 0].T, precision, None)
+                part = lax.pad(part, jnp.zeros((), g.dtype),
+                               ((0, 0, 0), (0, q1 - out_h, 0), (0, q2 - out_w, 0), (0, 0, 0)))
+                row.append(part)
+            else:
+                row.append(lax.conv_general_dilated(
+                    g, jnp.flip(sub, (0, 1)).swapaxes(2, 3), (1, 1),
+                    ((m1 - 1, q1 - out_h), (m2 - 1, q2 - out_w)), dimension_numbers=_NHWC,
+                    precision=precision))
+        rows.append(jnp.stack(row, axis=3))  # [B, q1, q2, stride, Cin]
+    interleaved = jnp.stack(rows, axis=2).reshape(batch, q1 * stride, q2 * stride, cin)
+    return lax.slice(interleaved, (0, top, left, 0), (batch, top + height, left + width, cin))
+
+
+_conv_strided.defvjp(_conv_strided_fwd, _conv_strided_bwd)
+
+
+# ----------------------------------------------------------------------------- other kxk
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_materialised(x: jax.Array, w: jax.Array, stride: int, pads: tuple, precision: Any
+                      ) -> jax.Array:
+    return _conv_native(x, w, stride, pads, precision)
+
+
+def _conv_materialised_fwd(x, w, stride, pads, precision):
+    return _conv_native(x, w, stride, pads, precision), (x, w)
+
+
+def _conv_materialised_bwd(stride, pads, precision, residuals, g):
+    x, w = residuals
+    x, g = _materialised(x, g)
+    # XLA's own gradient convolutions, only fed materialised operands.
+    _, vjp = jax.vjp(lambda x_, w_: _conv_native(x_, w_, stride, pads, precision), x, w)
+    return vjp(g)
+
+
+_conv_materialised.defvjp(_conv_materialised_fwd, _conv_materialised_bwd)
+
+
+# Below this many input channels the input gradient is left to XLA: the stem (3 channels) needs
+# none in training, and there the phase convolutions would be slower.
+_MIN_PHASE_CHANNELS = 16
 
 
 def _conv_cpu(x, w, stride, pads, precision, preferred_element_type):
-    kh, kw = w.shape[:2]
+    kh, kw, cin, _ = w.shape
+    if preferred_element_type is not None or x.dtype != w.dtype:
+        return lax.conv_general_dilated(x, w, (stride, stride), pads, dimension_numbers=_NHWC,
+                                        precision=precision,
+                                        preferred_element_type=preferred_element_type)
     if (kh, kw) == (1, 1) and all(p == (0, 0) for p in pads):
-        out_h = (x.shape[1] - 1) // stride + 1
-        out_w = (x.shape[2] - 1) // stride + 1
-        return _dot_channels(_window(x, 0, 0, stride, out_h, out_w), w[0, 0], precision,
-                             preferred_element_type)
-    return _conv_kxk(x, w, stride, pads, precision, preferred_element_type)
+        return _conv_1x1(x, w, stride, precision)
+    if stride > 1 and cin >= _MIN_PHASE_CHANNELS:
+        return _conv_strided(x, w, stride, pads, precision)
+    return _conv_materialised(x, w, stride, pads, precision)
 
 
 def conv_general_dilated(
