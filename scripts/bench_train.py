@@ -474,9 +474,9 @@ def main() -> None:
         _set_cpu_flags()
     import jax
 
-    from isic_jax.training.checkpointing import quiet_orbax_logging
+    from isic_jax import runtime
 
-    quiet_orbax_logging()
+    runtime.quiet_library_logging()
     print(f"jax {jax.__version__}, devices: {jax.devices()}, "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS')}")
     if args.gpu:

@@ -28,6 +28,7 @@ import functools
 from collections.abc import Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -342,6 +343,4 @@ def max_pool(x: jax.Array, window: int, stride: int, pads: Sequence[tuple[int, i
 
 
 def _flax_max_pool(x, window, stride, pads):
-    import flax.linen as nn
-
     return nn.max_pool(x, (window, window), strides=(stride, stride), padding=pads)
