@@ -149,3 +149,23 @@ def test_accelerator_programs_hold_xla_native_ops_only() -> None:
     cpu, native = texts["auto", "cpu"], texts["xla", "cpu"]
     assert cpu["convolution"] < native["convolution"]
     assert cpu["select_and_scatter"] == 0 and cpu["reduce_window"] == 0
+
+
+@pytest.mark.parametrize("pads", [((1, 1), (1, 1)), ((0, 2), (2, 0)), ((2, 1), (0, 1))])
+def test_small_map_input_gradient_matches_xla(pads) -> None:
+    # A 4x4 map under a 3x3x32x32 kernel: the input gradient flips g instead of the kernel.
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 5, 32))
+    w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 32, 24))
+
+    def plain(x, w):
+        return lax.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=NHWC)
+
+    def lowered(x, w):
+        return cpu_lowering.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=NHWC)
+
+    y = plain(x, w)
+    g = jax.random.normal(jax.random.PRNGKey(2), y.shape)
+    expected = jax.vjp(plain, x, w)[1](g)
+    got = jax.jit(lambda x, w, g: jax.vjp(lowered, x, w)[1](g))(x, w, g)
+    for e, o in zip(expected, got, strict=True):
+        np.testing.assert_allclose(np.asarray(o), np.asarray(e), rtol=1e-4, atol=1e-4)
