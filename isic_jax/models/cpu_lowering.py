@@ -1,7 +1,7 @@
 """Convolutions and max-pooling lowered for XLA:CPU, where XLA's own backward pass is slow.
 
 XLA:CPU runs forward convolutions near its matmul rate; what autodiff makes of them for the
-backward pass runs well below it (profiled in README "Measured"). Here, on CPU only:
+backward pass runs well below it (README, "Design choices"). Here, on CPU only:
 
 - every convolution gets its own backward pass (`jax.custom_vjp`) whose inputs sit behind an
   optimisation barrier: otherwise XLA fuses the BatchNorm and ReLU that produced them into the
@@ -12,6 +12,9 @@ backward pass runs well below it (profiled in README "Measured"). Here, on CPU o
 - the input gradient of a strided kxk convolution, which XLA computes as a convolution over a
   zero-dilated gradient, is stride**2 stride-1 convolutions with sub-kernels ("phases"),
   interleaved (2-3x faster);
+- the input gradient of a stride-1 convolution over a map smaller than its kernel (late stages)
+  flips g and the result instead of the kernel: XLA's flip-and-swap of a 3x3x512x512 kernel is
+  one slow fused transpose;
 - max-pooling is a maximum over strided slices, with a backward pass that sends each window's
   gradient to its first maximal element, as XLA's `select_and_scatter` does (plain
   `jnp.maximum` would split it between ties, frequent after a ReLU).
@@ -88,7 +91,7 @@ def _materialised(x: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 # Row chunks of the 1x1 weight gradient: one [N, C]^T [N, D] dot with N = B*H*W in the hundreds of
 # thousands runs at ~1/3 of the matmul rate on XLA:CPU, a batch of 8 such dots over N/8 rows each
-# (then summed) near it (scripts/bench_train.py, README "Measured").
+# (then summed) near it (`python scripts/bench_conv_grads.py`).
 _WGRAD_CHUNKS = 8
 
 
