@@ -1,0 +1,69 @@
+"""The benchmark scripts keep up with the package: every isic_jax name they import exists, and the
+bench_train side-by-side path runs end to end on a tiny case (PyTorch's side when torch is
+importable here, else its "not run" message)."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((REPO / "scripts").glob("*.py"))
+
+
+def _package_references(tree: ast.AST) -> list[tuple[str, str | None]]:
+    """(module, name) for `from isic_jax.x import name` and (module, None) for `import
+    isic_jax.x`, plus (module, attr) for `runtime.attr`-style uses of imported modules."""
+    refs: list[tuple[str, str | None]] = []
+    aliases: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("isic_jax"):
+            for alias in node.names:
+                refs.append((node.module, alias.name))
+                aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+        elif isinstance(node, ast.Import):
+            refs += [(a.name, None) for a in node.names if a.name.startswith("isic_jax")]
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                and node.value.id in aliases):
+            refs.append((aliases[node.value.id], node.attr))
+    return refs
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_imports_resolve(script: pathlib.Path) -> None:
+    missing = []
+    for module_name, name in _package_references(ast.parse(script.read_text())):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError:
+            parent, _, last = module_name.rpartition(".")
+            if not hasattr(importlib.import_module(parent), last):
+                missing.append(module_name)
+            continue
+        if name is not None and not hasattr(module, name):
+            try:
+                importlib.import_module(f"{module_name}.{name}")
+            except ModuleNotFoundError:
+                missing.append(f"{module_name}.{name}")
+    assert not missing, f"{script.name} uses names the package no longer has: {missing}"
+
+
+def test_bench_train_side_by_side_runs() -> None:
+    code = (
+        "import sys; sys.argv = ['bench_train.py']; sys.path.insert(0, 'scripts');"
+        "import bench_train as bt; bt.TORCH_CASES = (('resnet18', 40, 2),);"
+        "rows = bt.bench_vs_torch(sys.executable, quick=True); r = rows[0];"
+        "assert r['step_auto'] > 0 and r['step_xla'] > 0 and r['loop'] > 0, r;"
+        "t = r['torch']; assert t.get('images_per_s', 0) > 0 or 'PyTorch not run' in t['error'], t;"
+        "print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), capture_output=True,
+                         text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "ok"
