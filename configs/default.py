@@ -35,7 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.augment.crop_ratio = (3 / 4, 4 / 3)
     # Host crop+resize filter. nearest keeps the host under 25 % over bare JPEG decode (see
     # scripts/bench_input.py); rotation on the device then resamples bilinearly anyway.
-    config.data.augment.interpolation = "nearest"  # nearest | box | bilinear
+    # nearest | box | bilinear (PIL) | opencv_bilinear (bilinear at nearest's cost; [fast-resize])
+    config.data.augment.interpolation = "nearest"
     config.data.augment.dihedral = True  # the 8 flips/transposes (on the device)
     config.data.augment.rotation = 30.0  # max degrees, uniform in [-r, r] (on the device)
     config.data.augment.brightness = 0.2

@@ -94,7 +94,7 @@ def test_train_batch_shape_dtype_and_determinism(size):
     assert not np.array_equal(_train_image(datas[2], 3, 7, size, ALL_AUGMENT), a[2])
 
 
-@pytest.mark.parametrize("interpolation", ["nearest", "box", "bilinear"])
+@pytest.mark.parametrize("interpolation", ["nearest", "box", "bilinear", "opencv_bilinear"])
 def test_train_image_without_augmentation_is_a_resize(interpolation):
     image = _smooth_image(64, 64)
     config = dataclasses.replace(NO_AUGMENT, interpolation=interpolation)
@@ -113,6 +113,29 @@ def test_train_image_is_the_sampled_crop():
         box = (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
         crop = Image.fromarray(image).resize((24, 24), Image.Resampling.NEAREST, box=box)
         assert np.abs(out.astype(int) - np.asarray(crop)).mean() < 3, position
+
+
+@pytest.mark.parametrize("size", [24, 40])
+def test_opencv_bilinear_crop_matches_pil_bilinear(size):
+    # The same float box, PIL's pixel-centre convention: up- (40) and down-scaled (24) crops.
+    image = _smooth_image(40, 60)
+    config = image_ops.AugmentConfig(crop_scale=(0.5, 0.5), crop_ratio=(1.0, 1.0),
+                                     interpolation="opencv_bilinear")
+    datas = [_jpeg(image, 98)] * 4
+    out = image_ops.train_batch(datas, range(4), 5, size, config)
+    pil = image_ops.train_batch(datas, range(4), 5, size,
+                                dataclasses.replace(config, interpolation="bilinear"))
+    assert out.shape == pil.shape == (4, size, size, 3) and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - pil).mean() < 1.5
+    assert not np.array_equal(out[0], out[1])  # different crops per position
+
+
+def test_opencv_bilinear_without_opencv_names_the_key_and_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cv2", None)
+    with pytest.raises(ValueError, match="opencv_bilinear.*fast-resize"):
+        image_ops.AugmentConfig(interpolation="opencv_bilinear")
 
 
 def test_draft_decode_gives_the_same_size_and_close_content():
