@@ -33,6 +33,7 @@ to 2 fake host devices for (c), unless XLA_FLAGS is already set.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import io
 import os
@@ -212,11 +213,30 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
 # ------------------------------------------------------------------------------ benchmarks
 
 
+@contextlib.contextmanager
+def _logged(key: str):
+    """Yields a list that collects (step, value) of the scalar `key` the training loop logs."""
+    from isic_jax import logging_utils
+
+    seen: list[tuple[int, float]] = []
+    original = logging_utils.MetricWriter.write_scalars
+
+    def record(self, step, scalars):
+        if key in scalars:
+            seen.append((step, scalars[key]))
+        return original(self, step, scalars)
+
+    logging_utils.MetricWriter.write_scalars = record
+    try:
+        yield seen
+    finally:
+        logging_utils.MetricWriter.write_scalars = original
+
+
 def bench_loop(steps: int = 400, log_every: int = 100) -> dict:
     """(a) the real loop vs a bare loop of the same compiled step, tiny model, one device."""
     import jax
 
-    from isic_jax import logging_utils
     from isic_jax.testing import runs
     from isic_jax.training import parallel
 
@@ -227,28 +247,16 @@ def bench_loop(steps: int = 400, log_every: int = 100) -> dict:
         "train.parallelism": "jit", "data.device_prefetch": 2,
     })  # fmt: skip
     devices = jax.devices()[:1]
-    intervals: list[tuple[int, float]] = []
-    original = logging_utils.MetricWriter.write_scalars
-
-    def record(self, step, scalars):
-        if "train/step_time" in scalars:
-            intervals.append((step, scalars["train/step_time"]))
-        return original(self, step, scalars)
 
     def run_loop(data) -> tuple[float, list]:
-        intervals.clear()
-        with tempfile.TemporaryDirectory() as tmp:
+        with _logged("train/step_time") as intervals, tempfile.TemporaryDirectory() as tmp:
             runs.train(config, tmp, devices=devices, data=data)
         # The first interval holds the compilation; like the bare loop, the fastest of the
         # other intervals (of `log_every` steps each) counts.
         return min(t for _, t in intervals[1:]), list(intervals)
 
-    logging_utils.MetricWriter.write_scalars = record
-    try:
-        ready_step, ready_intervals = run_loop(_ready_data(_data(config, 256, 16, 40)))
-        grain_step, grain_intervals = run_loop(_data(config, 256, 16, 40))
-    finally:
-        logging_utils.MetricWriter.write_scalars = original
+    ready_step, ready_intervals = run_loop(_ready_data(_data(config, 256, 16, 40)))
+    grain_step, grain_intervals = run_loop(_data(config, 256, 16, 40))
     # The input pipeline alone, for reference.
     it = _data(config, 256, 16, 40).train_iterator()
     for _ in range(10):
@@ -393,7 +401,6 @@ def _loop_images_per_s(config, batch: int, size: int, steps: int, log_every: int
     """img/s the real training loop logs (best interval after the first, which compiles)."""
     import jax
 
-    from isic_jax import logging_utils
     from isic_jax.testing import runs
 
     config.train.num_steps = steps
@@ -403,22 +410,10 @@ def _loop_images_per_s(config, batch: int, size: int, steps: int, log_every: int
     config.data.image_size = size
     config.data.stored_size = size + size // 8
     config.train.batch_size = batch
-    seen: list[float] = []
-    original = logging_utils.MetricWriter.write_scalars
-
-    def record(self, step, scalars):
-        if "train/images_per_sec" in scalars:
-            seen.append(scalars["train/images_per_sec"])
-        return original(self, step, scalars)
-
-    logging_utils.MetricWriter.write_scalars = record
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            runs.train(config, tmp, devices=jax.devices()[:1],
-                       data=_data(config, 4 * batch, 8, config.data.stored_size))
-    finally:
-        logging_utils.MetricWriter.write_scalars = original
-    return max(seen[1:] or seen)
+    with _logged("train/images_per_sec") as seen, tempfile.TemporaryDirectory() as tmp:
+        runs.train(config, tmp, devices=jax.devices()[:1],
+                   data=_data(config, 4 * batch, 8, config.data.stored_size))
+    return max(v for _, v in seen[1:] or seen)
 
 
 def bench_vs_torch(torch_python: str, quick: bool = False) -> list[dict]:

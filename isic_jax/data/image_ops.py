@@ -32,6 +32,7 @@ batch functions here keep the per-image work to the PIL calls:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import math
 from collections.abc import Mapping, Sequence
@@ -233,7 +234,9 @@ def crop_box(
     return left, upper, right, lower
 
 
+@functools.cache
 def _opencv() -> Any:
+    """The cv2 module, set up once (a ValueError naming the key and the extra without it)."""
     try:
         import cv2
     except ImportError as error:
@@ -251,22 +254,21 @@ def _crop_resize(
     size: int,
     resample: Image.Resampling,
     draft: bool,
-    opencv: bool = False,
+    cv2: Any = None,
 ) -> Image.Image | bytes:
     """Decodes a lazily opened image at the DCT scale the crop allows, crops and resizes it.
 
     box: (centre x, centre y, width, height) in stored pixels. Returns an RGB image [size, size],
-    or with `opencv` its packed RGB bytes (OpenCV's bilinear resize of the box rounded to whole
-    pixels).
+    or with `cv2` (the module) its packed RGB bytes (OpenCV's bilinear resize of the box rounded
+    to whole pixels).
     """
     width, height = image.size
     cx, cy, cw, ch = box
     min_size = (width * size / cw, height * size / ch)
     image, _ = decode(image, min_size if draft else None)
     left, upper, right, lower = crop_box(image.size, (width, height), (cx, cy), (cw, ch))
-    if not opencv:
+    if cv2 is None:
         return image.resize((size, size), resample, box=(left, upper, right, lower))
-    cv2 = _opencv()
     # The box rounded to whole pixels (<= 0.5 px off a random crop): cv2.resize of a plain crop
     # is 3x faster than a sub-pixel cv2.warpAffine (both pixel-centre aligned, as PIL).
     left, upper = int(round(left)), int(round(upper))
@@ -342,12 +344,12 @@ def train_batch(
         sample_crops(uniforms, widths, heights, config.crop_scale, config.crop_ratio), axis=1
     )
     resample = RESAMPLE[config.interpolation]
-    opencv = config.interpolation == "opencv_bilinear"
+    cv2 = _opencv() if config.interpolation == "opencv_bilinear" else None
     chunks = []
     for i, box in enumerate(boxes.tolist()):
         image, images[i] = images[i], None
-        out = _crop_resize(image, tuple(box), size, resample, draft, opencv)
-        chunks.append(out if opencv else out.tobytes())
+        out = _crop_resize(image, tuple(box), size, resample, draft, cv2)
+        chunks.append(out if cv2 is not None else out.tobytes())
         image.close()
     return _stack(chunks, size)
 

@@ -130,7 +130,11 @@ def _conv_1x1_bwd(stride, precision, residuals, g):
 _conv_1x1.defvjp(_conv_1x1_fwd, _conv_1x1_bwd)
 
 
-# ----------------------------------------------------------------------------- strided kxk
+# ----------------------------------------------------------------------------- kxk convolution
+
+# Below this many input channels the input gradient is left to XLA: the stem (3 channels) needs
+# none in training, and there the phase convolutions would be slower.
+_MIN_PHASE_CHANNELS = 16
 
 
 def _conv_native(x, w, stride, pads, precision):
@@ -139,23 +143,39 @@ def _conv_native(x, w, stride, pads, precision):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv_strided(x: jax.Array, w: jax.Array, stride: int, pads: tuple, precision: Any
-                  ) -> jax.Array:
+def _conv_kxk(x: jax.Array, w: jax.Array, stride: int, pads: tuple, precision: Any
+              ) -> jax.Array:
     return _conv_native(x, w, stride, pads, precision)
 
 
-def _conv_strided_fwd(x, w, stride, pads, precision):
+def _conv_kxk_fwd(x, w, stride, pads, precision):
     return _conv_native(x, w, stride, pads, precision), (x, w)
 
 
-def _conv_strided_bwd(stride, pads, precision, residuals, g):
+def _conv_kxk_bwd(stride, pads, precision, residuals, g):
     x, w = residuals
     x, g = _materialised(x, g)
-    # The weight gradient stays XLA's (it runs near the matmul rate); only the input gradient,
-    # which XLA computes as a convolution over a zero-dilated g, is replaced.
+    kh, kw, cin, _ = w.shape
+    batch, out_h, out_w, _ = g.shape
+    if stride > 1 and cin >= _MIN_PHASE_CHANNELS:
+        # XLA computes this input gradient as a convolution over a zero-dilated g.
+        dx = _input_grad_by_phases(g, w, x.shape, stride, pads, precision)
+    elif stride == 1 and batch * out_h * out_w < kh * kw * cin:
+        # Late stages (small maps, big kernels): XLA's input gradient flips the kernel and swaps
+        # its channel axes in one slow fused transpose (6 ms for 3x3x512x512); flipping the
+        # smaller g and the result instead leaves only the plain swap (~1 ms).
+        dx = _input_grad_flipping_g(g, w, pads, precision)
+    else:
+        # XLA's own gradient convolutions, only fed materialised operands.
+        _, vjp = jax.vjp(lambda x_, w_: _conv_native(x_, w_, stride, pads, precision), x, w)
+        return vjp(g)
+    # The weight gradient stays XLA's (it runs near the matmul rate).
     _, w_vjp = jax.vjp(lambda w_: _conv_native(x, w_, stride, pads, precision), w)
     (dw,) = w_vjp(g)
-    return _input_grad_by_phases(g.astype(x.dtype), w, x.shape, stride, pads, precision), dw
+    return dx, dw
+
+
+_conv_kxk.defvjp(_conv_kxk_fwd, _conv_kxk_bwd)
 
 
 def _input_grad_by_phases(g: jax.Array, w: jax.Array, x_shape: tuple, stride: int, pads: tuple,
@@ -194,39 +214,6 @@ def _input_grad_by_phases(g: jax.Array, w: jax.Array, x_shape: tuple, stride: in
     return lax.slice(interleaved, (0, top, left, 0), (batch, top + height, left + width, cin))
 
 
-_conv_strided.defvjp(_conv_strided_fwd, _conv_strided_bwd)
-
-
-# ----------------------------------------------------------------------------- other kxk
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv_materialised(x: jax.Array, w: jax.Array, stride: int, pads: tuple, precision: Any
-                      ) -> jax.Array:
-    return _conv_native(x, w, stride, pads, precision)
-
-
-def _conv_materialised_fwd(x, w, stride, pads, precision):
-    return _conv_native(x, w, stride, pads, precision), (x, w)
-
-
-def _conv_materialised_bwd(stride, pads, precision, residuals, g):
-    x, w = residuals
-    x, g = _materialised(x, g)
-    kh, kw, cin, _ = w.shape
-    batch, out_h, out_w, _ = g.shape
-    if stride > 1 or batch * out_h * out_w >= kh * kw * cin:
-        # XLA's own gradient convolutions, only fed materialised operands.
-        _, vjp = jax.vjp(lambda x_, w_: _conv_native(x_, w_, stride, pads, precision), x, w)
-        return vjp(g)
-    # Late stages (small maps, big kernels): XLA's input gradient flips the kernel and swaps its
-    # channel axes in one slow fused transpose (6 ms for 3x3x512x512); flipping the smaller g
-    # and the result instead leaves only the plain swap (~1 ms).
-    _, w_vjp = jax.vjp(lambda w_: _conv_native(x, w_, stride, pads, precision), w)
-    (dw,) = w_vjp(g)
-    return _input_grad_flipping_g(g, w, pads, precision), dw
-
-
 def _input_grad_flipping_g(g: jax.Array, w: jax.Array, pads: tuple, precision: Any
                            ) -> jax.Array:
     """The input gradient of a stride-1 convolution, flip(conv(flip(g), w with in/out swapped)).
@@ -244,25 +231,15 @@ def _input_grad_flipping_g(g: jax.Array, w: jax.Array, pads: tuple, precision: A
     return jnp.flip(out, (1, 2))
 
 
-_conv_materialised.defvjp(_conv_materialised_fwd, _conv_materialised_bwd)
-
-
-# Below this many input channels the input gradient is left to XLA: the stem (3 channels) needs
-# none in training, and there the phase convolutions would be slower.
-_MIN_PHASE_CHANNELS = 16
-
-
 def _conv_cpu(x, w, stride, pads, precision, preferred_element_type):
-    kh, kw, cin, _ = w.shape
+    kh, kw = w.shape[:2]
     if preferred_element_type is not None or x.dtype != w.dtype:
         return lax.conv_general_dilated(x, w, (stride, stride), pads, dimension_numbers=_NHWC,
                                         precision=precision,
                                         preferred_element_type=preferred_element_type)
     if (kh, kw) == (1, 1) and all(p == (0, 0) for p in pads):
         return _conv_1x1(x, w, stride, precision)
-    if stride > 1 and cin >= _MIN_PHASE_CHANNELS:
-        return _conv_strided(x, w, stride, pads, precision)
-    return _conv_materialised(x, w, stride, pads, precision)
+    return _conv_kxk(x, w, stride, pads, precision)
 
 
 def conv_general_dilated(
