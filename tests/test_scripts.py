@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import json
 import pathlib
 import subprocess
 import sys
@@ -67,3 +68,18 @@ def test_bench_train_side_by_side_runs() -> None:
                          text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "ok"
+
+
+def test_bench_layers_vs_torch_runs() -> None:
+    out = subprocess.run(
+        [sys.executable, "scripts/bench_layers_vs_torch.py", "--only", "s4 proj", "--calls", "1",
+         "--json"], cwd=str(REPO), capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for side in ("isic_jax", "isic_jax_1_core"):
+        assert list(result[side]) == ["s4 proj 1x1/2"], result
+        assert all(result[side]["s4 proj 1x1/2"][p] > 0 for p in ("fwd", "dx", "dw")), result
+    torch_side = result["torch"]
+    assert "torch not run" in torch_side.get("error", "") or all(
+        torch_side["s4 proj 1x1/2"][p] > 0 for p in ("fwd", "dx", "dw")), torch_side
+    assert "dw   isic_jax" in out.stdout
