@@ -438,7 +438,9 @@ def bench_vs_torch(torch_python: str, quick: bool = False) -> list[dict]:
         config = _config(**{"model.name": net, "model.width": 64, "model.dtype": "float32",
                             "data.num_workers": 0})
         log_every = 5 if quick else 10
-        row["loop"] = _loop_images_per_s(config, batch, size, 3 * log_every, log_every)
+        # ResNet-18 steps are short: more intervals, so that warm-up does not count.
+        intervals = 3 if quick or net != "resnet18" else 6
+        row["loop"] = _loop_images_per_s(config, batch, size, intervals * log_every, log_every)
         row["torch"] = _torch_images_per_s(torch_python, net, size, batch, steps)
         print(f"(e) {net} {size}px b{batch}: loop {row['loop']:.1f} img/s, torch "
               f"{row['torch']}", flush=True)
