@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
+
+from bench_train import best_seconds, worker_json
 
 BATCH = 32
 # name, input size, in channels, out channels, kernel, stride, count in ResNet-18
@@ -45,16 +45,8 @@ def _layers(only: str | None) -> tuple:
     return tuple(row for row in LAYERS if any(part in row[0] for part in only.split(",")))
 
 
-def _best_ms(f, n: int = 10, rounds: int = 3) -> float:
-    f()
-    f()
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(n):
-            f()
-        best = min(best, (time.perf_counter() - start) / n)
-    return best * 1e3
+def _best_ms(f, n: int) -> float:
+    return best_seconds(f, n, rounds=3) * 1e3
 
 
 def jax_worker(layers: tuple, n: int) -> dict:
@@ -121,13 +113,7 @@ def _run(python: str, side: str, cores: int | None, args: argparse.Namespace) ->
         cmd += ["--only", args.only]
     if cores:
         cmd += ["--cores", str(cores)]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                            env=dict(os.environ, CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu"))
-    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-    if result.returncode != 0 or not lines:
-        tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"{side} not run ({python}: {tail})"}
-    return json.loads(lines[-1])
+    return worker_json(cmd, side)
 
 
 def _gflop(size: int, cin: int, cout: int, k: int, stride: int) -> float:
@@ -174,7 +160,7 @@ def main() -> None:
             totals[p][0] += count * a
             torch_col = f"{b:6.2f} ({gf / b * 1e3:4.0f})" if b else "-"
             print(f"{name:<20} {count:>2} {p:<5} {a:6.2f} ({gf / a * 1e3:4.0f}) "
-                  f"{one if one is None else f'{one:8.2f}'} {torch_col:>15} "
+                  f"{f'{one:8.2f}' if one else '-':>8} {torch_col:>15} "
                   f"{(b / a) if b else float('nan'):6.2f}")
             if b:
                 totals[p][1] += count * b

@@ -370,31 +370,44 @@ def torch_worker(net: str, size: int, batch: int, steps: int, repeats: int) -> d
         loss_fn(model(x), y).backward()
         opt.step()
 
-    for _ in range(2):
-        step()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        best = min(best, (time.perf_counter() - start) / steps)
+    best = best_seconds(step, steps, repeats)
     return {"torch": torch.__version__, "threads": torch.get_num_threads(),
             "images_per_s": batch / best}
 
 
-def _torch_images_per_s(python: str, net: str, size: int, batch: int, steps: int) -> dict:
-    """torch_worker in a fresh process of `python`; {"error": why} when torch is missing."""
+def best_seconds(call, n: int, rounds: int, warmup: int = 2) -> float:
+    """Seconds per call of `call()` (a synchronous one), best of `rounds` rounds of n calls
+    after `warmup` calls (the machine is shared)."""
+    for _ in range(warmup):
+        call()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(n):
+            call()
+        best = min(best, (time.perf_counter() - start) / n)
+    return best
+
+
+def worker_json(cmd: list[str], what: str) -> dict:
+    """The last JSON line a worker process (`cmd`, on the CPU) prints; {"error": why} when it
+    fails (e.g. torch is missing from that interpreter)."""
     import json
     import subprocess
 
-    spec = f"{net},{size},{batch},{steps}"
-    result = subprocess.run([python, __file__, "--torch-worker", spec], capture_output=True,
-                            text=True, check=False, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                            env=dict(os.environ, CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu"))
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode != 0 or not lines:
         tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"PyTorch not run ({python}: {tail})"}
+        return {"error": f"{what} not run ({cmd[0]}: {tail})"}
     return json.loads(lines[-1])
+
+
+def _torch_images_per_s(python: str, net: str, size: int, batch: int, steps: int) -> dict:
+    """torch_worker in a fresh process of `python`; {"error": why} when torch is missing."""
+    return worker_json([python, __file__, "--torch-worker", f"{net},{size},{batch},{steps}"],
+                       "PyTorch")
 
 
 def _loop_images_per_s(config, batch: int, size: int, steps: int, log_every: int) -> float:
