@@ -183,9 +183,11 @@ def _init_from(v: Any) -> str | None:
 
 
 def _model_name(v: Any) -> str | None:
-    from isic_jax.models.resnet import ARCHITECTURES  # flax: imported only to check this key
+    # Imported here, not at the top: the models import jax, and XLA flags must be set before
+    # jax is imported (runtime.py), after the command line that this module parses.
+    from isic_jax.models import registry
 
-    return _choice(tuple(ARCHITECTURES))(v)
+    return registry.check_name(v)
 
 
 # The value check of every key of the default preset (isic_jax/configs/default.py, the schema:

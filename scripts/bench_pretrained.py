@@ -7,8 +7,8 @@ module when torch is installed, else the same names and shapes from the loader's
 .safetensors (and .pth with torch), then measures in one run (median of --repeats):
 
 - read:      `safetensors.numpy.load_file` alone (the floor: bytes -> numpy)
-- load:      `models.pretrained.load` (read, sha256 for the record, shapes of the model traced,
-             every key mapped and checked, OIHW -> HWIO, head decision)
+- load:      `training.weight_sources.load` (read, sha256 for the record, shapes of the model
+             traced, every key mapped and checked, OIHW -> HWIO, head decision)
 - load .pth: the same from a torch file (`torch.load(weights_only=True)`), with torch
 - init:      `models.init_variables` (what a run from scratch does instead: jit + random init)
 
@@ -48,7 +48,8 @@ def main() -> None:
     from pretrained_helpers import model_config, save_safetensors, torchvision_state_dict
     from safetensors.numpy import load_file
 
-    from isic_jax.models import create_model, init_variables, pretrained
+    from isic_jax.models import create_model, init_variables
+    from isic_jax.training import weight_sources
 
     config = model_config(args.arch, 64)
     folder = pathlib.Path(tempfile.mkdtemp(prefix="bench_pretrained_"))
@@ -73,9 +74,9 @@ def main() -> None:
           f"{jax.__version__}, {jax.devices()[0].platform}; median of {args.repeats}")
 
     # Warm the page cache and JAX's tracing machinery once, as a second run of a user would.
-    pretrained.load(folder / "w.safetensors", config, 1000)
+    weight_sources.load(folder / "w.safetensors", config, 1000)
     read = _median_seconds(lambda: load_file(str(folder / "w.safetensors")), args.repeats)
-    load = _median_seconds(lambda: pretrained.load(folder / "w.safetensors", config, 1000),
+    load = _median_seconds(lambda: weight_sources.load(folder / "w.safetensors", config, 1000),
                            args.repeats)
     model = create_model(config, 1000)
     init = _median_seconds(
@@ -84,14 +85,14 @@ def main() -> None:
     print(f"read (safetensors.numpy.load_file)   {read * 1e3:8.1f} ms")
     print(f"load (.safetensors -> variables)      {load * 1e3:8.1f} ms   {load / read:5.1f}x read")
     if torch is not None:
-        pretrained.load(folder / "w.pth", config, 1000)
-        pth = _median_seconds(lambda: pretrained.load(folder / "w.pth", config, 1000),
+        weight_sources.load(folder / "w.pth", config, 1000)
+        pth = _median_seconds(lambda: weight_sources.load(folder / "w.pth", config, 1000),
                               args.repeats)
         print(f"load (.pth via torch.load)            {pth * 1e3:8.1f} ms   "
               f"{pth / read:5.1f}x read")
     print(f"init (random, from scratch, jitted)   {init * 1e3:8.1f} ms")
     print(f"ratio load / init: {load / init:.2f}")
-    pre = pretrained.load(folder / "w.safetensors", config, 1000)
+    pre = weight_sources.load(folder / "w.safetensors", config, 1000)
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(pre.variables))
     print(f"{pre.mapped} tensors mapped, {len(pre.ignored)} ignored, {n:,} values")
 

@@ -81,7 +81,9 @@ def test_every_key_of_the_default_preset_has_a_value_check() -> None:
         config_utils.validate_config(config)
     config = _configs()["smoke"]
     config.model.name = "resnet19"
-    with pytest.raises(config_utils.ConfigError, match="config.model.name must be one of"):
+    with pytest.raises(config_utils.ConfigError,
+                       match="config.model.name must be a registered model, got 'resnet19' "
+                             r"\(did you mean 'resnet18'\? known: resnet: resnet18"):
         config_utils.validate_config(config)
 
 

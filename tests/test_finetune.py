@@ -21,6 +21,7 @@ from pretrained_helpers import (
     torchvision_state_dict,
 )
 from train_helpers import (  # noqa: F401
+    TINY_PARTS,
     compile_cache,
     make_data,
     restore_params,
@@ -30,8 +31,8 @@ from train_helpers import (  # noqa: F401
 
 from isic_jax import config_utils
 from isic_jax.data.isic import labels
-from isic_jax.models import PretrainedError, create_model, init_variables, pretrained
-from isic_jax.training import optim
+from isic_jax.models import PretrainedError, create_model, init_variables, weight_files
+from isic_jax.training import optim, weight_sources
 
 pytestmark = pytest.mark.usefixtures("compile_cache")
 
@@ -125,18 +126,18 @@ def test_export_and_predict_use_the_runs_normalisation(finetuned, tmp_path) -> N
     np.testing.assert_allclose(np.asarray(ckpt_model.forward(images)), exported, atol=1e-5)
 
     # An export is itself a source: its variables, its classes, its normalisation.
-    pre = pretrained.load(tmp_path / "export", config.model, 8, class_names=ISIC2019)
+    pre = weight_sources.load(tmp_path / "export", config.model, 8, class_names=ISIC2019)
     assert pre.source.origin == "isic_jax-export" and pre.head == "kept"
     assert pre.mean == pytest.approx(CUSTOM_MEAN) and pre.mean_std_from == "the source run's"
     for a, b in zip(jax.tree.leaves(pre.variables), jax.tree.leaves(jax.device_get(variables)),
                     strict=True):
         np.testing.assert_array_equal(a, b)
     other = list(reversed(ISIC2019))  # 8 classes, another order: the head is not reused
-    pre = pretrained.load(tmp_path / "export", config.model, 8, class_names=other)
+    pre = weight_sources.load(tmp_path / "export", config.model, 8, class_names=other)
     assert pre.head == "reinitialized" and "are not this model's" in pre.head_reason
     with pytest.raises(PretrainedError, match="holds a resnet_tiny of width 4; this config "
                                               "builds resnet18 of width 4"):
-        pretrained.load(tmp_path / "export", model_config("resnet18", 4), 8)
+        weight_sources.load(tmp_path / "export", model_config("resnet18", 4), 8)
 
 
 def test_finetune_resumes_bit_exactly_without_rereading_the_source(source_run, tmp_path) -> None:
@@ -204,7 +205,7 @@ def _updates(finetune: dict, steps: int = 1, grads_scale: float = 1.0, **optim_o
     for key, value in finetune.items():
         config.finetune[key] = value
     params = _tiny_params()
-    tx, schedule = optim.create_optimizer(config.optim, 100, 10, config.finetune, num_stages=2)
+    tx, schedule = optim.create_optimizer(config.optim, 100, 10, config.finetune, parts=TINY_PARTS)
     state = tx.init(params)
     grads = jax.tree.map(lambda p: jnp.full_like(p, grads_scale), params)
     out = []
@@ -237,8 +238,8 @@ def test_frozen_stages_get_no_update_and_no_state() -> None:
     params = _tiny_params()
     trainable = n({k: v for k, v in params.items() if k in ("stage2_block1", "head")})
     assert n(plain) == n(params) and n(frozen) == trainable < n(params)
-    with pytest.raises(ValueError, match="freeze_stages=4 exceeds this model's stem \\+ 2"):
-        optim.FineTune(freeze_stages=4).frozen_parts(2)
+    with pytest.raises(ValueError, match="freeze_stages=4 exceeds this model's 3 parts"):
+        optim.FineTune(freeze_stages=4).frozen_parts(TINY_PARTS)
 
 
 def test_head_warmup_holds_the_backbone_then_warms_it_up() -> None:
@@ -254,11 +255,11 @@ def test_head_warmup_holds_the_backbone_then_warms_it_up() -> None:
     config = tiny_config(**{"optim.grad_clip_norm": 1.0})
     config.finetune.head_warmup_epochs = 1.0
     params = _tiny_params()
-    tx, _ = optim.create_optimizer(config.optim, 100, 10, config.finetune, num_stages=2)
+    tx, _ = optim.create_optimizer(config.optim, 100, 10, config.finetune, parts=TINY_PARTS)
     grads = jax.tree.map(lambda p: jnp.full_like(p, 100.0), params)
     grads["head"] = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params["head"])
     updates, _ = tx.update(grads, tx.init(params), params)
-    tx_plain, _ = optim.create_optimizer(config.optim, 100, 10, None, num_stages=2)
+    tx_plain, _ = optim.create_optimizer(config.optim, 100, 10, None, parts=TINY_PARTS)
     head_only = {k: (v if k == "head" else jax.tree.map(jnp.zeros_like, v))
                  for k, v in grads.items()}
     expected, _ = tx_plain.update(head_only, tx_plain.init(params), params)
@@ -270,7 +271,7 @@ def test_default_finetune_keys_keep_the_plain_optimizer_state() -> None:
     config = tiny_config(**{"optim.name": "adamw"})
     params = _tiny_params()
     plain, _ = optim.create_optimizer(config.optim, 10, 5)
-    default, _ = optim.create_optimizer(config.optim, 10, 5, config.finetune, num_stages=2)
+    default, _ = optim.create_optimizer(config.optim, 10, 5, config.finetune, parts=TINY_PARTS)
     assert jax.tree.structure(plain.init(params)) == jax.tree.structure(default.init(params))
 
 
@@ -357,7 +358,7 @@ def test_state_dict_into_a_training_run_maps_every_tensor(tmp_path) -> None:
     record = json.loads((tmp_path / "run" / "init_from.json").read_text())
     assert record["tensors_mapped"] + len(record["ignored"]) == len(tensors)
     assert record["head"] == "reinitialized" and "1000 outputs" in record["head_reason"]
-    assert record["sha256"] == pretrained._sha256(weights)
+    assert record["sha256"] == weight_files.sha256(weights)
 
 
 def test_cli_preset_with_a_source_exits_6_before_writing(tmp_path) -> None:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from isic_jax.data import image_ops
 from isic_jax.evaluation import gradcam
-from isic_jax.models import create_model, init_variables
+from isic_jax.models import BasicBlock, ResNet, create_model, init_variables
 
 SIZE = 80  # >= 65 px: smaller inputs hit a slow XLA:CPU convolution path (models/resnet.py)
 
@@ -36,7 +36,7 @@ def _images(n: int, seed: int = 1) -> np.ndarray:
     return np.asarray(jax.random.normal(jax.random.key(seed), (n, SIZE, SIZE, 3)), np.float32)
 
 
-def test_last_block_name():
+def test_cam_layer_is_the_last_block():
     params = {
         "stem_conv": 0,
         "stage1_block1": 0,
@@ -45,9 +45,10 @@ def test_last_block_name():
         "stage2_block1": 0,
         "head": 0,
     }
-    assert gradcam.last_block_name(params) == "stage10_block1"
+    model = ResNet(stage_sizes=(1,) * 10, block_cls=BasicBlock, num_classes=2)
+    assert model.cam_layer(params) == "stage10_block1"
     with pytest.raises(ValueError):
-        gradcam.last_block_name({"head": 0})
+        model.cam_layer({"head": 0})
 
 
 def test_shape_range_and_class_dependence(tiny):
@@ -81,7 +82,7 @@ def test_equals_cam_for_global_average_pooling(tiny):
     model, variables = tiny
     variables = _signed_head(variables)
     x = _images(2, seed=3)
-    layer = gradcam.last_block_name(variables["params"])
+    layer = model.cam_layer(variables["params"])
     _, state = model.apply(
         variables,
         x,

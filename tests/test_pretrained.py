@@ -23,7 +23,8 @@ from pretrained_helpers import (
     write_hub_cache,
 )
 
-from isic_jax.models import PretrainedError, pretrained
+from isic_jax.models import PretrainedError
+from isic_jax.training import weight_sources
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -41,7 +42,7 @@ def test_state_dict_fills_exactly_the_model_tree(r18_file) -> None:
     from isic_jax.models import create_model, init_variables
 
     path, tensors = r18_file
-    pre = pretrained.load(path, model_config("resnet18", 8), 5)
+    pre = weight_sources.load(path, model_config("resnet18", 8), 5)
     model = create_model(model_config("resnet18", 8), 5)
     reference = jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0), 65))
     assert jax.tree.structure(pre.variables) == jax.tree.structure(reference)
@@ -71,7 +72,7 @@ def test_state_dict_fills_exactly_the_model_tree(r18_file) -> None:
 
 def test_head_of_another_class_count_is_reinitialised(r18_file) -> None:
     path, tensors = r18_file
-    pre = pretrained.load(path, model_config("resnet18", 8), 2)
+    pre = weight_sources.load(path, model_config("resnet18", 8), 2)
     assert pre.head == "reinitialized"
     assert "5 outputs" in pre.head_reason and "this model 2" in pre.head_reason
     assert "fc.weight: the head is re-initialised" in pre.ignored
@@ -87,17 +88,18 @@ def test_head_of_another_class_count_is_reinitialised(r18_file) -> None:
 
 def test_init_head_reinit_replaces_a_matching_head(r18_file) -> None:
     path, tensors = r18_file
-    pre = pretrained.load(path, model_config("resnet18", 8), 5, init_head="reinit")
+    pre = weight_sources.load(path, model_config("resnet18", 8), 5, init_head="reinit")
     assert pre.head == "reinitialized" and "init_head=reinit" in pre.head_reason
     assert not np.array_equal(pre.variables["params"]["head"]["kernel"], tensors["fc.weight"].T)
     with pytest.raises(PretrainedError, match="init_head must be one of auto, reinit"):
-        pretrained.load(path, model_config("resnet18", 8), 5, init_head="keep")
+        weight_sources.load(path, model_config("resnet18", 8), 5, init_head="keep")
 
 
 def test_load_pretrained_is_ready_for_apply(r18_file) -> None:
     import jax
 
-    from isic_jax.models import create_model, load_pretrained
+    from isic_jax.models import create_model
+    from isic_jax.training.weight_sources import load_pretrained
 
     path, _ = r18_file
     variables = load_pretrained(path, model_config("resnet18", 8), 5)
@@ -109,7 +111,7 @@ def test_load_pretrained_is_ready_for_apply(r18_file) -> None:
 
 def _error(path, name="resnet18", width=8, classes=5) -> str:
     with pytest.raises(PretrainedError) as info:
-        pretrained.load(path, model_config(name, width), classes)
+        weight_sources.load(path, model_config(name, width), classes)
     return str(info.value)
 
 
@@ -157,7 +159,8 @@ def test_deep_stem_and_non_resnet_files_are_named(tmp_path) -> None:
     assert "missing conv1.weight [8, 3, 7, 7]" in message and "deep stem" in message
     other = save_safetensors(tmp_path / "vit.safetensors",
                              {"patch_embed.proj.weight": np.zeros((4, 3, 2, 2), np.float32)})
-    assert "no torchvision/timm ResNet (its first keys: patch_embed.proj.weight)" in _error(other)
+    assert ("no timm/torchvision state dict of a model isic_jax builds (its first keys: "
+            "patch_embed.proj.weight)") in _error(other)
 
 
 def test_torch_file_without_torch_says_how_to_convert(tmp_path, monkeypatch) -> None:
@@ -189,7 +192,7 @@ def test_folder_with_weights_and_config_json(tmp_path) -> None:
     save_safetensors(tmp_path / "m" / "model.safetensors", tensors)
     cfg = timm_config("resnet18", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    pre = pretrained.load(tmp_path / "m", model_config("resnet18", 8), 2)
+    pre = weight_sources.load(tmp_path / "m", model_config("resnet18", 8), 2)
     assert pre.mean == (0.5, 0.5, 0.5) and pre.std == (0.25, 0.25, 0.25)
     assert pre.mean_std_from == "recorded by the source" and pre.source.origin == "folder"
     cfg["architecture"] = "resnet50d"
@@ -203,18 +206,19 @@ def test_folder_with_weights_and_config_json(tmp_path) -> None:
 
 _HUB_SCRIPT = textwrap.dedent("""
     import json, sys
-    from isic_jax.models import PretrainedError, pretrained
+    from isic_jax.models import PretrainedError
+    from isic_jax.training import weight_sources
     from isic_jax.configs import default
     config = default.get_config().model
     config.name, config.width = "resnet18", 8
     out = {}
-    pre = pretrained.load("hf-hub:timm/resnet18.test_in1k", config, 2)
+    pre = weight_sources.load("hf-hub:timm/resnet18.test_in1k", config, 2)
     out["record"] = pre.record()
-    out["pinned"] = pretrained.load(
+    out["pinned"] = weight_sources.load(
         "hf-hub:timm/resnet18.test_in1k@%s" % sys.argv[1], config, 2).record()["revision"]
     for spec in ("hf-hub:timm/not_cached", "hf-hub:timm/resnet18.test_in1k@v9"):
         try:
-            pretrained.load(spec, config, 2)
+            weight_sources.load(spec, config, 2)
         except PretrainedError as e:
             out[spec] = str(e)
     print(json.dumps(out))
@@ -250,22 +254,22 @@ def test_hub_source_resolves_from_a_populated_cache_offline(tmp_path) -> None:
 
 
 def test_layout_names_agree_with_the_writers() -> None:
-    """pretrained.py reads runs and exports without importing training/inference (imports run
-    one way); the folder and item names must be those the writers use."""
+    """weight_sources reads exports without importing inference (imports run one way); the
+    folder and item names must be those the writers use."""
     from isic_jax import config_utils
     from isic_jax.inference import export
     from isic_jax.training import checkpointing
 
-    assert pretrained.RUN_CHECKPOINTS_DIR == checkpointing.CHECKPOINTS_DIR
-    assert pretrained.RUN_STATE_ITEM == checkpointing.STATE
-    assert pretrained.RUN_CONFIG_FILE == config_utils.CONFIG_FILENAME
-    assert pretrained.EXPORT_METADATA_FILE == export.METADATA_FILE
-    assert pretrained.EXPORT_VARIABLES_DIR == export.VARIABLES_DIR
+    assert weight_sources.RUN_CHECKPOINTS_DIR == checkpointing.CHECKPOINTS_DIR
+    assert weight_sources.RUN_STATE_ITEM == checkpointing.STATE
+    assert weight_sources.RUN_CONFIG_FILE == config_utils.CONFIG_FILENAME
+    assert weight_sources.EXPORT_METADATA_FILE == export.METADATA_FILE
+    assert weight_sources.EXPORT_VARIABLES_DIR == export.VARIABLES_DIR
 
 
 def test_best_step_picks_the_best_finite_metric() -> None:
     metrics = {1: {"auc": 0.7}, 2: {"auc": float("nan")}, 3: {"auc": 0.9}, 4: {"auc": 0.8},
                5: None}
-    assert pretrained._best_step([1, 2, 3, 4, 5], "auc", "max", metrics.get) == 3
-    assert pretrained._best_step([1, 3, 4], "loss", "min", lambda s: {"loss": s}) == 1
-    assert pretrained._best_step([5], "auc", "max", metrics.get) is None
+    assert weight_sources._best_step([1, 2, 3, 4, 5], "auc", "max", metrics.get) == 3
+    assert weight_sources._best_step([1, 3, 4], "loss", "min", lambda s: {"loss": s}) == 1
+    assert weight_sources._best_step([5], "auc", "max", metrics.get) is None

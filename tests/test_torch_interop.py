@@ -17,7 +17,9 @@ import pytest
 from conftest import require_module
 from pretrained_helpers import model_config, write_hub_cache
 
-from isic_jax.models import PretrainedError, create_model, load_pretrained, pretrained
+from isic_jax.models import PretrainedError, create_model
+from isic_jax.training import weight_sources
+from isic_jax.training.weight_sources import load_pretrained
 
 pytestmark = pytest.mark.torch_interop
 
@@ -92,7 +94,7 @@ def test_logits_equal_torch_from_safetensors_and_pth(torch, library, arch, tmp_p
     save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "w.safetensors")
     torch.save(state, tmp_path / "w.pth")
     for name in ("w.safetensors", "w.pth"):
-        pre = pretrained.load(tmp_path / name, model_config(arch, 64), NUM_CLASSES)
+        pre = weight_sources.load(tmp_path / name, model_config(arch, 64), NUM_CLASSES)
         assert pre.head == "kept"
         assert pre.mapped + len(pre.ignored) == len(state)  # every tensor used or ignored
         assert all(k.endswith("num_batches_tracked: BatchNorm's step counter (Flax keeps none)")
@@ -121,11 +123,11 @@ def test_hub_cache_of_a_timm_model_offline(torch, tmp_path, monkeypatch) -> None
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     for spec in ("hf-hub:timm/resnet18.interop", "hf-hub:someone/resnet18-bin"):
-        pre = pretrained.load(spec, model_config("resnet18", 64), NUM_CLASSES)
+        pre = weight_sources.load(spec, model_config("resnet18", 64), NUM_CLASSES)
         assert pre.source.origin == "hf-hub"
         assert _relative_error(torch, model, pre.variables, "resnet18") < RTOL
     config = json.loads(files["config.json"])
-    pre = pretrained.load("hf-hub:timm/resnet18.interop", model_config("resnet18", 64), 2)
+    pre = weight_sources.load("hf-hub:timm/resnet18.interop", model_config("resnet18", 64), 2)
     assert pre.mean == tuple(config["pretrained_cfg"]["mean"])
     assert pre.source.architecture == "resnet18" and pre.head == "reinitialized"
 
@@ -136,7 +138,7 @@ def test_resnet_d_and_wrapped_checkpoints(torch, tmp_path) -> None:
     resnet_d = timm.create_model("resnet18d", pretrained=False, num_classes=NUM_CLASSES)
     torch.save(resnet_d.state_dict(), tmp_path / "r18d.pth")
     with pytest.raises(PretrainedError, match="deep stem") as info:
-        pretrained.load(tmp_path / "r18d.pth", model_config("resnet18", 64), NUM_CLASSES)
+        weight_sources.load(tmp_path / "r18d.pth", model_config("resnet18", 64), NUM_CLASSES)
     assert "missing conv1.weight [64, 3, 7, 7]" in str(info.value)
     assert "unexpected conv1.0.weight [32, 3, 3, 3]" in str(info.value)
 
@@ -146,7 +148,7 @@ def test_resnet_d_and_wrapped_checkpoints(torch, tmp_path) -> None:
     wrapped = {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in
                                           model.state_dict().items()}}
     torch.save(wrapped, tmp_path / "checkpoint.pt")
-    pre = pretrained.load(tmp_path / "checkpoint.pt", model_config("resnet18", 64), NUM_CLASSES)
+    pre = weight_sources.load(tmp_path / "checkpoint.pt", model_config("resnet18", 64), NUM_CLASSES)
     assert any("'state_dict' entry" in note for note in pre.source.notes)
     assert any("'module.' prefix" in note for note in pre.source.notes)
     assert _relative_error(torch, model, pre.variables, "resnet18") < RTOL
@@ -171,5 +173,5 @@ def test_pickled_code_is_never_run(torch, tmp_path) -> None:
     marker = tmp_path / "executed"
     torch.save({"conv1.weight": torch.zeros(1), "x": _Payload(marker)}, tmp_path / "evil.pth")
     with pytest.raises(PretrainedError, match="weights_only=True"):
-        pretrained.load(tmp_path / "evil.pth", model_config("resnet18", 64), NUM_CLASSES)
+        weight_sources.load(tmp_path / "evil.pth", model_config("resnet18", 64), NUM_CLASSES)
     assert not marker.exists()

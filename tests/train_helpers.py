@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# The backbone parts of tiny_config's two-stage ResNet (models.model_parts).
+TINY_PARTS = ("stem", "stage1", "stage2")
 
 
 def _cache_dir(base: pathlib.Path) -> str:
@@ -251,7 +253,7 @@ def worker_equivalence(steps: int = 3, optimizer: str = "sgd",
     for key, value in (finetune or {}).items():
         config.finetune[key] = value
     ft = FineTune.from_config(config.finetune)
-    tx, _ = create_optimizer(config.optim, 10, 10, config.finetune, num_stages=2)
+    tx, _ = create_optimizer(config.optim, 10, 10, config.finetune, parts=TINY_PARTS)
     init_model = create_model(config.model, 2)
     results = {}
     for name, mode, devices in [
@@ -261,14 +263,14 @@ def worker_equivalence(steps: int = 3, optimizer: str = "sgd",
     ]:
         par = parallel.DataParallel.create(mode, devices)
         model = create_model(config.model, 2, axis_name=par.axis_name,
-                             frozen_bn=ft.frozen_bn_parts(2))
+                             frozen_bn=ft.frozen_bn_parts(TINY_PARTS))
         state = train_state.create_train_state(init_model, tx, jax.random.PRNGKey(0), size)
 
         def train_step(state, b, rng, par=par, model=model):
             return train_steps.train_step(state, b, rng, model=model, tx=tx,
                                           loss_config=config.loss, axis_name=par.axis_name,
                                           augment=train_steps.augment_config(config),
-                                          frozen_parts=ft.frozen_parts(2))
+                                          frozen_parts=ft.frozen_parts(TINY_PARTS))
 
         p_step = par.compile_train_step(functools.partial(train_step))
         state = par.replicate(state)

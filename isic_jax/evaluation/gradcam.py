@@ -1,4 +1,5 @@
-"""Grad-CAM (Selvaraju et al. 2017) for the Flax ResNet, and a figure of the worst mistakes.
+"""Grad-CAM (Selvaraju et al. 2017) for every registered model, and a figure of the worst
+mistakes.
 
     heat = grad_cam(model, variables, images, class_index=1)     # f32[B, H, W] in [0, 1]
     idx = most_confident_mistakes(probs, labels, k=16)             # over the whole split
@@ -6,18 +7,18 @@
                                  probs=probs[idx], labels=labels[idx], class_names=names)
     # (or grad_cam + mistakes_grid(path, images_uint8, heat, titles) for another layout)
 
-The map of class c is ReLU(sum_k alpha_k A_k), where A [h, w, K] is the output of the last
-residual block (the highest `stage{i}_block{j}`) and alpha_k the spatial mean of d logit_c / d A_k.
-The gradient is taken without touching `models/resnet.py`: a Flax method interceptor adds a zero
-perturbation to that block's output, and `jax.vjp` differentiates the logits w.r.t. it (what
-`nn.Module.perturb` does, without the module having to call it).
+The map of class c is ReLU(sum_k alpha_k A_k), where A [h, w, K] is the output of the model's
+`cam_layer` (a ResNet's last residual block, the highest `stage{i}_block{j}`) and alpha_k the
+spatial mean of d logit_c / d A_k. The gradient is taken without touching the model: a Flax
+method interceptor adds a zero perturbation to that layer's output, and `jax.vjp`
+differentiates the logits w.r.t. it (what `nn.Module.perturb` does, without the module having
+to call it).
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -32,26 +33,10 @@ from isic_jax.evaluation import metrics as isic_metrics
 __all__ = [
     "denormalize",
     "grad_cam",
-    "last_block_name",
     "mistakes_grid",
     "most_confident_mistakes",
     "write_mistakes_figure",
 ]
-
-_BLOCK_RE = re.compile(r"^stage(\d+)_block(\d+)$")
-
-
-def last_block_name(params: Mapping[str, Any]) -> str:
-    """Name of the last residual block, e.g. "stage4_block2" for ResNet-18 params.
-
-    Raises:
-      ValueError: no `stage{i}_block{j}` module in params.
-    """
-    blocks = [(int(m[1]), int(m[2]), k) for k in params if (m := _BLOCK_RE.match(k))]
-    if not blocks:
-        raise ValueError(f"no stage{{i}}_block{{j}} module among {sorted(params)}")
-    return max(blocks)[2]
-
 
 def _logits_and_features(
     model: nn.Module, variables: Mapping[str, Any], images: jax.Array, layer: str, delta: Any,
@@ -168,7 +153,8 @@ def grad_cam(
       variables: {"params", "batch_stats"}.
       images: f32[B, H, W, 3], normalised as the model's input.
       class_index: the class whose logit is explained: an int for all images or int[B].
-      layer: the module whose output is the feature map (default: the last residual block).
+      layer: the module whose output is the feature map (default: `model.cam_layer`, e.g. a
+        ResNet's last residual block).
       resize: upsample to [H, W] (linear, cells aligned to their receptive-field centres); else
         the map stays at the feature map's [h, w].
       normalize: divide each map by its maximum, so it lies in [0, 1] (an all-zero map, where no
@@ -181,7 +167,7 @@ def grad_cam(
     images = jnp.asarray(images, jnp.float32)
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be [B, H, W, 3], got shape {images.shape}")
-    layer = layer or last_block_name(variables["params"])
+    layer = layer or model.cam_layer(variables["params"])
     idx = jnp.broadcast_to(jnp.asarray(class_index, jnp.int32), images.shape[:1])
     meta = None if metadata is None else jnp.asarray(metadata, jnp.float32)
     cam = _grad_cam_jit(model, variables, images, idx, layer, resize, normalize, meta)
@@ -384,7 +370,7 @@ def write_mistakes_figure(
     suptitle = "Most confident mistakes: Grad-CAM of the predicted class"
     if k:
         # The map's own resolution: a 3 x 3 map upsampled looks blocky, and should be read so.
-        layer = last_block_name(variables["params"])
+        layer = model.cam_layer(variables["params"])
         inputs = jax.ShapeDtypeStruct(images_uint8.shape, jnp.float32)
         meta = None if metadata is None else jax.ShapeDtypeStruct(metadata.shape, jnp.float32)
         cells = jax.eval_shape(

@@ -1,160 +1,47 @@
-"""Model registry: `create_model(config.model, num_classes, axis_name)` and variable helpers.
+"""Models: `create_model(config.model, num_classes, axis_name)` and variable helpers.
 
     model = create_model(config.model, num_classes=2, axis_name=None)
     variables = init_variables(model, jax.random.key(0), image_size=112)
     logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"],
                                   rngs={"dropout": key})        # logits float32 [B, 2]
 
-    variables = load_pretrained("resnet50-0676ba61.pth", config.model, num_classes=2)
-    probs = jax.nn.softmax(create_model(config.model, 2).apply(variables, x, train=False))
+Every `config.model.name` is registered by its family (`models.registry`): ResNets here, one
+module per family. Every model is a `Classifier`: a backbone's pooled features, optionally a
+metadata branch, dropout and a dense head. Its parts (`model_parts`, `part_of`) are what
+freezing, per-part learning rates and layer decay work on.
 
-Parts of a ResNet, for per-part learning rates and freezing (`part_of`): "stem" (stem_conv,
-stem_bn), "stage1" ... "stageN" (its blocks), "head".
-
-On CPU use inputs of 65 px or more (64 px hits a slow XLA:CPU path, see models/resnet.py).
+On CPU use inputs of 65 px or more for ResNets (64 px hits a slow XLA:CPU path, see
+models/resnet.py).
 """
 
-from __future__ import annotations
-
-import contextlib
-from typing import Any
-
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from isic_jax.models.pretrained import PretrainedError, load_pretrained
+from isic_jax.models.classifier import HEAD, Classifier, part_of
+from isic_jax.models.factory import (
+    DTYPE_NAMES,
+    count_params,
+    create_model,
+    init_variables,
+    model_parts,
+)
+from isic_jax.models.registry import FAMILIES, Family, family_of, model_names
 from isic_jax.models.resnet import ARCHITECTURES, BasicBlock, BottleneckBlock, ResNet
+from isic_jax.models.weight_files import PretrainedError
 
 __all__ = [
     "ARCHITECTURES",
+    "DTYPE_NAMES",
+    "FAMILIES",
+    "HEAD",
     "BasicBlock",
     "BottleneckBlock",
-    "MODEL_NAMES",
+    "Classifier",
+    "Family",
     "PretrainedError",
     "ResNet",
     "count_params",
     "create_model",
+    "family_of",
     "init_variables",
-    "load_pretrained",
-    "num_stages",
+    "model_names",
+    "model_parts",
     "part_of",
 ]
-
-MODEL_NAMES: tuple[str, ...] = tuple(ARCHITECTURES)
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def create_model(
-    model_config: Any,
-    num_classes: int,
-    axis_name: str | None = None,
-    frozen_bn: tuple[str, ...] = (),
-    *,
-    metadata: Any = None,
-) -> nn.Module:
-    """Builds the network named by `model_config.name`.
-
-    Args:
-      model_config: `config.model` with `name` (one of MODEL_NAMES), `width` (stem channels, 64
-        standard; default 64), `dropout` (before the head; default 0), `dtype` ("float32" or
-        "bfloat16" compute; parameters stay float32; default "float32"), `lowering` ("auto":
-        the CPU lowering of `cpu_lowering` on CPU, XLA's own elsewhere; "xla": XLA's own
-        everywhere; default "auto").
-      num_classes: size of the head.
-      axis_name: the pmap axis BatchNorm averages its statistics over; None under jit.
-      frozen_bn: parts (`part_of` names, no "head") whose BatchNorm layers keep their running
-        statistics in training too (training.optim.frozen_bn_parts(config)); evaluation needs
-        none (it always uses the running statistics).
-      metadata: the run's fitted `data.metadata.MetadataEncoder` when config.model.metadata is
-        set (its column groups and missing row shape the metadata branch), else None.
-
-    Returns:
-      A Linen module: `apply({"params", "batch_stats"}, x f32[B,H,W,3], train=bool,
-      mutable=["batch_stats"], rngs={"dropout": key}) -> (logits f32[B, num_classes], updates)`.
-
-    Raises:
-      ValueError: unknown `config.model.name` or `config.model.dtype`.
-    """
-    name = model_config.name
-    if name not in ARCHITECTURES:
-        raise ValueError(f"Unknown config.model.name={name!r}; known: {', '.join(MODEL_NAMES)}.")
-    dtype_name = getattr(model_config, "dtype", "float32")
-    if dtype_name not in _DTYPES:
-        raise ValueError(f"Unknown config.model.dtype={dtype_name!r}; known: {', '.join(_DTYPES)}.")
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
-    block_cls, stage_sizes = ARCHITECTURES[name]
-    return ResNet(
-        stage_sizes=stage_sizes,
-        block_cls=block_cls,
-        num_classes=num_classes,
-        width=int(getattr(model_config, "width", 64)),
-        dropout=float(getattr(model_config, "dropout", 0.0)),
-        dtype=_DTYPES[dtype_name],
-        axis_name=axis_name,
-        frozen_bn=tuple(frozen_bn),
-        metadata_groups=tuple(metadata.groups()) if metadata is not None else (),
-        metadata_missing=tuple(float(v) for v in metadata.missing_row())
-        if metadata is not None else (),
-        metadata_hidden=int(getattr(model_config, "metadata_hidden", 128)),
-        metadata_dropout=float(getattr(model_config, "metadata_dropout", 0.1)),
-        lowering=str(getattr(model_config, "lowering", "auto")),
-    )
-
-
-def num_stages(model_config: Any) -> int:
-    """Stages of the ResNet named by `model_config.name` (4 for ResNet-18 ... 200)."""
-    return len(ARCHITECTURES[model_config.name][1])
-
-
-def part_of(name: str) -> str:
-    """The part a top-level module of the ResNet belongs to: "stem_conv" -> "stem",
-    "stage3_block2" -> "stage3", "head" -> "head".
-
-    Raises:
-      ValueError: a name the ResNet does not have.
-    """
-    if name.startswith("stem_"):
-        return "stem"
-    if name == "head":
-        return "head"
-    stage, sep, block = name.partition("_block")
-    if sep and stage.startswith("stage") and stage[5:].isdigit() and block.isdigit():
-        return stage
-    raise ValueError(f"{name!r} is not a top-level module of the ResNet")
-
-
-def init_variables(
-    model: nn.Module, rng: jax.Array, image_size: int | tuple[int, int]
-) -> dict[str, Any]:
-    """Initialises the model (jitted, on a 1-image float32 batch).
-
-    Args:
-      model: from `create_model`.
-      rng: a PRNG key.
-      image_size: side (or (height, width)) of the input images, px. Parameter shapes do not
-        depend on it; it only sets the trace shape.
-
-    Returns:
-      {"params": pytree of float32 arrays, "batch_stats": pytree of float32 arrays}.
-    """
-    h, w = (image_size,) * 2 if isinstance(image_size, int | np.integer) else image_size
-    dummy = jnp.zeros((1, h, w, 3), jnp.float32)
-    width = int(getattr(model, "metadata_width", 0))
-    meta = jnp.zeros((1, width), jnp.float32) if width else None
-    # The default partitionable threefry compiles slowly on XLA:CPU (tiny ResNet init 3.3 s vs
-    # 1.0 s; ResNet-50 6.3 s vs 4.2 s). Init runs unsharded, so the other bit stream is fine:
-    # still deterministic given `rng`.
-    toggle = getattr(jax, "threefry_partitionable", None)
-    with toggle(False) if toggle is not None else contextlib.nullcontext():
-        variables = jax.jit(lambda key, x, m: model.init(key, x, train=False, metadata=m))(
-            rng, dummy, meta)
-    return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-
-
-def count_params(tree: Any) -> int:
-    """Number of scalars in a pytree of arrays (or of jax.ShapeDtypeStruct)."""
-    return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in jax.tree.leaves(tree)))

@@ -18,14 +18,18 @@ is 2x2, smaller than the 3x3 kernel, and XLA:CPU falls back to a slow generic co
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from isic_jax.models import cpu_lowering
+from isic_jax.models.classifier import Classifier
+from isic_jax.models.registry import Family, FlatKey, WeightLayout, register
 
 ModuleDef = Any
 
@@ -104,104 +108,30 @@ class BottleneckBlock(nn.Module):
         return self.act(residual + y)
 
 
-class MetadataBranch(nn.Module):
-    """A small MLP on the encoded patient/lesion metadata, fused with the image features.
+class ResNet(Classifier, kw_only=True):
+    """ResNet v1.5 backbone under the shared `Classifier` head.
 
-    Feature dropout (training only): each feature of each example is replaced by its "missing"
-    encoding with probability `feature_dropout` (ISIC 2019's winners used 0.1), so the model
-    learns to do without any one of them, as at inference where values are often missing.
-
-    Attributes:
-      groups: the feature index of each input column (F columns, `MetadataEncoder.groups()`).
-      missing: the encoding of a row with every feature missing (F values).
-      hidden: width of the two dense layers.
-      feature_dropout: probability of dropping one feature of one example in training.
-    """
-
-    groups: tuple[int, ...]
-    missing: tuple[float, ...]
-    hidden: int = 128
-    feature_dropout: float = 0.1
-
-    @nn.compact
-    def __call__(self, m: jax.Array, train: bool = False) -> jax.Array:
-        """m: float32 [B, F] encoded metadata -> float32 [B, hidden]."""
-        m = m.astype(jnp.float32)
-        if train and self.feature_dropout > 0:
-            num_features = max(self.groups) + 1
-            drop = jax.random.bernoulli(self.make_rng("dropout"), self.feature_dropout,
-                                        (m.shape[0], num_features))
-            m = jnp.where(drop[:, jnp.asarray(self.groups)], jnp.asarray(self.missing), m)
-        dense = functools.partial(nn.Dense, dtype=jnp.float32, param_dtype=jnp.float32)
-        m = nn.silu(dense(self.hidden, name="dense1")(m))
-        return nn.silu(dense(self.hidden, name="dense2")(m))
-
-
-class ResNet(nn.Module):
-    """ResNet v1.5 classifier, optionally with a metadata branch fused before the head.
-
-    Attributes:
+    Attributes (besides `Classifier`'s):
       stage_sizes: blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50. Stage i > 0 starts with a
         stride-2 block; stage i has `width * 2**i` filters (times 4 out for bottlenecks).
       block_cls: BasicBlock or BottleneckBlock.
-      num_classes: size of the head.
       width: channels of the stem and of the first stage (64 standard).
-      dropout: dropout rate on the pooled features, before the head (active only if train).
-      dtype: compute dtype (float32 or bfloat16). Parameters stay float32; BatchNorm statistics
-        are reduced in float32; pooling and the head run in float32, logits are float32.
-      axis_name: BatchNorm averages its batch statistics over this mapped axis (pmap); None
-        under jit over a Mesh, where the batch is already global.
-      frozen_bn: parts ("stem", "stage1", ...) whose BatchNorm layers normalise with their
-        running statistics and never update them, even when train=True (fine-tuning with
-        frozen BatchNorm); the parameters are the same either way.
-      metadata_groups, metadata_missing: the metadata encoder's column groups and missing row
-        (`MetadataBranch`); empty: images only. With them, `__call__` takes `metadata`
-        float32 [B, F] and the head sees [pooled image features, metadata features].
-      metadata_hidden, metadata_dropout: `MetadataBranch.hidden` and `feature_dropout`.
-      lowering: "auto": convolutions and max-pooling through `cpu_lowering` (its own lowering
-        on CPU, XLA's native ops on GPU/TPU); "xla": XLA's native ops on every platform. The
-        parameters and the numbers (to float rounding) are the same.
+
+    Top-level modules: stem_conv, stem_bn, stage{i}_block{j}; parts: stem, stage1 ... stageN.
+    With lowering "auto", convolutions and max-pooling go through `cpu_lowering` (its own
+    lowering on CPU, XLA's native ops on GPU/TPU); the parameters and the numbers (to float
+    rounding) are the same as with "xla".
     """
 
     stage_sizes: Sequence[int]
     block_cls: ModuleDef
-    num_classes: int
     width: int = 64
-    dropout: float = 0.0
-    dtype: Any = jnp.float32
-    axis_name: str | None = None
-    frozen_bn: tuple[str, ...] = ()
-    metadata_groups: tuple[int, ...] = ()
-    metadata_missing: tuple[float, ...] = ()
-    metadata_hidden: int = 128
-    metadata_dropout: float = 0.1
-    lowering: str = "auto"
 
-    @property
-    def metadata_width(self) -> int:
-        """F, the metadata columns the model takes (0: images only)."""
-        return len(self.metadata_groups)
+    def parts(self) -> tuple[str, ...]:
+        return ("stem", *(f"stage{i + 1}" for i in range(len(self.stage_sizes))))
 
-    @nn.compact
-    def __call__(
-        self,
-        x: jax.Array,
-        train: bool = False,
-        metadata: jax.Array | None = None,
-        return_embedding: bool = False,
-    ) -> jax.Array | tuple[jax.Array, jax.Array]:
-        """x: float32 [B, H, W, 3] normalised image -> logits float32 [B, num_classes].
-
-        metadata: float32 [B, F] (models with a metadata branch only). Train mode uses batch
-        statistics and updates `batch_stats` (pass `mutable=["batch_stats"]`) and, if dropout > 0
-        or with metadata, needs `rngs={"dropout": key}`. `return_embedding`: also the
-        penultimate features float32 [B, D] (pooled image features, with the metadata
-        branch's), as (logits, embedding).
-        """
-        if self.metadata_width and metadata is None:
-            raise ValueError(f"this model takes metadata float32 [B, {self.metadata_width}]")
-        if not self.metadata_width and metadata is not None:
-            raise ValueError("this model has no metadata branch (config.model.metadata is empty)")
+    def features(self, x: jax.Array, train: bool) -> jax.Array:
+        """x: float32 [B, H, W, 3] -> globally average-pooled float32 [B, C]."""
         conv = functools.partial(
             nn.Conv,
             use_bias=False,
@@ -238,27 +168,100 @@ class ResNet(nn.Module):
                     norm=part_norm(f"stage{i + 1}"),
                     name=f"stage{i + 1}_block{j + 1}",
                 )(x)
-        # Pool and classify in float32: cheap, and keeps bfloat16 rounding out of the logits.
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        if self.metadata_width:
-            branch = MetadataBranch(self.metadata_groups, self.metadata_missing,
-                                    self.metadata_hidden, self.metadata_dropout, name="metadata")
-            x = jnp.concatenate([x, branch(metadata, train)], axis=-1)
-        embedding = x
-        x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        x = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32, name="head")(x)
-        logits = x.astype(jnp.float32)
-        return (logits, embedding) if return_embedding else logits
+        # Pool in float32: cheap, and keeps bfloat16 rounding out of the logits.
+        return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
-# name -> (block class, blocks per stage). The tiny ones are for tests and smoke runs.
-ARCHITECTURES: dict[str, tuple[type[nn.Module], tuple[int, ...]]] = {
-    "resnet18": (BasicBlock, (2, 2, 2, 2)),
-    "resnet34": (BasicBlock, (3, 4, 6, 3)),
-    "resnet50": (BottleneckBlock, (3, 4, 6, 3)),
-    "resnet101": (BottleneckBlock, (3, 4, 23, 3)),
-    "resnet152": (BottleneckBlock, (3, 8, 36, 3)),
-    "resnet200": (BottleneckBlock, (3, 24, 36, 3)),
-    "resnet_tiny": (BasicBlock, (1, 1)),
-    "resnet_tiny_bottleneck": (BottleneckBlock, (1, 1)),
+# config.model.name -> architecture. The tiny ones are for tests and smoke runs; timm and
+# torchvision name the others alike (pretrained weights: `torch_key`).
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    name: {"block_cls": block, "stage_sizes": sizes}
+    for name, block, sizes in [
+        ("resnet18", BasicBlock, (2, 2, 2, 2)),
+        ("resnet34", BasicBlock, (3, 4, 6, 3)),
+        ("resnet50", BottleneckBlock, (3, 4, 6, 3)),
+        ("resnet101", BottleneckBlock, (3, 4, 23, 3)),
+        ("resnet152", BottleneckBlock, (3, 8, 36, 3)),
+        ("resnet200", BottleneckBlock, (3, 24, 36, 3)),
+        ("resnet_tiny", BasicBlock, (1, 1)),
+        ("resnet_tiny_bottleneck", BottleneckBlock, (1, 1)),
+    ]
 }
+
+
+def torch_key(key: FlatKey) -> tuple[str, str]:
+    """The torchvision/timm tensor name of a ResNet variable, and its layout change.
+
+        conv1.weight                     -> params/stem_conv/kernel           OIHW -> HWIO
+        bn1.{weight,bias}                -> params/stem_bn/{scale,bias}
+        bn1.{running_mean,running_var}   -> batch_stats/stem_bn/{mean,var}
+        layerS.I.convK / bnK             -> stageS_block{I+1}/convK / bnK
+        layerS.0.downsample.0 / .1       -> stageS_block1/proj_conv / proj_bn
+        fc.weight [C, F], fc.bias [C]    -> params/head/kernel [F, C], bias [C]
+
+    Returns:
+      (name, kind) with kind "conv" (OIHW -> HWIO), "dense" (transposed) or "same".
+
+    Raises:
+      ValueError: a variable the mapping does not know.
+    """
+    collection, *modules, leaf = key
+    top, rest = modules[0], modules[1:]
+    if top == "stem_conv":
+        prefix = "conv1"
+    elif top == "stem_bn":
+        prefix = "bn1"
+    elif top == "head":
+        prefix = "fc"
+    else:
+        match = re.fullmatch(r"stage(\d+)_block(\d+)", top)
+        if not match or len(rest) != 1:
+            raise ValueError(f"no torchvision name for {'/'.join(key)}")
+        stage, block = int(match[1]), int(match[2]) - 1
+        sub = {"proj_conv": "downsample.0", "proj_bn": "downsample.1"}.get(rest[0], rest[0])
+        prefix = f"layer{stage}.{block}.{sub}"
+    if collection == "batch_stats":
+        return f"{prefix}.running_{leaf}", "same"  # mean, var
+    if leaf == "kernel":
+        return f"{prefix}.weight", "dense" if top == "head" else "conv"
+    if leaf == "scale":
+        return f"{prefix}.weight", "same"
+    return f"{prefix}.{leaf}", "same"  # bias
+
+
+def recognise(tensors: Mapping[str, np.ndarray]) -> str | None:
+    """What a torchvision/timm ResNet state dict is: "a resnet50 (bottleneck blocks 3-4-6-3,
+    width 64): set ...", a ResNet-D deep stem, or None when it is no ResNet."""
+    if "conv1.0.weight" in tensors and "layer1.0.conv1.weight" in tensors:
+        return ("a ResNet with a deep stem (conv1.0/1/3/4/6: timm's resnet*d / ResNet-D), "
+                "which isic_jax's ResNet does not implement")
+    stem = tensors.get("conv1.weight")
+    if stem is None or stem.ndim != 4 or "layer1.0.conv1.weight" not in tensors:
+        return None
+    sizes = []
+    while True:
+        prefix = f"layer{len(sizes) + 1}."
+        blocks = {k[len(prefix):].split(".")[0] for k in tensors if k.startswith(prefix)}
+        if not blocks:
+            break
+        sizes.append(len(blocks))
+    bottleneck = "layer1.0.conv3.weight" in tensors
+    width = int(stem.shape[0])
+    name = next((n for n, arch in ARCHITECTURES.items()
+                 if tuple(arch["stage_sizes"]) == tuple(sizes)
+                 and (arch["block_cls"] is BottleneckBlock) == bottleneck), None)
+    kind = "bottleneck" if bottleneck else "basic"
+    layout = f"{kind} blocks {'-'.join(map(str, sizes))}, width {width}"
+    if name is None:
+        return f"a ResNet-like network ({layout}) that matches no isic_jax architecture"
+    return f"a {name} ({layout}): set --config.model.name={name} --config.model.width={width}"
+
+
+FAMILY = register(Family(
+    name="resnet",
+    module=ResNet,
+    architectures=ARCHITECTURES,
+    options=lambda model_config: {"width": int(getattr(model_config, "width", 64))},
+    weights=WeightLayout(torch_key=torch_key, recognise=recognise),
+    config_keys=("width",),
+))

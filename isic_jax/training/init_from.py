@@ -3,7 +3,7 @@
     config, pre = resolve(config, workdir, num_classes, class_names, rng)
 
 A fresh run (no checkpoint in the workdir yet) with `config.model.init_from` set reads and checks
-the weights here (`models.pretrained.load`), in phase 1 of the loop: a missing file, a wrong
+the weights here (`training.weight_sources.load`), in phase 1 of the loop: a missing file, a wrong
 architecture or width fails before anything is written. A run that resumes does not read them
 again (its checkpoint holds the weights; the source may be gone).
 
@@ -27,8 +27,8 @@ import numpy as np
 
 from isic_jax import config_utils
 from isic_jax.data import image_ops
-from isic_jax.models import pretrained
-from isic_jax.training import checkpointing
+from isic_jax.models.weight_mapping import Pretrained
+from isic_jax.training import checkpointing, weight_sources
 
 RECORD_FILE = "init_from.json"  # in the workdir: where the first weights came from
 
@@ -47,7 +47,7 @@ def resolve(
     num_classes: int,
     class_names: Sequence[str] | None,
     rng: jax.Array | None,
-) -> tuple[ml_collections.ConfigDict, pretrained.Pretrained | None, list[str]]:
+) -> tuple[ml_collections.ConfigDict, Pretrained | None, list[str]]:
     """The run's config with config.data.mean/std resolved, the pretrained weights of a fresh
     run (None from scratch or on a resume), and lines to print.
 
@@ -58,7 +58,7 @@ def resolve(
       rng: key of a re-initialised head.
 
     Raises:
-      pretrained.PretrainedError: the weights cannot be read or do not fit the model.
+      PretrainedError: the weights cannot be read or do not fit the model.
     """
     config = copy.deepcopy(config)
     source = str(config.model.get("init_from", "") or "")
@@ -66,9 +66,10 @@ def resolve(
     messages: list[str] = []
     pre = None
     if source and not resuming:
-        pre = pretrained.load(source, config.model, num_classes,
-                              init_head=str(config.model.get("init_head", "auto")),
-                              class_names=class_names, rng=rng)
+        pre = weight_sources.load(source, config.model, num_classes,
+                                  init_head=str(config.model.get("init_head", "auto")),
+                                  class_names=class_names, rng=rng,
+                                  image_size=int(config.data.image_size))
         messages.append(pre.summary())
         if str(config.model.get("metadata", "") or "").strip():
             messages.append("The metadata branch and the head (which then also sees the "
@@ -108,7 +109,7 @@ def _recorded_normalization(workdir: str | pathlib.Path) -> tuple[Any, Any]:
     return image_ops.normalization(saved.get("data"))
 
 
-def write_record(workdir: str | pathlib.Path, pre: pretrained.Pretrained) -> pathlib.Path:
+def write_record(workdir: str | pathlib.Path, pre: Pretrained) -> pathlib.Path:
     """workdir/init_from.json: the source, the files read, the head decision, what was ignored
     (atomically; `export` copies it into model.json)."""
     path = pathlib.Path(workdir) / RECORD_FILE

@@ -46,8 +46,8 @@ from isic_jax.data.dataset import InputData
 from isic_jax.evaluation.metrics import to_json_compatible
 from isic_jax.evaluation.predictions import predict_split, summarize
 from isic_jax.logging_utils import say
-from isic_jax.models import create_model, num_stages
-from isic_jax.models.pretrained import Pretrained
+from isic_jax.models import create_model, model_parts
+from isic_jax.models.weight_mapping import Pretrained
 from isic_jax.testing import hooks
 from isic_jax.training import checkpointing, init_from, parallel, preemption, resume, steps
 from isic_jax.training.losses import class_weights_for_config
@@ -147,7 +147,7 @@ def set_up(
     # encoder it saved (InputData.for_run); a fresh one fits it on the training split.
     data = data or InputData.for_run(config, workdir)
     finetune = FineTune.from_config(config.get("finetune"))
-    stages = num_stages(config.model)
+    stages = model_parts(config.model)
     try:
         frozen = finetune.frozen_parts(stages)
     except ValueError as e:
@@ -157,7 +157,7 @@ def set_up(
     tx, schedule = create_optimizer(
         config.optim, total_steps=max(1, total_steps // k),
         steps_per_epoch=max(1, steps_per_epoch // k),
-        finetune_config=config.get("finetune"), num_stages=stages,
+        finetune_config=config.get("finetune"), parts=stages,
     )
     init_rng, train_rng = seed_keys(config.seed)
     # Pretrained weights (fresh runs) are read and checked here, before the workdir is made;

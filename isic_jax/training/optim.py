@@ -11,18 +11,20 @@ Steps count optimiser updates. Under accumulation with k micro-batches per updat
 optimiser (and its schedule) advances once per k calls of `tx.update`, so pass `total_steps` and
 `steps_per_epoch` in updates (micro-steps // k), and log `schedule(micro_step // k)`.
 
-Fine-tuning (`config.finetune`, `FineTune`): the parameters are split by ResNet part
-(`models.part_of`: stem, stage1..N, head) with `optax.multi_transform`, one optimiser per part:
+Fine-tuning (`config.finetune`, `FineTune`): the parameters are split by model part
+(`models.part_of`; `models.model_parts` lists a model's parts, e.g. stem, stage1..N for a ResNet,
+then the head) with `optax.partition`, one optimiser per part:
 
 - the head follows the schedule above; every other part gets lr * backbone_lr_mult *
-  layer_decay**depth, depth 1 for the last stage ... N for stage1, N+1 for the stem;
+  layer_decay**depth, depth 1 for the last part ... N + 1 for the first (the stem);
 - head_warmup_epochs > 0: for that many epochs the backbone gets no update (its gradients are
   zeroed before clipping, its learning rate is 0), then it starts its own linear warmup
   (warmup_epochs long) and cosine decay to the end of the run, as timm/Kaggle pipelines do when
   they unfreeze a backbone;
-- freeze_stages = k > 0: the stem and the first k-1 stages get no update, no weight decay and no
-  optimiser state (`optax.set_to_zero`); the train step also stops their gradients, so XLA
-  skips their backward pass, and their BatchNorm statistics stay fixed (`frozen_bn_parts`).
+- freeze_stages = k > 0: the first k parts (the stem and the first k-1 stages) get no update,
+  no weight decay and no optimiser state (`optax.set_to_zero`); the train step also stops
+  their gradients, so XLA skips their backward pass, and their BatchNorm statistics stay fixed
+  (`frozen_bn_parts`).
 
 With every fine-tuning key at its default the optimiser is exactly the plain one above (same
 state tree: checkpoints of earlier runs still resume).
@@ -40,7 +42,7 @@ import optax
 from isic_jax.models import part_of
 
 OPTIMIZER_NAMES: tuple[str, ...] = ("sgd", "adamw")
-FROZEN = "frozen"  # multi_transform label of frozen parameters
+FROZEN = "frozen"  # optax.partition label of frozen parameters
 HEAD = "head"
 
 
@@ -72,39 +74,38 @@ class FineTune:
 
     @property
     def splits_parameters(self) -> bool:
-        """Whether the optimiser treats parts differently (multi_transform)."""
+        """Whether the optimiser treats parts differently (optax.partition)."""
         return (self.backbone_lr_mult != 1.0 or self.layer_decay != 1.0
                 or self.freeze_stages > 0 or self.head_warmup_epochs > 0)
 
-    def frozen_parts(self, num_stages: int) -> tuple[str, ...]:
-        """The frozen parts: () for 0, ("stem",) for 1, ("stem", "stage1") for 2, ...
+    def frozen_parts(self, parts: tuple[str, ...]) -> tuple[str, ...]:
+        """The frozen parts of a model whose backbone parts are `parts` (input to output,
+        `models.model_parts`): () for 0, ("stem",) for 1, ("stem", "stage1") for 2, ...
 
         Raises:
-          ValueError: more than the stem and all `num_stages` stages.
+          ValueError: more parts than the backbone has.
         """
         k = int(self.freeze_stages)
-        if k > num_stages + 1:
+        if k > len(parts):
             raise ValueError(
-                f"config.finetune.freeze_stages={k} exceeds this model's stem + {num_stages} "
-                f"stages ({num_stages + 1}); the head always trains.")
-        return tuple(["stem"] + [f"stage{i}" for i in range(1, num_stages + 1)])[:k]
+                f"config.finetune.freeze_stages={k} exceeds this model's {len(parts)} parts "
+                f"({', '.join(parts)}); the head always trains.")
+        return tuple(parts[:k])
 
-    def frozen_bn_parts(self, num_stages: int) -> tuple[str, ...]:
+    def frozen_bn_parts(self, parts: tuple[str, ...]) -> tuple[str, ...]:
         """Parts whose BatchNorm keeps its running statistics in training (`create_model`'s
         frozen_bn): every part with freeze_bn, else the frozen parts."""
         if self.freeze_bn:
-            return tuple(["stem"] + [f"stage{i}" for i in range(1, num_stages + 1)])
-        return self.frozen_parts(num_stages)
+            return tuple(parts)
+        return self.frozen_parts(parts)
 
 
-def part_depth(part: str, num_stages: int) -> int:
-    """0 for the head, 1 for the last stage ... num_stages for stage1, num_stages + 1 for the
-    stem: the layer-decay exponent."""
+def part_depth(part: str, parts: tuple[str, ...]) -> int:
+    """0 for the head, 1 for the last backbone part ... len(parts) for the first (the stem):
+    the layer-decay exponent."""
     if part == HEAD:
         return 0
-    if part == "stem":
-        return num_stages + 1
-    return num_stages - int(part[len("stage"):]) + 1
+    return len(parts) - parts.index(part)
 
 
 def param_labels(params: Any, frozen: tuple[str, ...] = ()) -> Any:
@@ -189,7 +190,7 @@ def create_optimizer(
     total_steps: int,
     steps_per_epoch: int,
     finetune_config: Any = None,
-    num_stages: int = 4,
+    parts: tuple[str, ...] = ("stem", "stage1", "stage2", "stage3", "stage4"),
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Builds the optimiser named by `optim_config.name` and its learning-rate schedule.
 
@@ -200,8 +201,8 @@ def create_optimizer(
       total_steps: length of the run in optimiser updates (micro-steps // accumulation_steps).
       steps_per_epoch: optimiser updates per epoch (sets the warmup length).
       finetune_config: `config.finetune` (None: plain training); see the module docstring.
-      num_stages: stages of the ResNet (`models.num_stages(config.model)`): layer depths and
-        the parts freeze_stages can name.
+      parts: the model's backbone parts, input to output (`models.model_parts(config.model)`):
+        layer depths and the parts freeze_stages counts.
 
     Returns:
       (tx, schedule): tx maps gradients to updates (`optax.apply_updates` adds them); its
@@ -235,28 +236,28 @@ def create_optimizer(
         return optax.adamw(lr, weight_decay=weight_decay, mask=weight_decay_mask)
 
     ft = FineTune.from_config(finetune_config)
-    parts: list[optax.GradientTransformation] = []
+    chain: list[optax.GradientTransformation] = []
     if ft.splits_parameters:
-        frozen = ft.frozen_parts(num_stages)
+        frozen = ft.frozen_parts(parts)
         head_only = _head_only_steps(ft, total_steps, steps_per_epoch)
-        parts.append(mask_gradients(frozen, head_only))
+        chain.append(mask_gradients(frozen, head_only))
     clip = float(getattr(optim_config, "grad_clip_norm", 0.0))
     if clip > 0:
-        parts.append(optax.clip_by_global_norm(clip))
+        chain.append(optax.clip_by_global_norm(clip))
     if not ft.splits_parameters:
-        parts.append(base(schedule))
+        chain.append(base(schedule))
     else:
         transforms: dict[str, optax.GradientTransformation] = {HEAD: base(schedule)}
-        for part in ["stem"] + [f"stage{i}" for i in range(1, num_stages + 1)]:
+        for part in parts:
             if part not in frozen:
-                factor = ft.backbone_lr_mult * ft.layer_decay ** part_depth(part, num_stages)
+                factor = ft.backbone_lr_mult * ft.layer_decay ** part_depth(part, parts)
                 transforms[part] = base(backbone_schedule(
                     optim_config, total_steps, steps_per_epoch, factor, head_only))
         if frozen:
             transforms[FROZEN] = optax.set_to_zero()
-        parts.append(optax.multi_transform(
+        chain.append(optax.partition(
             transforms, lambda params: param_labels(params, frozen)))
-    tx = optax.chain(*parts)
+    tx = optax.chain(*chain)
 
     k = int(getattr(optim_config, "accumulation_steps", 1))
     if k < 1:

@@ -58,9 +58,9 @@ def create_train_state(
 
     Args:
       variables: {"params", "batch_stats"} to start from (pretrained weights, already matched
-        to the image-only `model` by `models.pretrained.load`) instead of a random init. A model
-        with a metadata branch takes the pretrained backbone, and its own random metadata
-        branch and head (whose input then holds the metadata features too).
+        to the image-only `model` by `training.weight_sources.load`) instead of a random init.
+        A model with a metadata branch takes the pretrained backbone, and its own random
+        metadata branch and head (whose input then holds the metadata features too).
     """
 
     if variables is None:
@@ -106,14 +106,14 @@ def abstract_train_state(config: Any, num_classes: int, metadata: Any = None) ->
     """Shapes and dtypes of a run's train state from its config (and its metadata encoder, when
     it has one) alone (jax.ShapeDtypeStruct leaves, nothing allocated): the restore target of
     `evaluate` and `export`."""
-    from isic_jax.models import create_model, num_stages
+    from isic_jax.models import create_model, model_parts
     from isic_jax.training.optim import create_optimizer
 
     model = create_model(config.model, num_classes, metadata=metadata)
     # The optimiser only shapes opt_state here (the schedule lengths do not matter).
     tx, _ = create_optimizer(config.optim, total_steps=1, steps_per_epoch=1,
                              finetune_config=config.get("finetune"),
-                             num_stages=num_stages(config.model))
+                             parts=model_parts(config.model))
     init_rng, _ = seed_keys(config.seed)
     use_ema = float(config.optim.ema_decay) > 0
     return jax.eval_shape(

@@ -1,0 +1,248 @@
+"""Where pretrained weights come from (`config.model.init_from`), read and matched to a model.
+
+    variables = load_pretrained("resnet50-0676ba61.pth", config.model, num_classes=2)
+    pre = load("hf-hub:timm/efficientnet_b0.ra_in1k", config.model, 2, image_size=224)
+    pre.variables, pre.mean, pre.std, pre.head, pre.ignored, pre.record()
+
+Sources: weight files, Hub repositories and snapshot folders (`models.weight_files`), and this
+project's own runs and exports, read here because they are checkpoints of the trainer: an
+isic_jax export (model.json + variables/) or workdir (config.json + checkpoints/) gives the best
+checkpoint by that run's train.best_metric, else the latest; the EMA weights when the run kept
+them (what it evaluated with). Matching to the model is `models.weight_mapping`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from isic_jax import config_utils
+from isic_jax.data.isic import labels
+from isic_jax.models import weight_files
+from isic_jax.models.weight_files import HUB_PREFIX, PretrainedError, Source, is_triple, short
+from isic_jax.models.weight_mapping import (
+    TRACE_SIZE,
+    FlatKey,
+    Pretrained,
+    flatten,
+    match,
+)
+from isic_jax.training import checkpointing
+
+# The folders an isic_jax run and export write. inference/export.py sits above this layer:
+# tests/test_pretrained.py checks that the export's names agree.
+RUN_CONFIG_FILE = config_utils.CONFIG_FILENAME
+RUN_CHECKPOINTS_DIR = checkpointing.CHECKPOINTS_DIR
+RUN_STATE_ITEM = checkpointing.STATE
+EXPORT_METADATA_FILE = "model.json"
+EXPORT_VARIABLES_DIR = "variables"
+
+PyTree = Any
+
+
+def load_pretrained(
+    source: str | os.PathLike,
+    model_config: Any,
+    num_classes: int,
+    *,
+    init_head: str = "auto",
+    class_names: Sequence[str] | None = None,
+    rng: jax.Array | None = None,
+    image_size: int = TRACE_SIZE,
+) -> dict[str, PyTree]:
+    """Variables for `create_model(model_config, num_classes)` from pretrained weights.
+
+    Args:
+      source: a `config.model.init_from` value (see the module docstring).
+      model_config: `config.model` (name, width; the rest does not shape the variables).
+      num_classes: the model's classes.
+      init_head: "auto" or "reinit" (see the module docstring).
+      class_names: this model's classes in order, when known: an isic_jax source's head is
+        kept only when they are its classes.
+      rng: PRNG key of a re-initialised head (default PRNGKey(0)).
+      image_size: the training input side, px (a ViT's position embedding depends on it).
+
+    Returns:
+      {"params": ..., "batch_stats": ...} of float32 jax arrays, ready for
+      `model.apply(variables, x, train=False)`.
+
+    Raises:
+      PretrainedError: the source is missing or unreadable, or does not fit the model.
+    """
+    pre = load(source, model_config, num_classes, init_head=init_head,
+               class_names=class_names, rng=rng, image_size=image_size)
+    return jax.tree.map(jnp.asarray, pre.variables)
+
+
+
+def load(
+    source: str | os.PathLike,
+    model_config: Any,
+    num_classes: int,
+    *,
+    init_head: str = "auto",
+    class_names: Sequence[str] | None = None,
+    rng: jax.Array | None = None,
+    image_size: int = TRACE_SIZE,
+) -> Pretrained:
+    """`load_pretrained` with what was done: the variables as host numpy arrays, the head
+    decision, the ignored keys, the normalisation and the provenance (see `Pretrained`)."""
+    return match(read_source(source), model_config, num_classes, init_head=init_head,
+                 class_names=class_names, rng=rng, image_size=image_size)
+
+
+
+def read_source(spec: str | os.PathLike) -> Source:
+    """Resolves and reads `config.model.init_from` (see the module docstring).
+
+    Raises:
+      PretrainedError: nothing there, an unknown kind of file, or unreadable contents.
+    """
+    spec = os.fspath(spec)
+    if not spec:
+        raise PretrainedError("config.model.init_from is empty: nothing to load")
+    if spec.startswith(HUB_PREFIX):
+        return weight_files.read_hub(spec)
+    path = pathlib.Path(spec).expanduser()
+    if not path.exists():
+        raise PretrainedError(
+            f"config.model.init_from={spec!r}: {path.absolute()} does not exist (a weights file, "
+            f"an isic_jax workdir or export folder, or {HUB_PREFIX}ORG/NAME)")
+    path = path.absolute()
+    if path.is_dir():
+        return _read_folder(spec, path)
+    return weight_files.read_weights_file(spec, path)
+
+
+
+def _read_folder(spec: str, path: pathlib.Path) -> Source:
+    if (path / EXPORT_METADATA_FILE).is_file() and (path / EXPORT_VARIABLES_DIR).is_dir():
+        return _read_isic_export(spec, path)
+    if (path / RUN_CONFIG_FILE).is_file() and (path / RUN_CHECKPOINTS_DIR).is_dir():
+        return _read_isic_workdir(spec, path)
+    src = weight_files.read_weights_folder(spec, path)
+    if src is not None:
+        return src
+    raise PretrainedError(
+        f"config.model.init_from={spec!r}: {path} is a folder but neither an isic_jax export "
+        f"({EXPORT_METADATA_FILE} + {EXPORT_VARIABLES_DIR}/), an isic_jax workdir "
+        f"({RUN_CONFIG_FILE} + {RUN_CHECKPOINTS_DIR}/), nor a weights folder "
+        f"({' or '.join(weight_files.HUB_WEIGHT_FILES)})")
+
+
+
+def _read_isic_export(spec: str, path: pathlib.Path) -> Source:
+    meta_path = path / EXPORT_METADATA_FILE
+    try:
+        meta = json.loads(meta_path.read_text())
+        model = meta["model"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PretrainedError(f"{meta_path}: not an isic_jax model.json ({short(e)})") from e
+    src = Source(spec=spec, kind="isic_jax", origin="isic_jax-export", path=path)
+    src.variables = _restore_numpy(path / EXPORT_VARIABLES_DIR, ("params", "batch_stats"))
+    src.architecture, src.width = str(model.get("name")), int(model.get("width", 64))
+    src.class_names = [str(c) for c in meta.get("class_names", [])] or None
+    pre = meta.get("preprocessing", {})
+    if is_triple(pre.get("mean")) and is_triple(pre.get("std")):
+        src.mean, src.std = tuple(pre["mean"]), tuple(pre["std"])
+    checkpoint = meta.get("checkpoint", {})
+    src.details.update({"step": checkpoint.get("step"), "run": checkpoint.get("workdir"),
+                        "ema": bool(meta.get("variables", {}).get("ema", False)),
+                        "release": meta.get("release"), "task": meta.get("task")})
+    return src
+
+
+
+def _read_isic_workdir(spec: str, path: pathlib.Path) -> Source:
+    try:
+        config = json.loads((path / RUN_CONFIG_FILE).read_text())
+        model = config["model"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PretrainedError(f"{path / RUN_CONFIG_FILE}: not an isic_jax run config "
+                              f"({short(e)})") from e
+    directory = path / RUN_CHECKPOINTS_DIR
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    with ocp.CheckpointManager(directory, options=options) as manager:
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise PretrainedError(f"{directory} holds no finished checkpoint")
+        metric = str(config.get("train", {}).get("best_metric", "auc"))
+        best = _best_step(steps, metric, config_utils.best_metric_mode(metric), manager.metrics)
+    step = best if best is not None else steps[-1]
+    state = directory / str(step) / RUN_STATE_ITEM
+    tree = _restore_numpy(state, ("params", "batch_stats", "ema"))
+    ema = {k[1:]: v for k, v in tree.items() if k[0] == "ema"}
+    use_ema = bool(ema)
+    variables = ema if use_ema else {k: v for k, v in tree.items() if k[0] != "ema"}
+    src = Source(spec=spec, kind="isic_jax", origin="isic_jax-workdir", path=path,
+                 variables=variables)
+    src.architecture, src.width = str(model.get("name")), int(model.get("width", 64))
+    src.class_names = _run_class_names(config.get("data", {}))
+    data = config.get("data", {})
+    if is_triple(data.get("mean")) and is_triple(data.get("std")):
+        src.mean, src.std = tuple(data["mean"]), tuple(data["std"])
+    src.details.update({
+        "step": int(step), "checkpoint": "best" if best is not None else "latest",
+        "best_metric": metric if best is not None else None, "ema": use_ema,
+        "release": data.get("release"), "task": data.get("task"),
+    })
+    which = f"best by {metric}" if best is not None else "latest: no step has validation metrics"
+    src.notes.append(f"Checkpoint step {step} of {path} ({which}; "
+                     f"{'EMA' if use_ema else 'live'} weights).")
+    return src
+
+
+
+def _best_step(steps: list[int], metric: str, mode: str, metrics_of: Any) -> int | None:
+    """The step with the best finite `metric` (ties: the later step); None when none has it."""
+    best, best_value = None, None
+    for step in steps:
+        try:
+            value = float((metrics_of(step) or {}).get(metric))
+        except (TypeError, ValueError):
+            continue
+        if not np.isfinite(value):
+            continue
+        better = best_value is None or (value >= best_value if mode == "max"
+                                        else value <= best_value)
+        if better:
+            best, best_value = step, value
+    return best
+
+
+
+def _run_class_names(data: Mapping[str, Any]) -> list[str] | None:
+    if data.get("task") == "binary":
+        return list(labels.LABEL_NAMES)
+    return list(labels.DIAGNOSIS_CLASSES.get(str(data.get("release")), [])) or None
+
+
+
+def _restore_numpy(path: pathlib.Path, keys: Sequence[str]) -> dict[FlatKey, np.ndarray]:
+    """The `keys` subtrees of an Orbax PyTree checkpoint as host numpy arrays (nothing else
+    is read: an optimiser state stays on disk), flattened."""
+    try:
+        # The item's own metadata (a Checkpointer would also look for a step-level file, which
+        # an item of a composite checkpoint does not have, and log about it).
+        handler = ocp.StandardCheckpointHandler()
+        try:
+            metadata = handler.metadata(path)
+        finally:
+            handler.close()
+        tree = getattr(metadata, "tree", metadata)
+        item = {k: tree[k] for k in keys if k in tree}
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+        with ocp.PyTreeCheckpointer() as ckptr:
+            out = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+                item=item, restore_args=restore_args, partial_restore=True))
+    except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many types
+        raise PretrainedError(f"{path}: the checkpoint cannot be read ({short(e)})") from e
+    return {k: np.asarray(v) for k, v in flatten(out).items()}
