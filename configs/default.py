@@ -105,7 +105,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.batch_size = 256  # global, over all devices and processes
     config.train.num_epochs = 15.0
     config.train.num_steps = -1  # >0 overrides num_epochs
-    config.train.parallelism = "pmap"  # pmap | jit (over a Mesh of all devices)
+    # jit over a Mesh of all devices (what big_vision and MaxText run; jax.pmap is in maintenance
+    # mode since JAX 0.8), or pmap (the Flax ImageNet example's); checkpoints move between them.
+    config.train.parallelism = "jit"
     config.train.log_every = 50  # steps between metric pulls from the devices
     config.train.eval_every = 1000  # steps; also evaluates at the end
     config.train.checkpoint_every = 1000

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import math
 import os
 import pathlib
 import shutil
@@ -89,3 +90,25 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def to_json_compatible(obj: Any) -> Any:
+    """Nested dicts/lists/tuples of numpy or Python values -> JSON values (NaN/inf -> None)."""
+    if isinstance(obj, dict):
+        return {str(k): to_json_compatible(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_json_compatible(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_json_compatible(obj.tolist())
+    if isinstance(obj, bool | np.bool_):
+        return bool(obj)
+    if isinstance(obj, int | np.integer):
+        return int(obj)
+    if isinstance(obj, float | np.floating):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    if isinstance(obj, bytes | np.bytes_):
+        return obj.decode("utf8", errors="replace")
+    if obj is None or isinstance(obj, str):
+        return obj
+    raise TypeError(f"cannot make {type(obj).__name__} JSON-compatible")

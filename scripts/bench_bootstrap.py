@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 def synthetic_split(n: int, seed: int = 0):
     """predictions.Predictions of an ISIC 2020-like split (binary, patient ids, metadata)."""
-    from isic_jax.evaluation import predictions
+    from isic_jax.training import predictions
 
     rng = np.random.default_rng(seed)
     patient = np.sort(rng.integers(0, max(1, n // 16), n))
@@ -56,7 +56,8 @@ def main() -> None:
 
     from sklearn.metrics import roc_auc_score
 
-    from isic_jax.evaluation import analysis, bootstrap, metrics
+    from isic_jax import metrics
+    from isic_jax.evaluation import analysis, bootstrap
 
     preds = synthetic_split(args.images)
     settings = analysis.EvalSettings(bootstrap_samples=args.resamples)

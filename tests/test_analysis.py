@@ -9,7 +9,9 @@ import re
 import numpy as np
 import pytest
 
-from isic_jax.evaluation import analysis, html_report, metrics, predictions, report
+from isic_jax import metrics
+from isic_jax.evaluation import analysis, html_report, report
+from isic_jax.training import predictions
 
 NAMES = ["benign", "malignant"]
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from isic_jax.evaluation import bootstrap, calibration, metrics, operating_points
+from isic_jax import metrics
+from isic_jax.evaluation import bootstrap, calibration, operating_points
 
 
 def _data(seed: int, n: int, tied: bool, prevalence: float = 0.3):

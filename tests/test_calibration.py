@@ -9,7 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from isic_jax.evaluation import calibration, metrics
+from isic_jax import metrics
+from isic_jax.evaluation import calibration
 
 
 def _torchmetrics_ece(conf, acc, n_bins: int = 15) -> tuple[float, float]:

@@ -72,9 +72,8 @@ def test_min_mode_and_non_finite_metrics(tmp_path: pathlib.Path) -> None:
 
 
 def test_resume_continues_from_latest_not_best(tmp_path: pathlib.Path, monkeypatch, capsys):
-    from isic_jax.evaluation import predictions
     from isic_jax.testing import runs
-    from isic_jax.training import loop
+    from isic_jax.training import loop, predictions
 
     # Validation AUC 0.9 at step 3, then worse: the best checkpoint is older than the latest.
     fake_auc = iter([0.9, 0.5, 0.4])

@@ -73,8 +73,8 @@ def test_every_key_of_the_default_preset_has_a_value_check() -> None:
     from isic_jax import config_utils
 
     keys = config_utils.reference_keys()
-    assert keys == set(config_utils._CHECKS) - config_utils._OPTIONAL
-    assert set(config_utils._CHECKS) >= config_utils._OPTIONAL
+    assert keys == set(config_utils.schema._CHECKS) - config_utils.schema._OPTIONAL
+    assert set(config_utils.schema._CHECKS) >= config_utils.schema._OPTIONAL
     config = _configs()["smoke"]
     config.data.augment.interpolation = "cubic"
     with pytest.raises(config_utils.ConfigError, match="config.data.augment.interpolation"):

@@ -24,8 +24,9 @@ pytestmark = pytest.mark.usefixtures("compile_cache")
 
 def _cli(*args: str, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
     full = {**cache_env(os.environ), "CI": "true", "JAX_PLATFORMS": "cpu", **env}
-    return subprocess.run([sys.executable, "-m", "isic_jax", *args], cwd=str(REPO), env=full,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    # The CLI with the test kill hooks installed (they act only when ISIC_JAX_TEST_KILL_AT is set).
+    return subprocess.run([sys.executable, "-m", "isic_jax.testing.cli", *args], cwd=str(REPO),
+                          env=full, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ import math
 import numpy as np
 import pytest
 
-from isic_jax.evaluation import compare, delong, metrics
+from isic_jax import metrics
+from isic_jax.evaluation import compare, delong
 
 
 def _components(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

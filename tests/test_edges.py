@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -186,3 +187,18 @@ def test_dataset_of_another_release_or_size_names_what_is_there(prepared) -> Non
         assert f"holds isic/isic2020_40 but not isic/{release}_{size}" in message
         assert "--config.data.release=isic2020 --config.data.stored_size=40" in message
         assert f"--image-size {size}" in message
+
+
+def test_one_exit_code_table() -> None:
+    """Every command uses `commands.ExitCode`; the preemption status is the one the training
+    loop's guard documents, and no two meanings share a number."""
+    from isic_jax.commands import ExitCode
+    from isic_jax.training import preemption
+
+    assert ExitCode.PREEMPTED == preemption.EXIT_PREEMPTED == 75
+    assert len({int(code) for code in ExitCode}) == len(ExitCode)
+    commands = pathlib.Path(__file__).resolve().parents[1] / "isic_jax" / "commands"
+    for path in commands.glob("*.py"):
+        text = path.read_text()
+        assert "EXIT_" not in text, f"{path.name} defines its own exit codes"
+        assert not re.search(r"fail\([^)]*, \d+\)", text), f"{path.name} fails with a bare number"

@@ -221,7 +221,8 @@ def test_several_releases_report_metrics_per_source(tmp_path) -> None:
 
 
 def test_patient_context_ranks_and_centres_within_each_patient() -> None:
-    from isic_jax.evaluation import features, predictions
+    from isic_jax.evaluation import features
+    from isic_jax.training import predictions
 
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5], [0.4, 0.6]], np.float32)
     preds = predictions.Predictions(

@@ -1,4 +1,4 @@
-"""isic_jax.evaluation.metrics against scikit-learn and against worked examples computed by hand."""
+"""isic_jax.metrics against scikit-learn and against worked examples computed by hand."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from isic_jax.evaluation import metrics
+from isic_jax import metrics
+from isic_jax.utils import to_json_compatible
 
 
 def _random_binary(seed: int, n: int = 300, ties: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -280,4 +281,4 @@ def test_classification_metrics_rejects_bad_shapes():
 
 def test_to_json_compatible_converts_numpy():
     value = {"a": np.float32(0.5), "b": np.int64(3), "c": np.array([1.0, np.nan]), "d": np.True_}
-    assert metrics.to_json_compatible(value) == {"a": 0.5, "b": 3, "c": [1.0, None], "d": True}
+    assert to_json_compatible(value) == {"a": 0.5, "b": 3, "c": [1.0, None], "d": True}

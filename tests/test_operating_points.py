@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from isic_jax.evaluation import metrics, operating_points
+from isic_jax import metrics
+from isic_jax.evaluation import operating_points
 
 
 def _data(seed: int, n: int = 300, tied: bool = False):

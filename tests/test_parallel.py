@@ -138,3 +138,27 @@ def test_create_rejects_unknown_mode() -> None:
 
     with pytest.raises(config_utils.ConfigError, match="config.train.parallelism"):
         parallel.DataParallel.create("foo")
+
+
+@pytest.mark.parametrize("first,second", [("pmap", "jit"), ("jit", "pmap")])
+def test_a_checkpoint_resumes_under_the_other_parallelism(tmp_path, first, second) -> None:
+    """Half a run under one mode, the rest under the other: the same final state as the whole
+    run under the second mode (the checkpoint holds unreplicated arrays either way). No dropout:
+    pmap folds the device index into its key, so its masks are not jit's."""
+    from train_helpers import make_data, restore_params, standard_config
+
+    from isic_jax.testing import runs
+
+    whole = tmp_path / "whole"
+    config = standard_config(**{"train.parallelism": second, "model.dropout": 0.0})
+    runs.train(config, whole, data=make_data(config))
+    split = tmp_path / "split"
+    runs.train(standard_config(**{"train.parallelism": first, "model.dropout": 0.0}), split,
+               data=make_data(config),
+               stop_after_step=3)  # checkpoint_every=3: as if killed right after saving step 3
+    result = runs.train(config, split, data=make_data(config))
+    assert result["step"] == 6
+    expected, got = restore_params(whole), restore_params(split)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], rtol=2e-5, atol=2e-6, err_msg=key)

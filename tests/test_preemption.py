@@ -123,7 +123,7 @@ def test_guard_rejects_bad_arguments(kwargs):
 def test_worker_processes_can_ignore_stop_signals():
     code = (
         "import os, signal\n"
-        "from isic_jax.training.preemption import ignore_stop_signals\n"
+        "from isic_jax.runtime import ignore_stop_signals\n"
         "ignore_stop_signals(0, 1)\n"
         "os.kill(os.getpid(), signal.SIGTERM)\n"
         "os.kill(os.getpid(), signal.SIGINT)\n"

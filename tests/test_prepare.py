@@ -142,7 +142,7 @@ def test_cli_exit_codes(source, tmp_path):
     cmd = [sys.executable, "-m", "isic_jax", "prepare", "--data-dir", os.fspath(tmp_path / "d")]
     proc = subprocess.run([*cmd, "--source", os.fspath(bad)], cwd=REPO, capture_output=True,
                           text=True)  # fmt: skip
-    assert proc.returncode == 1
+    assert proc.returncode == 4  # ExitCode.DATA
     assert "isic-jax prepare: error: --format auto recognised no ISIC release" in proc.stderr
     assert "isic2024: train-metadata.csv" in proc.stderr
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from isic_jax.evaluation import metrics, report
+from isic_jax import metrics
+from isic_jax.evaluation import report
 
 SITES = np.array(["torso", "lower extremity", "head/neck", "oral/genital", "unknown"])
 

@@ -1,4 +1,4 @@
-"""isic_jax.evaluation.metrics against the official scorers.
+"""isic_jax.metrics against the official scorers.
 
 - `isic-challenge-scoring` (the ISIC challenge platform's scorer; in the test extra): per-class
   sensitivity, specificity, accuracy, PPV, NPV, AUC, its raw `auc_sens_80` and average precision,
@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from isic_challenge_scoring.classification import ClassificationMetric, ClassificationScore
 
-from isic_jax.evaluation import metrics
+from isic_jax import metrics
 
 # The scorer's own deprecated pandas calls (Series.rename(inplace=...)) under pandas 3.
 pytestmark = pytest.mark.filterwarnings("ignore:The inplace keyword:DeprecationWarning",

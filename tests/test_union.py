@@ -10,9 +10,9 @@ from isic_jax import config_utils
 from isic_jax.data import dataset, union
 from isic_jax.data import prepare as prepare_lib
 from isic_jax.data.isic import labels as L
-from isic_jax.evaluation.predictions import Predictions
 from isic_jax.inference import export
 from isic_jax.testing import layouts
+from isic_jax.training.predictions import Predictions
 
 SIZE = 32
 

@@ -6,12 +6,36 @@ whose XLA flags the commands set first).
 
 from __future__ import annotations
 
+import enum
 import sys
 from typing import NoReturn, TypeVar
 
 from absl import app, flags
 
 _T = TypeVar("_T")
+
+
+class ExitCode(enum.IntEnum):
+    """The exit status of every `isic-jax` command (docs/cli.md lists the same table)."""
+
+    OK = 0
+    # absl's own status for a flag it cannot parse (an unknown flag, a `--config.a.b` override
+    # of an unknown key or of the wrong type).
+    FLAGS = 1
+    # Bad arguments or config values, a bad distributed setup, a workdir of the wrong kind.
+    USAGE = 2
+    # The training loss became NaN/Inf.
+    NON_FINITE = 3
+    # The data is missing or unusable: a dataset not prepared, a download no release matches.
+    DATA = 4
+    # A workdir's checkpoints cannot be used (another model's, none readable).
+    CHECKPOINT = 5
+    # Pretrained weights (config.model.init_from) cannot be read or do not fit the model.
+    WEIGHTS = 6
+    # `export --verify`: the exported program's outputs differ from the model's.
+    MISMATCH = 7
+    # Stopped by SIGTERM/SIGINT after saving a checkpoint (EX_TEMPFAIL: run it again to resume).
+    PREEMPTED = 75
 
 
 def underscore_alias(holder: flags.FlagHolder[_T]) -> flags.FlagHolder[_T]:
@@ -40,7 +64,7 @@ def checkpoint_flag_value(value: str) -> str:
     return value
 
 
-def fail(command: str, error: object, status: int) -> NoReturn:
+def fail(command: str, error: object, status: ExitCode) -> NoReturn:
     """Print `isic-jax COMMAND: error` on stderr and exit with `status`."""
     print(f"isic-jax {command}: {error}", file=sys.stderr, flush=True)
-    sys.exit(status)
+    sys.exit(int(status))

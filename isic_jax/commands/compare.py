@@ -15,7 +15,8 @@ import pathlib
 
 from absl import app, flags
 
-from isic_jax.commands import fail, underscore_alias
+from isic_jax.commands import ExitCode, fail, underscore_alias
+from isic_jax.evaluation import compare
 
 _SPLIT = flags.DEFINE_string("split", "val", "The evaluated split of both runs.")
 _SAMPLES = underscore_alias(flags.DEFINE_integer(
@@ -25,25 +26,21 @@ _LEVEL = flags.DEFINE_float("level", 0.95, "Level of the intervals.", lower_boun
                             upper_bound=0.999)
 _OUTPUT = flags.DEFINE_string("output", None, "Also write the comparison as JSON to this file.")
 
-EXIT_USAGE = 2
-
 
 def main(argv: list[str]) -> None:
     if len(argv) != 3:
         raise app.UsageError("give two runs: isic-jax compare RUN_A RUN_B [--split val]")
-    from isic_jax.evaluation import compare
-
     try:
         result = compare.compare_runs(argv[1], argv[2], _SPLIT.value,
                                       num_resamples=_SAMPLES.value, seed=_SEED.value,
                                       level=_LEVEL.value)
     except (compare.CompareError, FileNotFoundError) as e:
-        fail("compare", e, EXIT_USAGE)
+        fail("compare", e, ExitCode.USAGE)
     print(compare.summary_text(result), flush=True)
     if _OUTPUT.value:
         path = pathlib.Path(_OUTPUT.value)
         if path.exists() and path.is_dir():
-            fail("compare", f"--output {path} is a folder", EXIT_USAGE)
+            fail("compare", f"--output {path} is a folder", ExitCode.USAGE)
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {path}", flush=True)
 

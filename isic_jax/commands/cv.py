@@ -13,8 +13,9 @@ Job: scripts/launch/) share the folds of one workdir; `isic-jax cv --workdir W -
 `--checkpoint last` (default) scores the last checkpoint of each fold; `best` the best by
 config.train.best_metric, which was chosen on that same fold, so its OOF figures are optimistic.
 
-Exit status as `isic-jax train` (0 done, 1 bad flag, 2 bad config, folds or workdir, 3 NaN loss,
-4 dataset not prepared, 5 unusable checkpoints, 75 stopped by a signal after saving).
+Exit status as `isic-jax train` (`commands.ExitCode`: 0 done, 1 bad flag, 2 bad config, folds or
+workdir, 3 NaN loss, 4 dataset not prepared, 5 unusable checkpoints, 6 unusable pretrained
+weights, 75 stopped by a signal after saving).
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from isic_jax import config_utils
-from isic_jax.commands import fail, no_arguments
-from isic_jax.training import distributed
+from isic_jax.commands import ExitCode, fail, no_arguments
+from isic_jax.data import dataset
+from isic_jax.evaluation import cv
+from isic_jax.models import PretrainedError
+from isic_jax.training import checkpointing, distributed, loop
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (or preset name) with get_config(); not needed with "
@@ -47,11 +51,6 @@ flags.mark_flags_as_required(["workdir"])
 config_utils.friendly_override_errors(_CONFIG)
 _DIST = distributed.define_flags()
 flags.adopt_module_key_flags(distributed)
-
-EXIT_USAGE = 2
-EXIT_NON_FINITE = 3
-EXIT_DATA = 4
-EXIT_CHECKPOINT = 5
 
 
 def _ints(values: list[str] | None, flag: str) -> list[int] | None:
@@ -74,17 +73,13 @@ def main(argv: list[str]) -> None:
         try:
             config_utils.validate_config(config)
         except OSError as e:  # the config file could not be loaded (ml_collections defers it)
-            fail("cv", " ".join(str(e).split()), EXIT_USAGE)
+            fail("cv", " ".join(str(e).split()), ExitCode.USAGE)
         except config_utils.ConfigError as e:
-            fail("cv", e, EXIT_USAGE)
+            fail("cv", e, ExitCode.USAGE)
     try:
         _DIST.maybe_initialize()
     except distributed.DistributedError as e:
-        fail("cv", e, EXIT_USAGE)
-
-    from isic_jax.data import dataset
-    from isic_jax.evaluation import cv
-    from isic_jax.training import checkpointing, loop, preemption
+        fail("cv", e, ExitCode.USAGE)
 
     try:
         if _SUMMARIZE.value:
@@ -93,15 +88,17 @@ def main(argv: list[str]) -> None:
         result = cv.run_cv(config, _WORKDIR.value, folds=folds, seeds=seeds,
                            checkpoint=_CHECKPOINT.value)
     except (cv.CVError, config_utils.ConfigError) as e:
-        fail("cv", e, EXIT_USAGE)
+        fail("cv", e, ExitCode.USAGE)
     except loop.NonFiniteError as e:
-        fail("cv", e, EXIT_NON_FINITE)
+        fail("cv", e, ExitCode.NON_FINITE)
     except dataset.DataNotFoundError as e:
-        fail("cv", e, EXIT_DATA)
+        fail("cv", e, ExitCode.DATA)
     except checkpointing.CheckpointError as e:
-        fail("cv", e, EXIT_CHECKPOINT)
+        fail("cv", e, ExitCode.CHECKPOINT)
+    except PretrainedError as e:
+        fail("cv", e, ExitCode.WEIGHTS)
     if result["stopped_by_signal"]:
-        sys.exit(preemption.EXIT_PREEMPTED)
+        sys.exit(ExitCode.PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ of it in one self-contained file). On --split val the temperature and the thresh
 other splits reuse those of eval/val for the same checkpoint. The flags override the run's
 config.eval values. `--features FILE` also writes, per image, the probabilities, the
 penultimate-layer embedding, the metadata and the patient context, for a tabular stacker
-(CSV or Parquet by the file's extension). Exit status 2 when there is no such run, checkpoint or
-split, or a bad value.
+(CSV or Parquet by the file's extension). Exit status (`commands.ExitCode`): 2 when there is no
+such run, checkpoint or split, or a bad value; 4 when the run's dataset is not prepared.
 """
 
 from __future__ import annotations
@@ -23,7 +23,15 @@ import os
 from absl import app, flags
 
 from isic_jax import config_utils
-from isic_jax.commands import checkpoint_flag_value, fail, no_arguments, underscore_alias
+from isic_jax.commands import (
+    ExitCode,
+    checkpoint_flag_value,
+    fail,
+    no_arguments,
+    underscore_alias,
+)
+from isic_jax.data import dataset
+from isic_jax.evaluation import evaluate
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder written by `isic-jax train`.")
 _SPLIT = flags.DEFINE_string(
@@ -51,24 +59,21 @@ _FEATURES = flags.DEFINE_string(
     "metadata, patient context) to this .csv or .parquet file.")
 flags.mark_flags_as_required(["workdir"])
 
-EXIT_USAGE = 2
-
 
 def main(argv: list[str]) -> None:
     no_arguments(argv)
     which = checkpoint_flag_value(_CHECKPOINT.value)
-    from isic_jax.data import dataset
-    from isic_jax.evaluation import evaluate
-
     try:
         result = evaluate.evaluate_checkpoint(
             _WORKDIR.value, _SPLIT.value, which, report=_REPORT.value,
             bootstrap_samples=_BOOTSTRAP.value, threshold_method=_METHOD.value,
             target_sensitivity=_TARGET.value, features_path=_FEATURES.value,
         )
+    except dataset.DataNotFoundError as e:
+        fail("evaluate", e, ExitCode.DATA)
     except (FileNotFoundError, config_utils.ConfigError, dataset.UnknownSplitError,
             ValueError) as e:
-        fail("evaluate", e, EXIT_USAGE)
+        fail("evaluate", e, ExitCode.USAGE)
     print(summary_text(result))
     out_dir = os.path.join(_WORKDIR.value, "eval", _SPLIT.value)
     print(f"wrote {out_dir}/metrics.json and predictions.csv")

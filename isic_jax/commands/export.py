@@ -18,7 +18,9 @@ from __future__ import annotations
 from absl import app, flags
 
 from isic_jax import config_utils
-from isic_jax.commands import checkpoint_flag_value, fail, no_arguments
+from isic_jax.commands import ExitCode, checkpoint_flag_value, fail, no_arguments
+from isic_jax.evaluation import cv
+from isic_jax.inference import ensemble, export
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run folder written by `isic-jax train`, or a cv workdir (an ensemble)."
@@ -42,18 +44,12 @@ _VERIFY = flags.DEFINE_bool(
 )
 flags.mark_flags_as_required(["output"])
 
-EXIT_USAGE = 2
-EXIT_MISMATCH = 3
-
 
 def main(argv: list[str]) -> None:
     no_arguments(argv)
     which = checkpoint_flag_value(_CHECKPOINT.value)
     if (_WORKDIR.value is None) == (_MEMBERS.value is None):
         raise app.UsageError("give exactly one of --workdir and --members")
-    from isic_jax.evaluation import cv
-    from isic_jax.inference import ensemble, export
-
     options = {"platforms": _PLATFORMS.value, "overwrite": _OVERWRITE.value,
                "verify": _VERIFY.value}
     try:
@@ -67,9 +63,9 @@ def main(argv: list[str]) -> None:
             meta = export.export_checkpoint(_WORKDIR.value, _OUTPUT.value, which, tta=_TTA.value,
                                             **options)
     except (FileNotFoundError, FileExistsError, config_utils.ConfigError, cv.CVError) as e:
-        fail("export", e, EXIT_USAGE)
+        fail("export", e, ExitCode.USAGE)
     except export.ExportError as e:
-        fail("export", e, EXIT_MISMATCH)
+        fail("export", e, ExitCode.MISMATCH)
     if meta.get("members"):
         _print_ensemble(meta)
         return

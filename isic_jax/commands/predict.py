@@ -19,7 +19,8 @@ import sys
 
 from absl import app, flags
 
-from isic_jax.commands import fail, no_arguments, underscore_alias
+from isic_jax.commands import ExitCode, fail, no_arguments, underscore_alias
+from isic_jax.inference import predict
 
 _MODEL = flags.DEFINE_string("model", None, "Folder written by `isic-jax export`.")
 _INPUT = flags.DEFINE_string("input", None, "Folder of images, or a CSV listing them.")
@@ -46,13 +47,9 @@ _NO_CALIBRATION = underscore_alias(flags.DEFINE_bool(
     "scaling, and the threshold chosen for uncalibrated scores."))
 flags.mark_flags_as_required(["model", "input", "output"])
 
-EXIT_USAGE = 2
-
 
 def main(argv: list[str]) -> None:
     no_arguments(argv)
-    from isic_jax.inference import predict
-
     try:
         summary = predict.predict_to_csv(
             _MODEL.value, _INPUT.value, _OUTPUT.value, tta_flips=_TTA.value,
@@ -60,7 +57,7 @@ def main(argv: list[str]) -> None:
             num_workers=_WORKERS.value or None, calibrate=not _NO_CALIBRATION.value,
         )
     except (FileNotFoundError, ValueError) as e:  # InputError, SubmissionError are ValueErrors
-        fail("predict", e, EXIT_USAGE)
+        fail("predict", e, ExitCode.USAGE)
     n = len(summary.items)
     print(
         f"Predicted {n - summary.num_failed}/{n} images in {summary.seconds:.1f} s on "

@@ -4,8 +4,9 @@ isic-jax prepare --source ~/isic2020 --data-dir ~/tensorflow_datasets --image-si
     [--format auto|archive|isic2016|...|isic2024] [--num-folds 5] [--report prepare.json]
 
 Prints the dataset name and config, examples and class counts per split, and every skipped input
-with its reason. Exit status 1 (message on stderr) for a layout that matches no release, a source
-with no usable example, or an existing dataset built with other options. A second run over the
+with its reason. Exit status 4 (`commands.ExitCode.DATA`, message on stderr) for a layout that
+matches no release, a source with no usable example, or an existing dataset built with other
+options. A second run over the
 same output is a no-op and says so.
 """
 
@@ -15,7 +16,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 from isic_jax import logging_utils
-from isic_jax.commands import fail, no_arguments, underscore_alias
+from isic_jax.commands import ExitCode, fail, no_arguments, underscore_alias
 from isic_jax.data import prepare as prepare_lib
 from isic_jax.data.isic import isic as isic_lib
 
@@ -82,7 +83,7 @@ def main(argv: list[str]) -> None:
             report_path=_REPORT.value,
         )
     except prepare_lib.PrepareError as exc:
-        fail("prepare", f"error: {exc}", 1)
+        fail("prepare", f"error: {exc}", ExitCode.DATA)
     print(prepare_lib.format_summary(report))
     if _REPORT.value:
         print(f"\nreport written to {_REPORT.value}")

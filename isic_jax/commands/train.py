@@ -14,7 +14,7 @@ finishes its current step, they all save a checkpoint of that same step and exit
 rerunning the same command resumes. A second signal or SIGKILL ends a process at once; the last
 completed checkpoint is kept.
 
-Exit status:
+Exit status (`commands.ExitCode`, the same in every command):
   0   training done (or nothing left to do)
   1   bad flags (absl: unknown flag, `--config.a.b` override of an unknown key or of the wrong type)
   2   bad config value, or bad distributed setup (incomplete flags, coordinator port in use)
@@ -35,8 +35,11 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from isic_jax import config_utils
-from isic_jax.commands import fail, no_arguments
-from isic_jax.training import distributed
+from isic_jax.commands import ExitCode, fail, no_arguments
+from isic_jax.data import dataset
+from isic_jax.evaluation import cv
+from isic_jax.models import PretrainedError
+from isic_jax.training import checkpointing, distributed, loop
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Python config file with get_config(), e.g. configs/default.py.",
@@ -50,12 +53,6 @@ config_utils.friendly_override_errors(_CONFIG)
 _DIST = distributed.define_flags()
 flags.adopt_module_key_flags(distributed)
 
-EXIT_CONFIG = 2
-EXIT_NON_FINITE = 3
-EXIT_DATA = 4
-EXIT_CHECKPOINT = 5
-EXIT_WEIGHTS = 6
-
 
 def main(argv: list[str]) -> None:
     no_arguments(argv)
@@ -63,40 +60,34 @@ def main(argv: list[str]) -> None:
     try:
         config_utils.validate_config(config)
     except OSError as e:  # the config file could not be loaded (ml_collections defers it)
-        fail("train", " ".join(str(e).split()), EXIT_CONFIG)
+        fail("train", " ".join(str(e).split()), ExitCode.USAGE)
     except config_utils.ConfigError as e:
-        fail("train", e, EXIT_CONFIG)
-    from isic_jax.evaluation import cv
-
+        fail("train", e, ExitCode.USAGE)
     if cv.is_cv_workdir(_WORKDIR.value):
         fail("train", f"{_WORKDIR.value} is a cross-validation workdir ({cv.MANIFEST}): resume "
              f"it with `isic-jax cv --config ... --workdir {_WORKDIR.value}`, or train into a new "
-             f"--workdir", EXIT_CONFIG)
+             f"--workdir", ExitCode.USAGE)
     # First JAX call of the process: joining the other processes must come before anything
     # touches a device (importing jax alone does not).
     try:
         _DIST.maybe_initialize()
     except distributed.DistributedError as e:
-        fail("train", e, EXIT_CONFIG)
-
-    from isic_jax.data import dataset
-    from isic_jax.models import PretrainedError
-    from isic_jax.training import checkpointing, loop, preemption
+        fail("train", e, ExitCode.USAGE)
 
     try:
         result = loop.train_and_evaluate(config, _WORKDIR.value)
     except config_utils.ConfigError as e:
-        fail("train", e, EXIT_CONFIG)
+        fail("train", e, ExitCode.USAGE)
     except loop.NonFiniteError as e:
-        fail("train", e, EXIT_NON_FINITE)
+        fail("train", e, ExitCode.NON_FINITE)
     except dataset.DataNotFoundError as e:
-        fail("train", e, EXIT_DATA)
+        fail("train", e, ExitCode.DATA)
     except checkpointing.CheckpointError as e:
-        fail("train", e, EXIT_CHECKPOINT)
+        fail("train", e, ExitCode.CHECKPOINT)
     except PretrainedError as e:
-        fail("train", e, EXIT_WEIGHTS)
+        fail("train", e, ExitCode.WEIGHTS)
     if result.get("stopped_by_signal"):
-        sys.exit(preemption.EXIT_PREEMPTED)
+        sys.exit(ExitCode.PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ from typing import Any, Protocol
 import grain
 import numpy as np
 
+from isic_jax import runtime
 from isic_jax.data import image_ops
 from isic_jax.utils import as_bytes
 
@@ -566,15 +567,13 @@ def _to_iter(
     it = ds.to_iter_dataset(read_options or _read_options(num_workers, prefetch))
     if num_workers > 0:
         _grain_flags_readable()
-        from isic_jax.training import preemption
-
         # Workers ignore SIGTERM/SIGINT: a scheduler signals the whole process group, and dead
         # workers would fail the trainer before it can save its preemption checkpoint.
         it = it.mp_prefetch(
             grain.MultiprocessingOptions(
                 num_workers=num_workers, per_worker_buffer_size=max(1, prefetch)
             ),
-            worker_init_fn=preemption.ignore_stop_signals,
+            worker_init_fn=runtime.ignore_stop_signals,
         )
     return it
 

@@ -33,8 +33,10 @@ import numpy as np
 from sklearn import metrics as skm
 
 from isic_jax import config_utils
+from isic_jax import metrics as isic_metrics
+from isic_jax.configs import default
 from isic_jax.evaluation import bootstrap, calibration, operating_points, subgroups
-from isic_jax.evaluation import metrics as isic_metrics
+from isic_jax.utils import to_json_compatible
 
 # FPR grid of the ROC figure's bootstrap band.
 ROC_GRID = np.linspace(0.0, 1.0, 101)
@@ -69,8 +71,6 @@ class EvalSettings:
         Raises:
           config_utils.ConfigError: a bad value, naming the key.
         """
-        from isic_jax.configs import default
-
         defaults = default.get_config().eval
         section = config.get("eval", {}) if hasattr(config, "get") else {}
         values = {}
@@ -268,7 +268,7 @@ def analyse(
         y_bin, score, metadata_of(preds),
         {k: v for k, v in intervals.items() if "/" in k},
     )
-    return isic_metrics.to_json_compatible(result), cal
+    return to_json_compatible(result), cal
 
 
 # What metrics.json reports per source release of a several-release run.

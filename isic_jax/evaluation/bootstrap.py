@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from isic_jax.evaluation import calibration
+
 # Resamples per chunk are sized so that one [b, N] float64 array stays near this many elements
 # (~16 MB): the chunk's arrays then fit in cache-friendly memory even for 400k images.
 _CHUNK_ELEMENTS = 2_000_000
@@ -350,8 +352,6 @@ def calibration_error_fn(confidence: np.ndarray, outcome: np.ndarray, num_bins: 
                          prefix: str = "") -> MetricFn:
     """ECE and MCE (`calibration.reliability_bins`' binning) on weights [b, N]:
     {prefix + "ece", prefix + "mce"}: f64 [b]."""
-    from isic_jax.evaluation import calibration
-
     conf = np.clip(np.asarray(confidence, np.float64).reshape(-1), 0.0, 1.0)
     acc = np.asarray(outcome, np.float64).reshape(-1)
     onehot = np.eye(num_bins + 1)[calibration.bin_index(conf, num_bins)]  # [N, K]

@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from isic_jax import metrics as isic_metrics
 from isic_jax.evaluation import bootstrap, delong
-from isic_jax.evaluation import metrics as isic_metrics
+from isic_jax.utils import to_json_compatible
 
 PREDICTIONS_FILE = "predictions.csv"
 METRICS_FILE = "metrics.json"
@@ -198,7 +199,7 @@ def compare_runs(
                        "p_value": bootstrap_p_value(draws[key])}
     result["auc"]["delong"] = {k: v for k, v in delong.delong_test(y, sa, sb, level).items()
                                if k not in ("auc_a", "auc_b")}
-    return isic_metrics.to_json_compatible(result)
+    return to_json_compatible(result)
 
 
 def summary_text(result: dict[str, Any]) -> str:

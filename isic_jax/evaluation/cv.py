@@ -33,11 +33,10 @@ import numpy as np
 
 from isic_jax import config_utils
 from isic_jax.data import dataset
-from isic_jax.evaluation import analysis, evaluate, predictions
-from isic_jax.evaluation.metrics import to_json_compatible
+from isic_jax.evaluation import analysis, evaluate
 from isic_jax.logging_utils import say
-from isic_jax.training import loop, parallel
-from isic_jax.utils import write_csv
+from isic_jax.training import loop, parallel, predictions
+from isic_jax.utils import to_json_compatible, write_csv
 
 MANIFEST = "cv.json"
 MEMBER_DONE = "cv_member.json"

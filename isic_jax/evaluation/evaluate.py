@@ -29,15 +29,14 @@ import jax
 import numpy as np
 
 from isic_jax import config_utils
+from isic_jax import metrics as metrics_lib
 from isic_jax.data import dataset, device_augment, image_ops, metadata
-from isic_jax.evaluation import analysis, features, gradcam, html_report, predictions
-from isic_jax.evaluation import metrics as metrics_lib
+from isic_jax.evaluation import analysis, features, gradcam, html_report
 from isic_jax.evaluation import report as report_lib
-from isic_jax.evaluation.metrics import to_json_compatible
 from isic_jax.models import create_model
-from isic_jax.training import checkpointing, parallel, steps
+from isic_jax.training import checkpointing, parallel, predictions, steps
 from isic_jax.training import state as train_state
-from isic_jax.utils import as_bytes
+from isic_jax.utils import as_bytes, to_json_compatible
 
 # Images in the mistakes figure (a 4 x 4 grid of image + Grad-CAM pairs).
 NUM_MISTAKES = 16

@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from isic_jax import metrics as isic_metrics
 from isic_jax.data.isic import labels as L
-from isic_jax.evaluation import metrics as isic_metrics
 from isic_jax.utils import as_bytes, write_csv
 
 FORMATS = (".csv", ".parquet")

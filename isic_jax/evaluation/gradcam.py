@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from isic_jax import metrics as isic_metrics
 from isic_jax.data import image_ops
-from isic_jax.evaluation import metrics as isic_metrics
 
 __all__ = [
     "denormalize",

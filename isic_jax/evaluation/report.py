@@ -28,8 +28,8 @@ from matplotlib import ticker
 from matplotlib.figure import Figure
 from sklearn import metrics as skm
 
+from isic_jax import metrics as isic_metrics
 from isic_jax.evaluation import calibration
-from isic_jax.evaluation import metrics as isic_metrics
 from isic_jax.evaluation.subgroups import (
     AGE_BANDS,
     SEX_NAMES,

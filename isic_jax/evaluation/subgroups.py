@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from isic_jax import metrics as isic_metrics
 from isic_jax.data.isic import labels
-from isic_jax.evaluation import metrics as isic_metrics
-from isic_jax.utils import to_str
+from isic_jax.utils import to_json_compatible, to_str
 
 SEX_NAMES: tuple[str, ...] = tuple(labels.SEX_NAMES)
 AGE_BANDS: tuple[str, ...] = ("<30", "30-44", "45-59", "60-74", "75+", "unknown")
@@ -206,4 +206,4 @@ def subgroup_auc(
                 "auc_se": hanley_mcneil_se(auc, n_pos, n - n_pos),
             }
         result[variable] = groups
-    return isic_metrics.to_json_compatible(result)
+    return to_json_compatible(result)

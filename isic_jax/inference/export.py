@@ -57,7 +57,7 @@ from jax import export as jax_export
 from isic_jax import config_utils
 from isic_jax.data import dataset, image_ops, metadata
 from isic_jax.data.isic import images, labels
-from isic_jax.evaluation import evaluate
+from isic_jax.evaluation import analysis, evaluate
 from isic_jax.inference import model_card
 from isic_jax.models import create_model
 from isic_jax.training import init_from as warm_start
@@ -533,8 +533,6 @@ def calibration_metadata(validation: dict[str, Any] | None, config: Any) -> dict
     `predict` applies the temperature to the exported function's probabilities (it is not
     inside model.jax_export, so `--no-calibration` can turn it off) and then the threshold.
     """
-    from isic_jax.evaluation import analysis
-
     fitted = analysis.Fitted.from_metrics(validation) if validation else None
     how = {"formula": "softmax(log(p) / temperature) of the exported function's probabilities",
            "applied_by": "isic-jax predict (--no-calibration turns it off)"}

@@ -225,7 +225,7 @@ def build_card(
       workdir: the run folder (for a cross-validation summary).
     """
     from isic_jax.evaluation import subgroups
-    from isic_jax.evaluation.metrics import to_json_compatible
+    from isic_jax.utils import to_json_compatible
 
     report, citation = prepare_report(config)
     cv, cv_path = find_cv_summary(workdir)

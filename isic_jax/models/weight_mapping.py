@@ -127,7 +127,7 @@ def match(
       init_head: "auto" or "reinit" (see the module docstring).
       class_names: this model's classes in order, when known: an isic_jax source's head is
         kept only when they are its classes.
-      rng: PRNG key of a re-initialised head (default PRNGKey(0)).
+      rng: PRNG key of a re-initialised head (default key(0)).
       image_size: the training input side, px (a ViT's position embedding depends on it).
 
     Raises:
@@ -175,7 +175,7 @@ def expected_shapes(model_config: Any, num_classes: int, image_size: int = TRACE
     model = create_model(model_config, num_classes)
     dummy = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     shapes = jax.eval_shape(
-        lambda x: model.init(jax.random.PRNGKey(0), x, train=False), dummy)
+        lambda x: model.init(jax.random.key(0), x, train=False), dummy)
     shapes = {k: shapes[k] for k in ("params", "batch_stats") if k in shapes}
     flat = {k: tuple(v.shape) for k, v in flatten(shapes).items()}
     rank = {part: i for i, part in enumerate(model.parts())}
@@ -409,7 +409,7 @@ def init_head_variables(expected: Mapping[FlatKey, tuple[int, ...]],
     import flax.linen as nn
 
     features, classes = expected[_HEAD_KEY]
-    rng = jax.random.PRNGKey(0) if rng is None else rng
+    rng = jax.random.key(0) if rng is None else rng
     head = nn.Dense(classes, dtype=jnp.float32, param_dtype=jnp.float32)
     params = head.init(rng, jnp.zeros((1, features), jnp.float32))["params"]
     return {("params", HEAD, k): np.asarray(v, np.float32) for k, v in params.items()}

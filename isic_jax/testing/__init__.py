@@ -1,6 +1,6 @@
-"""Test-only code shipped with the package: release layouts for fixtures (`layouts`), the kill
-hooks the trainer calls (`hooks`), and runs with injected data and devices (`runs`).
+"""Test-only code shipped with the package: release layouts for fixtures (`layouts`), kill
+hooks injected into the trainer as `training.events` observers (`hooks`, `cli`), and runs with
+injected data and devices (`runs`).
 
-Nothing in the library imports this package except `hooks`, whose calls are no-ops unless the
-test environment variable is set.
+Nothing in the library imports this package: it sits above every other unit.
 """

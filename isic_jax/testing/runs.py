@@ -19,6 +19,7 @@ import ml_collections
 from isic_jax import config_utils
 from isic_jax.data.dataset import InputData
 from isic_jax.evaluation import evaluate as evaluate_lib
+from isic_jax.testing import hooks
 from isic_jax.training import loop, parallel
 
 
@@ -31,7 +32,9 @@ def train(
     stop_after_step: int | None = None,
 ) -> dict[str, Any]:
     """`loop.train_and_evaluate` on `devices` with `data`; `stop_after_step` returns right
-    after that step, saving nothing more (as a killed process would)."""
+    after that step, saving nothing more (as a killed process would). The kill hooks of
+    `ISIC_JAX_TEST_KILL_AT` are installed (`hooks.install`)."""
+    hooks.install()
     return loop.run(loop.set_up(config, workdir, devices=devices, data=data),
                     until=stop_after_step)
 

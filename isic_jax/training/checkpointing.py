@@ -28,8 +28,8 @@ Safety (what `resume.py` builds on):
   process: with this project's pipeline, the state counts global batches and is the same on every
   process (see `Checkpointer.restore`).
 
-Test hook (`isic_jax.testing.hooks`): `ISIC_JAX_TEST_KILL_AT=during_save:<step>` SIGKILLs the
-process inside the background commit of that step's asynchronous save.
+Observers of `training.events` are notified at `during_save` inside the background commit of
+each step's asynchronous save (tests kill the process there).
 """
 
 from __future__ import annotations
@@ -42,12 +42,13 @@ import pathlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from isic_jax import config_utils
-from isic_jax.testing import hooks
+from isic_jax.training import events
 
 PyTree = Any
 
@@ -104,17 +105,25 @@ class IteratorState:
         """Called by grain's handler after restore; the live iterator starts on first next()."""
 
 
-class _KillDuringCommit(IteratorState):
-    """Test hook: grain's handler calls `get_state` in Orbax's background commit, while the
-    step's tmp folder exists and before it is finalized: the place to die for `during_save`."""
+class _NotifyDuringCommit(IteratorState):
+    """Grain's handler calls `get_state` in Orbax's background commit, while the step's tmp
+    folder exists and before it is finalized: where `events` observers hear `during_save`."""
 
     def __init__(self, inner: IteratorState, step: int):
         super().__init__(inner._state, inner._iterator)
         self._step = step
 
     def get_state(self) -> bytes:
-        hooks.kill_point("during_save", self._step)
+        events.notify("during_save", self._step)
         return super().get_state()
+
+
+def key_bits(key: jax.Array | np.ndarray) -> np.ndarray:
+    """A PRNG key's raw bits (uint32 [2] for threefry) on the host: typed keys (`jax.random.key`)
+    and legacy raw keys alike, the format checkpoints store."""
+    if jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return np.asarray(jax.device_get(key), np.uint32)
 
 
 def iterator_state(iterator: Any) -> Any:
@@ -317,14 +326,14 @@ class Checkpointer:
 
         Args:
           state: one (unreplicated) copy of the train state, device or host arrays.
-          rng: the run's base PRNG key (uint32 [2]).
+          rng: the run's base PRNG key (typed, or its raw uint32 [2] bits); stored as bits.
           data_iter: the input pipeline's state after the last consumed batch.
           config: the resolved config as a plain dict.
           metrics: scalar validation metrics of this step (ranks it for "best").
           topology: where it was written ({"processes", "devices", "parallelism"}), stored
             with the RNG key so that a resume on other hardware can say what changed.
         """
-        rng_item: dict[str, Any] = {"key": np.asarray(jax.device_get(rng)).tolist()}
+        rng_item: dict[str, Any] = {"key": key_bits(rng).tolist()}
         if topology is not None:
             rng_item["topology"] = topology
         items: dict[str, Any] = {
@@ -335,8 +344,8 @@ class Checkpointer:
         if data_iter is not None:
             import grain
 
-            if os.environ.get(hooks.TEST_KILL_ENV):
-                data_iter = _KillDuringCommit(data_iter, step)
+            if events.active():
+                data_iter = _NotifyDuringCommit(data_iter, step)
             items[DATA_ITER] = grain.checkpoint.CheckpointSave(data_iter)
         clean = None
         if metrics is not None:

@@ -43,17 +43,23 @@ import optax
 from isic_jax import config_utils, logging_utils
 from isic_jax.data import metadata
 from isic_jax.data.dataset import InputData
-from isic_jax.evaluation.metrics import to_json_compatible
-from isic_jax.evaluation.predictions import predict_split, summarize
 from isic_jax.logging_utils import say
 from isic_jax.models import create_model, model_parts
 from isic_jax.models.weight_mapping import Pretrained
-from isic_jax.testing import hooks
-from isic_jax.training import checkpointing, init_from, parallel, preemption, resume, steps
+from isic_jax.training import (
+    checkpointing,
+    events,
+    init_from,
+    parallel,
+    preemption,
+    resume,
+    steps,
+)
 from isic_jax.training.losses import class_weights_for_config
 from isic_jax.training.optim import FineTune, create_optimizer
+from isic_jax.training.predictions import predict_split, summarize
 from isic_jax.training.state import TrainState, create_train_state, seed_keys
-from isic_jax.utils import close_iterator
+from isic_jax.utils import close_iterator, to_json_compatible
 
 EVAL_HISTORY = "eval_history.jsonl"
 
@@ -292,7 +298,7 @@ class TrainLoop:
             self.state, metrics = self.p_train(self.state, item.device, self.rng)
             self.pending.metrics.append(metrics)
             self.progress.update(step)
-            hooks.kill_point("after_step", step, self.ckpt.wait_until_finished)
+            events.notify("after_step", step, self.ckpt.wait_until_finished)
             final = step == total
             do_eval = self.setup.data.has_val and (step % int(train.eval_every) == 0 or final)
             do_save = step % int(train.checkpoint_every) == 0 or final or do_eval

@@ -30,6 +30,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from isic_jax.config_utils import ConfigError
+
 PMAP_AXIS = "batch"  # the pmap axis name the step and BatchNorm reduce over
 MESH_AXIS = "data"  # the Mesh axis the batch is sharded on under jit
 MODES = ("pmap", "jit")
@@ -61,8 +63,6 @@ class DataParallel:
     def create(cls, mode: str, devices: list[jax.Device] | None = None) -> DataParallel:
         """Builds the mesh. `devices` defaults to all devices (pmap: this process's)."""
         if mode not in MODES:
-            from isic_jax.config_utils import ConfigError
-
             raise ConfigError(
                 f"config.train.parallelism must be one of {', '.join(MODES)}; got {mode!r}."
             )
@@ -92,8 +92,6 @@ class DataParallel:
 
     def check_global_batch(self, global_batch: int, key: str = "config.train.batch_size") -> None:
         """Fails before anything compiles when the global batch does not split evenly."""
-        from isic_jax.config_utils import ConfigError
-
         n = self.num_devices
         if global_batch % n:
             raise ConfigError(

@@ -186,20 +186,6 @@ class PreemptionGuard:
         return bool(np.any(np.asarray(flags)))
 
 
-def ignore_stop_signals(worker_index: int = 0, worker_count: int = 1) -> None:
-    """For data-loading worker processes: ignore SIGTERM and SIGINT (their parent stops them).
-
-    SLURM signals every process of a job step and Ctrl-C every process of the terminal's group, so
-    Grain's worker processes get the stop signal too; by default they die at once and the training
-    process fails on its next batch before it reaches the checkpoint. Pass this function as
-    `worker_init_fn` of Grain's `mp_prefetch`; Grain still stops its workers itself on close
-    (stop event, then SIGKILL after 25 s).
-    """
-    del worker_index, worker_count
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _jax_preemption_service() -> Any:
     """JAX's preemption sync manager when `jax.distributed` runs with it, else None."""
     from jax._src import distributed as jax_distributed

@@ -59,7 +59,8 @@ def restore_or_init(setup: Any, ckpt: checkpointing.Checkpointer, train_iter: An
     for note in topology_notes(restored, setup.topology, setup.config_dict):
         message += "\n  " + note
     say(setup.is_main, message)
-    return Start(step=step, state=restored.state, rng=jnp.asarray(restored.rng, jnp.uint32))
+    return Start(step=step, state=restored.state,
+                 rng=jax.random.wrap_key_data(jnp.asarray(restored.rng, jnp.uint32)))
 
 
 def _all_processes(flag: bool) -> bool:

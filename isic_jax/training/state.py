@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from isic_jax.models import init_variables
+from isic_jax.models import create_model, init_variables, model_parts
+from isic_jax.training.optim import create_optimizer
 
 PyTree = Any
 
@@ -97,8 +98,10 @@ def _overlay(fresh: PyTree, given: PyTree) -> PyTree:
 
 
 def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
-    """(init key, training key) from config.seed (uint32 [2] raw keys: plain to checkpoint)."""
-    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(int(seed)))
+    """(init key, training key) from config.seed: typed PRNG keys (`jax.random.key`), whose bits
+    are those of the legacy `PRNGKey` keys earlier runs used; checkpoints store the bits
+    (`checkpointing.key_bits`), so the runs of both resume alike."""
+    init_rng, train_rng = jax.random.split(jax.random.key(int(seed)))
     return init_rng, train_rng
 
 
@@ -106,9 +109,6 @@ def abstract_train_state(config: Any, num_classes: int, metadata: Any = None) ->
     """Shapes and dtypes of a run's train state from its config (and its metadata encoder, when
     it has one) alone (jax.ShapeDtypeStruct leaves, nothing allocated): the restore target of
     `evaluate` and `export`."""
-    from isic_jax.models import create_model, model_parts
-    from isic_jax.training.optim import create_optimizer
-
     model = create_model(config.model, num_classes, metadata=metadata)
     # The optimiser only shapes opt_state here (the schedule lengths do not matter).
     tx, _ = create_optimizer(config.optim, total_steps=1, steps_per_epoch=1,

@@ -67,7 +67,7 @@ def load_pretrained(
       init_head: "auto" or "reinit" (see the module docstring).
       class_names: this model's classes in order, when known: an isic_jax source's head is
         kept only when they are its classes.
-      rng: PRNG key of a re-initialised head (default PRNGKey(0)).
+      rng: PRNG key of a re-initialised head (default key(0)).
       image_size: the training input side, px (a ViT's position embedding depends on it).
 
     Returns:

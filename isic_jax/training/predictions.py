@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from isic_jax.evaluation.metrics import classification_metrics
+from isic_jax.metrics import classification_metrics
 from isic_jax.training import parallel
 from isic_jax.training.state import TrainState
 from isic_jax.training.steps import EVAL_KEYS, device_batch

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 from sklearn import metrics as skm
 
+from isic_jax.utils import to_json_compatible
+
 _NAN = float("nan")
 
 
@@ -385,28 +387,6 @@ def patient_auc(labels: Any, scores: Any, patient_ids: Sequence[Any] | np.ndarra
     """ROC AUC at patient level: max score per patient vs any malignant image (patient_level)."""
     p_labels, p_scores = patient_level(labels, scores, patient_ids)
     return roc_auc(p_labels, p_scores)
-
-
-def to_json_compatible(obj: Any) -> Any:
-    """Nested dicts/lists/tuples of numpy or Python values -> JSON values (NaN/inf -> None)."""
-    if isinstance(obj, dict):
-        return {str(k): to_json_compatible(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [to_json_compatible(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return to_json_compatible(obj.tolist())
-    if isinstance(obj, bool | np.bool_):
-        return bool(obj)
-    if isinstance(obj, int | np.integer):
-        return int(obj)
-    if isinstance(obj, float | np.floating):
-        value = float(obj)
-        return value if math.isfinite(value) else None
-    if isinstance(obj, bytes | np.bytes_):
-        return obj.decode("utf8", errors="replace")
-    if obj is None or isinstance(obj, str):
-        return obj
-    raise TypeError(f"cannot make {type(obj).__name__} JSON-compatible")
 
 
 def classification_metrics(

@@ -1,30 +1,27 @@
-"""Config validation, presets by name, saving/loading the resolved config.
+"""The config schema: every key's value check, and the validation of a resolved config.
 
     validate_config(config)              # ConfigError naming the key, before anything is built
-    config_file("smoke")                 # a shipped preset's file, for --config NAME
-    save_config(config, workdir)         # workdir/config.json (also stored in every checkpoint)
-    config = load_config(workdir)        # what `evaluate` runs with
+    check_value("train.batch_size", 8)   # one key
 
 The schema is the default preset (`isic_jax.configs.default`, the repository's configs/ folder):
-its keys are the known keys, and `_CHECKS` holds the value check of each. Imports no jax.
+its keys are the known keys, and `_CHECKS` holds the value check of each. Choices by name
+(models, interpolations, releases) are read from the tables that define them. Imports no jax:
+the command line is parsed (and XLA flags set) before jax is imported.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import pathlib
-import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_collections
 
+from isic_jax.configs import default
 from isic_jax.data.image_ops import RESAMPLE
 from isic_jax.data.isic.labels import RELEASES
+from isic_jax.data.metadata import parse_feature_list
 
-CONFIG_FILENAME = "config.json"
 INTERPOLATIONS = tuple(sorted(RESAMPLE))
 PARALLELISM = ("pmap", "jit")
 TASKS = ("binary", "diagnosis")
@@ -148,8 +145,6 @@ def _metadata_features(v: Any) -> str | None:
     against the prepared dataset (`data.metadata`)."""
     if not isinstance(v, str):
         return f"must be a comma-separated string of feature names (e.g. age,sex,site), got {v!r}"
-    from isic_jax.data.metadata import parse_feature_list
-
     try:
         parse_feature_list(v)
     except ValueError as exc:
@@ -286,50 +281,21 @@ def check_value(key: str, value: Any) -> None:
 _OPTIONAL = frozenset({"data.num_folds"})
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}} -> {"a.b": 1}; ConfigDicts and dicts alike."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, (ml_collections.ConfigDict, dict)):
-            out.update(_flatten(value, name + "."))
+            out.update(flatten(value, name + "."))
         else:
             out[name] = value
     return out
 
 
-def _default_values() -> dict[str, Any]:
-    """The default preset's value of every key (tuples as lists, as saved configs have them)."""
-    from isic_jax.configs import default
-
-    return _flatten(config_to_dict(default.get_config()))
-
-
 def reference_keys() -> set[str]:
     """The keys of the default preset (`isic_jax.configs.default`): the config schema."""
-    from isic_jax.configs import default
-
-    return set(_flatten(default.get_config()))
-
-
-def config_file(value: str) -> str:
-    """`--config` value -> a file path: a shipped preset's name ("smoke", "default:arg") becomes
-    its file in `isic_jax.configs`; anything else (a path) is returned as given."""
-    name, sep, arg = value.partition(":")
-    if os.path.exists(name) or "/" in name or os.sep in name or name.endswith(".py"):
-        return value
-    from isic_jax import configs
-
-    path = pathlib.Path(configs.__file__).parent / f"{name}.py"
-    return f"{path}{sep}{arg}" if path.is_file() else value
-
-
-def preset_names() -> list[str]:
-    """Names of the presets shipped in `isic_jax.configs`."""
-    from isic_jax import configs
-
-    folder = pathlib.Path(configs.__file__).parent
-    return sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
+    return set(flatten(default.get_config()))
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -343,7 +309,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       ConfigError (a ValueError): naming the key, e.g. "config.train.parallelism must be one
         of pmap, jit; got 'foo'".
     """
-    flat = _flatten(config)
+    flat = flatten(config)
     known = reference_keys() | _OPTIONAL
     for key in sorted(flat):
         if key not in known:
@@ -385,132 +351,3 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def friendly_override_errors(flag_holder: Any) -> None:
-    """Turns ml_collections' errors for a bad `--config.a.b=v` override into a flags error.
-
-    ml_collections raises KeyError/AttributeError ("Did you mean ...") from inside absl's flag
-    parsing, which absl shows as a long traceback; as a `flags.Error` absl prints one line,
-    "FATAL Flags parsing error: ...", and exits with status 1. Only this flag is touched.
-    """
-    from absl import flags
-
-    flag = flags.FLAGS[flag_holder.name]
-    parse = flag._parse
-
-    def _parse(argument: Any) -> Any:
-        try:
-            config = parse(argument)
-        except (KeyError, AttributeError, TypeError, ValueError) as e:
-            # ml_collections nests KeyError("'name'\nDid you mean ...") in an AttributeError.
-            inner: BaseException = e
-            while inner.args and isinstance(inner.args[0], BaseException):
-                inner = inner.args[0]
-            text = str(inner.args[0]) if inner.args else str(inner)
-            text = " ".join(text.split())
-            bad = [a.split("=", 1)[0] for a in sys.argv if a.startswith(f"--{flag_holder.name}.")]
-            name = text.split()[0].strip("'") if text else ""
-            culprit = [a for a in bad if a.endswith("." + name) or f".{name}." in a]
-            where = f" {culprit[0]}" if culprit else ""
-            raise flags.IllegalFlagValueError(
-                f"bad --{flag_holder.name} override{where}: unknown key {text}"
-                if isinstance(inner, KeyError)
-                else f"bad --{flag_holder.name} override{where}: {text}"
-            ) from e
-        # The override flags (`--config.a.b`) exist from here on: explain their type errors.
-        prefix = f"{flag_holder.name}."
-        for name in list(flags.FLAGS):
-            if name.startswith(prefix):
-                _explain_type_errors(flags.FLAGS[name], config, name[len(prefix):])
-        return config
-
-    flag._parse = _parse
-
-
-def _explain_type_errors(field_flag: Any, config: Any, path: str) -> None:
-    """Makes an override of the wrong type (`--config.train.batch_size=eight`) say which type
-    the key takes and give an example, instead of absl's bare "invalid literal for int()"."""
-    from absl import flags
-
-    if getattr(field_flag, "_isic_explained", False):
-        return
-    parse = field_flag._parse
-    current: Any = config
-    try:
-        for part in path.split("."):
-            current = current[part]
-    except (KeyError, TypeError, AttributeError):
-        return
-
-    def _parse(argument: Any) -> Any:
-        try:
-            return parse(argument)
-        except (flags.Error, TypeError, ValueError) as e:
-            kind = {bool: "True or False", int: "an integer", float: "a number",
-                    str: "a string"}.get(type(current), f"a {type(current).__name__}")
-            detail = str(e).split(": ", 1)[-1]
-            raise flags.IllegalFlagValueError(
-                f"bad override --{field_flag.name}={argument}: config.{path} takes {kind} (the "
-                f"config file sets {current!r}); e.g. --{field_flag.name}={current} ({detail})."
-            ) from e
-
-    field_flag._parse = _parse
-    field_flag._isic_explained = True
-
-
-# ---------------------------------------------------------------------------------------------
-# Saving and loading.
-
-
-def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """A JSON-serialisable plain dict (tuples become lists)."""
-    return json.loads(config.to_json_best_effort(sort_keys=True))
-
-
-def save_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> pathlib.Path:
-    """Writes the resolved config as `workdir/config.json` (atomically) and returns its path."""
-    path = pathlib.Path(workdir) / CONFIG_FILENAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(config_to_dict(config), indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def config_from_dict(data: Mapping[str, Any]) -> ml_collections.ConfigDict:
-    """Inverse of `config_to_dict` (lists stay lists; every consumer indexes them)."""
-    return ml_collections.ConfigDict(dict(data))
-
-
-def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-    """Reads `workdir/config.json`.
-
-    Raises:
-      FileNotFoundError: with a hint when the workdir has no saved config.
-    """
-    path = pathlib.Path(workdir) / CONFIG_FILENAME
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} not found: is {workdir} the --workdir of an `isic-jax train` run?"
-        )
-    return config_from_dict(json.loads(path.read_text()))
-
-
-def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Lines "key: old -> new" for keys whose value changed (to warn when resuming).
-
-    A key of the default preset that one side lacks (a config saved before the key existed)
-    counts as its default value there, so that adding a key does not make older runs differ.
-    """
-    a, b = _flatten(old), _flatten(new)
-    defaults = _default_values()
-    lines = []
-    for key in sorted(set(a) | set(b)):
-        va = a[key] if key in a else defaults.get(key) if key in b else None
-        vb = b[key] if key in b else defaults.get(key) if key in a else None
-        if isinstance(va, tuple):
-            va = list(va)
-        if isinstance(vb, tuple):
-            vb = list(vb)
-        if va != vb:
-            lines.append(f"{key}: {va!r} -> {vb!r}")
-    return lines
