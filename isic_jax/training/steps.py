@@ -58,8 +58,8 @@ def train_step(
         stream: its augmentation key). B: this device's share under pmap, the global batch
         under jit.
       rng: the run's PRNG key (typed; raw uint32 [2] works too), the same on every device.
-        Augmentation uses fold_in(rng, AUGMENT_STREAM) and the positions (identical whatever the device count);
-        dropout uses fold_in(rng, step) (and the pmap device index).
+        Augmentation uses fold_in(rng, AUGMENT_STREAM) and the positions (identical whatever
+        the device count); dropout uses fold_in(rng, step) (and the pmap device index).
       model: from `create_model(..., axis_name=axis_name)`.
       tx: from `optim.create_optimizer`.
       loss_config: `config.loss`.
