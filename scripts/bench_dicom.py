@@ -20,7 +20,8 @@ import tensorflow_datasets as tfds
 
 from isic_jax.data import prepare as prepare_lib
 from isic_jax.data import synth
-from isic_jax.data.isic import dicom, images, isic
+from isic_jax.data.isic import builder as isic
+from isic_jax.data.isic import dicom, images
 
 
 def _records(data_dir: Path, size: int) -> list[dict]:

@@ -14,7 +14,7 @@ from isic_jax.configs import default
 
 from isic_jax.data import dataset, metadata, pipeline, synth
 from isic_jax.data import prepare as prepare_lib
-from isic_jax.data.isic import isic
+from isic_jax.data.isic import builder as isic
 from isic_jax.data.isic.layouts.isic2024 import TABULAR, TABULAR_TEXT
 from isic_jax.testing import legacy
 

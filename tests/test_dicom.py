@@ -17,8 +17,9 @@ from PIL import Image
 
 from isic_jax.data import prepare as prepare_lib
 from isic_jax.data import synth
-from isic_jax.data.isic import dicom, images, isic, releases
-from isic_jax.inference import predict
+from isic_jax.data.isic import builder as isic
+from isic_jax.data.isic import dicom, images, releases
+from isic_jax.inference import inputs
 from isic_jax.testing import layouts
 
 SIZE = 48
@@ -224,13 +225,13 @@ def test_predict_lists_and_reads_dicom_inputs(tmp_path):
     jpeg = layouts.jpeg(60, 40, color=(150, 90, 70))
     (tmp_path / "a.jpg").write_bytes(jpeg)
     dicom.write_dicom(tmp_path / "b.dcm", jpeg=jpeg, image_id="b")
-    items = predict.list_folder(tmp_path)
+    items = inputs.list_folder(tmp_path)
     assert [i.shown for i in items] == ["a.jpg", "b.dcm"]
     (tmp_path / "in.csv").write_text("image_name\nb\n")
-    (item,) = predict.list_csv(tmp_path / "in.csv")
+    (item,) = inputs.list_csv(tmp_path / "in.csv")
     assert item.error is None and item.path.endswith("b.dcm")
-    a = predict.load_image(str(tmp_path / "a.jpg"), 40, 32, images.DEFAULT_MAX_PIXELS)
-    b = predict.load_image(str(tmp_path / "b.dcm"), 40, 32, images.DEFAULT_MAX_PIXELS)
+    a = inputs.load_image(str(tmp_path / "a.jpg"), 40, 32, images.DEFAULT_MAX_PIXELS)
+    b = inputs.load_image(str(tmp_path / "b.dcm"), 40, 32, images.DEFAULT_MAX_PIXELS)
     assert a.shape == (32, 32, 3) and np.array_equal(a, b)
 
 

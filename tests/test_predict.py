@@ -157,7 +157,7 @@ def test_tta_is_invariant_to_flipping_the_input(model, tmp_path) -> None:
 
 
 def test_submission_files_have_the_exact_columns(model, folder, tmp_path) -> None:
-    from isic_jax.inference import predict
+    from isic_jax.inference import predict, submission
 
     export_dir, _, _ = model
     ref = predict.predict_to_csv(export_dir, folder, tmp_path / "ref.csv", progress=False)
@@ -175,7 +175,7 @@ def test_submission_files_have_the_exact_columns(model, folder, tmp_path) -> Non
         assert summary.errors_file == tmp_path / f"{name}.errors.csv"
         assert [e["image_id"] for e in errors] == ["ISIC_0000006"] and errors[0]["error"]
 
-    with pytest.raises(predict.SubmissionError, match="binary"):
+    with pytest.raises(submission.SubmissionError, match="binary"):
         predict.predict_to_csv(export_dir, folder, tmp_path / "x.csv", submission="isic2019",
                                progress=False)
     assert not (tmp_path / "x.csv").exists()
@@ -199,23 +199,23 @@ def test_isic2019_submission_of_a_diagnosis_model(tmp_path, folder) -> None:
 
 def test_isic2019_columns_from_other_releases_classes() -> None:
     from isic_jax.data.isic import labels
-    from isic_jax.inference import predict
+    from isic_jax.inference import submission
 
     probs = np.eye(len(labels.ARCHIVE_CLASSES), dtype=np.float32)
-    header, rows = predict.submission_table("isic2019", labels.ARCHIVE_CLASSES, probs,
+    header, rows = submission.submission_table("isic2019", labels.ARCHIVE_CLASSES, probs,
                                             labels.ARCHIVE_CLASSES, [1])
     table = {r[0]: [float(v) for v in r[1:]] for r in rows}
     assert table["MEL"] == [1, 0, 0, 0, 0, 0, 0, 0, 0]
     assert table["other"] == table["unknown"] == [0, 0, 0, 0, 0, 0, 0, 0, 1]
-    m2018 = predict.isic2019_matrix(labels.DIAGNOSIS_CLASSES["isic2018"])
+    m2018 = submission.isic2019_matrix(labels.DIAGNOSIS_CLASSES["isic2018"])
     assert m2018[3].tolist() == [0, 0, 0, 1, 0, 0, 0, 0, 0]  # AKIEC -> AK
     assert m2018[:, 7].sum() == 0  # no SCC class: its column stays 0
-    with pytest.raises(predict.SubmissionError, match=r"\['weird'\]"):
-        predict.isic2019_matrix(["MEL", "weird"])
+    with pytest.raises(submission.SubmissionError, match=r"\['weird'\]"):
+        submission.isic2019_matrix(["MEL", "weird"])
 
 
 def test_csv_input_refuses_paths_outside_its_folder(model, folder, tmp_path) -> None:
-    from isic_jax.inference import predict
+    from isic_jax.inference import inputs, predict
 
     export_dir, _, _ = model
     images = tmp_path / "set"
@@ -240,32 +240,32 @@ def test_csv_input_refuses_paths_outside_its_folder(model, folder, tmp_path) -> 
 
     # A `path` column (ids from its file names), relative to the CSV's folder.
     (tmp_path / "paths.csv").write_text("path\nset/ISIC_1.jpg\nset/../../x.jpg\n")
-    items = predict.list_inputs(tmp_path / "paths.csv")
+    items = inputs.list_inputs(tmp_path / "paths.csv")
     assert [(i.image_id, i.error is None) for i in items] == [("ISIC_1", True), ("x", False)]
     assert "resolves outside" in items[1].error
 
 
 def test_folder_input_refuses_links_that_leave_it(tmp_path) -> None:
-    from isic_jax.inference import predict
+    from isic_jax.inference import inputs
 
     (tmp_path / "in").mkdir()
     Image.fromarray(_smooth(40, 40, 1)).save(tmp_path / "out.png")
     Image.fromarray(_smooth(40, 40, 2)).save(tmp_path / "in" / "a.png")
     os.symlink(tmp_path / "out.png", tmp_path / "in" / "b.png")
-    items = predict.list_inputs(tmp_path / "in")
+    items = inputs.list_inputs(tmp_path / "in")
     assert [(i.image_id, i.path is not None) for i in items] == [("a", True), ("b", False)]
     assert "outside the input folder" in items[1].error
 
 
 def test_bad_inputs_fail_clearly(model, tmp_path) -> None:
-    from isic_jax.inference import predict
+    from isic_jax.inference import inputs, predict
 
     export_dir, _, _ = model
-    with pytest.raises(predict.InputError, match="neither a folder nor a CSV"):
-        predict.list_inputs(tmp_path / "missing")
+    with pytest.raises(inputs.InputError, match="neither a folder nor a CSV"):
+        inputs.list_inputs(tmp_path / "missing")
     (tmp_path / "x.csv").write_text("name,age\na,1\n")
-    with pytest.raises(predict.InputError, match="needs a column `path`"):
-        predict.list_inputs(tmp_path / "x.csv")
+    with pytest.raises(inputs.InputError, match="needs a column `path`"):
+        inputs.list_inputs(tmp_path / "x.csv")
     with pytest.raises(FileNotFoundError, match="isic-jax export"):
         predict.predict_to_csv(tmp_path, tmp_path, tmp_path / "o.csv")
 

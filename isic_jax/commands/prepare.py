@@ -18,7 +18,7 @@ from absl import flags
 from isic_jax import logging_utils
 from isic_jax.commands import ExitCode, fail, no_arguments, underscore_alias
 from isic_jax.data import prepare as prepare_lib
-from isic_jax.data.isic import isic as isic_lib
+from isic_jax.data.isic import builder as isic_lib
 
 _SOURCE = flags.DEFINE_string("source", None, "Folder holding the manual download.", required=True)
 # Dashed names as the docs spell them (--data-dir); the underscore spellings are aliases.

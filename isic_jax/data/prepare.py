@@ -21,7 +21,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from isic_jax.data.isic import isic as isic_lib
+from isic_jax.data.isic import builder as isic_lib
 from isic_jax.data.isic import labels as L
 from isic_jax.data.isic import releases
 from isic_jax.data.isic.images import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_PIXELS

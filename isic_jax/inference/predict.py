@@ -11,22 +11,10 @@ platform is not among those the artefact was lowered for (model.json `export.pla
 Orbax variables + the model code are used instead (backend "checkpoint"; same forward pass,
 `train.eval_step`).
 
-Inputs (`list_inputs`):
-- a folder: every image file (.jpg .jpeg .png .bmp .tif .tiff .webp, DICOM .dcm; any case) up
-  to 3 folder levels down (`SourceTree`: hidden files skipped, folder links not followed, a link
-  that resolves outside the folder is refused with an error row). Image id: the file stem (the
-  relative path without extension when two files share a stem).
-- a CSV: column `path`, or else `image` / `image_name` / `isic_id`, holding paths relative to the
-  CSV's folder; an id without extension finds `<id>.<ext>` there. A path that resolves outside
-  the CSV's folder (`../x.jpg`, an absolute path elsewhere, a link) gets an error row and is
-  never opened.
-
-Each image goes through what `isic-jax prepare` and evaluation do, with the sizes from
-model.json: safe decode (`datasets.isic.images.process_image`: EXIF transpose, RGB conversion,
-pixel limit) + shorter-side resize to `stored_size` + JPEG re-encode, then
-`image_ops.eval_image` (centre crop, resize to `image_size`) -> uint8; colour constancy and
-normalisation run inside the model function. An image that fails gets a row with an `error` and
-the run goes on.
+Inputs: a folder of images or a CSV listing them (`inputs.list_inputs`), each image decoded,
+resized and cropped as `isic-jax prepare` and evaluation do, with the sizes from model.json
+(`inputs.load_image`); colour constancy and normalisation run inside the model function. An
+image that fails gets a row with an `error` and the run goes on.
 
 Calibration and decision (`decision_rule`, from model.json): the exported function's
 probabilities are divided in log space by the temperature fitted on the validation fold
@@ -39,14 +27,13 @@ Output: one row per input: image_id, path, prob_<class> for every class (calibra
 prediction (binary: "malignant" iff malignant_probability >= threshold, else the other class;
 several classes: the most probable class on the side of the threshold the image falls on),
 malignant_probability (sum over the malignant classes), malignant_at_threshold (1/0), error.
-With `submission`, the exact columns of that ISIC challenge (`SUBMISSION_COLUMNS`; failed images
-are left out of that file and listed in `<output>.errors.csv`). `tta`: the mean of the
+With `submission`, the exact columns of that ISIC challenge (`submission.SUBMISSION_COLUMNS`;
+failed images are left out of that file and listed in `<output>.errors.csv`). `tta`: the mean of the
 probabilities over the 8 flips/transposes of the input (8x the compute).
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
 import pathlib
@@ -63,172 +50,16 @@ from jax.sharding import PartitionSpec as P
 from isic_jax import config_utils, logging_utils
 from isic_jax.data import image_ops
 from isic_jax.data import metadata as metadata_lib
-from isic_jax.data.isic import images, labels
-from isic_jax.data.isic.releases import SourceTree
+from isic_jax.data.isic import images
 from isic_jax.evaluation import calibration
 from isic_jax.inference import export as export_lib
+from isic_jax.inference.inputs import Item, list_inputs, load_image
+from isic_jax.inference.submission import format_probability, submission_table
 from isic_jax.utils import write_csv
 
-# .dcm: DICOM (e.g. Kaggle's ISIC 2020 test/*.dcm); `process_image` reads the JPEG it holds.
-IMAGE_EXTENSIONS: tuple[str, ...] = (
-    ".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm",
-)  # fmt: skip
-ID_COLUMNS: tuple[str, ...] = ("image", "image_name", "isic_id")
-# The submission columns: the 8 training diagnoses plus UNK (test set only).
-ISIC2019_CLASSES: tuple[str, ...] = (*labels.DIAGNOSIS_CLASSES["isic2019"], "UNK")
-SUBMISSION_COLUMNS: dict[str, tuple[str, ...]] = {
-    "isic2019": ("image", *ISIC2019_CLASSES),
-    "isic2020": ("image_name", "target"),
-    "isic2024": ("isic_id", "target"),
-}
-# Model class names of the other releases -> ISIC 2019 columns. AKIEC (2018) is actinic
-# keratosis + intraepithelial carcinoma: 2019's AK. "unknown"/"other" (Archive classes) are
-# outside the 8 diagnoses: UNK.
-ISIC2019_ALIASES: dict[str, str] = {
-    "melanoma": "MEL",
-    "nevus": "NV",
-    "seborrheic_keratosis": "BKL",
-    "AKIEC": "AK",
-    "unknown": "UNK",
-    "other": "UNK",
-}
 BACKENDS = ("auto", "export", "checkpoint")
 MESH_AXIS = "data"
 DEFAULT_BATCH_SIZE = 32
-
-
-class SubmissionError(ValueError):
-    """The model's classes cannot fill the asked-for submission columns."""
-
-
-class InputError(ValueError):
-    """The --input is neither a folder nor a readable CSV with a path/id column."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Inputs.
-
-
-@dataclasses.dataclass
-class Item:
-    """One input image.
-
-    image_id: the id written to the output. path: absolute path to read (None when refused).
-    shown: the path as the user gave it (relative to the folder / CSV folder). error: why it
-    was refused before decoding (None when it is to be read). row: the CSV row it comes from
-    (its metadata columns, read by their ISIC names, for a model with a metadata branch).
-    """
-
-    image_id: str
-    path: str | None
-    shown: str
-    error: str | None = None
-    row: dict[str, str] | None = None
-
-
-def _inside(real: str, root: str) -> bool:
-    return real == root or real.startswith(root + os.sep)
-
-
-def list_folder(folder: str | os.PathLike) -> list[Item]:
-    """The image files of a folder tree (see the module docstring), sorted by relative path."""
-    tree = SourceTree(folder)
-    rels = [f for f in tree.files if f.lower().endswith(IMAGE_EXTENSIONS)]
-    outside = [f for f in tree.outside if f.lower().endswith(IMAGE_EXTENSIONS)]
-    stems: dict[str, int] = {}
-    for rel in rels + outside:
-        stem = os.path.splitext(rel.rsplit("/", 1)[-1])[0]
-        stems[stem] = stems.get(stem, 0) + 1
-
-    def image_id(rel: str) -> str:
-        stem = os.path.splitext(rel.rsplit("/", 1)[-1])[0]
-        return stem if stems[stem] == 1 else os.path.splitext(rel)[0]
-
-    items = [Item(image_id(rel), tree.abspath(rel), rel) for rel in rels]
-    items += [
-        Item(image_id(rel), None, rel, "link that resolves outside the input folder: refused")
-        for rel in outside
-    ]
-    return sorted(items, key=lambda item: item.shown)
-
-
-def _resolve_csv_path(root: str, value: str) -> tuple[str | None, str | None]:
-    """(absolute path, None) or (None, error) for one CSV cell, relative to `root` (real)."""
-    candidates = [value]
-    if not value.lower().endswith(IMAGE_EXTENSIONS):
-        candidates += [value + ext for ext in IMAGE_EXTENSIONS]
-        candidates += [value + ext.upper() for ext in IMAGE_EXTENSIONS]
-    for candidate in candidates:
-        real = os.path.realpath(os.path.join(root, candidate))
-        if not _inside(real, root):
-            return None, (
-                f"path {value!r} resolves outside the CSV's folder ({root}): refused"
-            )
-        if os.path.isfile(real):
-            return real, None
-    return None, f"no such image file: {value!r} (looked in {root})"
-
-
-def list_csv(csv_path: str | os.PathLike) -> list[Item]:
-    """One item per data row of a CSV (see the module docstring), in file order.
-
-    Raises:
-      InputError: no `path` and no image-id column, or an unreadable file.
-    """
-    csv_path = pathlib.Path(csv_path)
-    root = os.path.realpath(csv_path.parent)
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-            header = [h.strip() for h in (rows[0].keys() if rows else [])]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise InputError(f"cannot read {csv_path}: {e}") from e
-    if not rows:
-        raise InputError(f"{csv_path} has no data rows")
-    lower = {h.lower(): h for h in header if h}
-    path_col = lower.get("path")
-    id_col = next((lower[c] for c in ID_COLUMNS if c in lower), None)
-    if path_col is None and id_col is None:
-        raise InputError(
-            f"{csv_path} needs a column `path` or one of {', '.join(ID_COLUMNS)}; "
-            f"it has {', '.join(header)}"
-        )
-    items = []
-    for row in rows:
-        row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
-        value = row.get(path_col or id_col, "")
-        image_id = row.get(id_col, "") if id_col else ""
-        if not image_id:
-            image_id = os.path.splitext(os.path.basename(value))[0]
-        if not value:
-            items.append(Item(image_id, None, value, "empty path", row))
-            continue
-        path, error = _resolve_csv_path(root, value)
-        items.append(Item(image_id, path, value, error, row))
-    return items
-
-
-def list_inputs(source: str | os.PathLike) -> list[Item]:
-    """A folder or a CSV -> items (see the module docstring)."""
-    if os.path.isdir(source):
-        return list_folder(source)
-    if os.path.isfile(source):
-        return list_csv(source)
-    raise InputError(f"--input {os.fspath(source)!r} is neither a folder nor a CSV file")
-
-
-# ---------------------------------------------------------------------------------------------
-# Images.
-
-
-def load_image(path: str, stored_size: int, image_size: int, max_pixels: int) -> np.ndarray:
-    """What a prepared-then-evaluated image looks like; uint8 [image_size, image_size, 3].
-
-    Raises:
-      datasets.isic.images.BadImage: with the reason.
-    """
-    stored = images.process_image(path, stored_size, max_pixels=max_pixels)
-    return image_ops.eval_image(stored, image_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,69 +219,6 @@ class Runner:
                  self.submit(images[i : i + step], *(m[i : i + step] for m in metadata)))
                 for i in range(0, len(images), step)]
         return np.concatenate([np.asarray(out)[:n] for n, out in outs])
-
-
-# ---------------------------------------------------------------------------------------------
-# Submissions.
-
-
-def isic2019_matrix(class_names: Sequence[str]) -> np.ndarray:
-    """float32 [C, 9]: model class i -> ISIC 2019 column (ISIC2019_CLASSES); rows one-hot.
-
-    Raises:
-      SubmissionError: a binary model, or a class with no 2019 column.
-    """
-    names = list(class_names)
-    if sorted(n.lower() for n in names) == ["benign", "malignant"]:
-        raise SubmissionError(
-            "--submission isic2019 needs the 2019 diagnosis classes (MEL, NV, BCC, ...), but "
-            "this model is binary (benign, malignant): train with config.data.task='diagnosis'"
-        )
-    matrix = np.zeros((len(names), len(ISIC2019_CLASSES)), np.float32)
-    unmapped = []
-    for i, name in enumerate(names):
-        column = name if name in ISIC2019_CLASSES else ISIC2019_ALIASES.get(name)
-        if column is None:
-            unmapped.append(name)
-            continue
-        matrix[i, ISIC2019_CLASSES.index(column)] = 1.0
-    if unmapped:
-        raise SubmissionError(
-            f"--submission isic2019: the model's classes {unmapped} have no ISIC 2019 column "
-            f"({', '.join(ISIC2019_CLASSES)})"
-        )
-    return matrix
-
-
-def submission_table(
-    submission: str,
-    image_ids: Sequence[str],
-    probs: np.ndarray,
-    class_names: Sequence[str],
-    malignant_classes: Sequence[int],
-) -> tuple[tuple[str, ...], list[list[Any]]]:
-    """(header, rows) of an ISIC submission file.
-
-    probs float32 [N, C] in class_names order. isic2020/isic2024: target = the malignant
-    probability (sum over malignant_classes); isic2019: the model's classes summed into the 9
-    columns (UNK 0 unless the model has unknown/other classes).
-    """
-    if submission not in SUBMISSION_COLUMNS:
-        raise SubmissionError(
-            f"unknown submission {submission!r}; known: {', '.join(SUBMISSION_COLUMNS)}"
-        )
-    header = SUBMISSION_COLUMNS[submission]
-    probs = np.asarray(probs, np.float32).reshape(len(image_ids), len(class_names))
-    if submission == "isic2019":
-        values = probs @ isic2019_matrix(class_names)
-    else:
-        values = probs[:, list(malignant_classes)].sum(axis=1, keepdims=True)
-    rows = [[i, *[_fmt(v) for v in row]] for i, row in zip(image_ids, values, strict=True)]
-    return header, rows
-
-
-def _fmt(value: float) -> str:
-    return f"{float(value):.7g}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -670,9 +438,9 @@ def predict_to_csv(
         for i, item in enumerate(items):
             if errors[i] is None:
                 p = probs[i]
-                rows.append([item.image_id, item.shown, *[_fmt(v) for v in p],
+                rows.append([item.image_id, item.shown, *[format_probability(v) for v in p],
                              prediction_label(p, bool(flagged[i]), names, malignant),
-                             _fmt(mal_prob[i]), int(flagged[i]), ""])
+                             format_probability(mal_prob[i]), int(flagged[i]), ""])
             else:
                 rows.append([item.image_id, item.shown, *[""] * len(names), "", "", "",
                              errors[i]])

@@ -15,7 +15,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from isic_jax.data.isic import isic
+from isic_jax.data.isic import builder as isic
 
 
 class IsicV1_0(isic.Isic, skip_registration=True):  # noqa: N801 - the version in the name

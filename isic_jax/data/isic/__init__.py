@@ -1,4 +1,5 @@
-"""The ISIC TFDS builder (`isic`): official ISIC releases -> array_record, K patient-grouped folds.
+"""The ISIC TFDS builder (`builder`): official ISIC releases -> array_record, K patient-grouped
+folds.
 
     from isic_jax.data import isic
     builder = isic.make_builder("isic2020", 512, data_dir)          # already prepared
@@ -7,8 +8,8 @@
 Modules: `layouts` (the release table: one entry per release, its layouts, readers, writers and
 classes), `labels` (release names and classes from the table, value parsing; light), `releases`
 (recognising and reading a source folder with the entries), `images` (decode + resize), `folds`
-(fold assignment), `isic` (the builder), `tfds_compat`. Names are resolved on first use, so that
-importing this package (or `labels`) does not import TFDS.
+(fold assignment), `builder` (the TFDS builder), `tfds_compat`. Names are resolved on first use,
+so that importing this package (or `labels`) does not import TFDS.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ _EXPORTS: dict[str, str] = {
         ("DEFAULT_CONFIG", "REPORT_FILENAME", "STANDARD_SIZES", "VERSION", "BuildOptions", "Isic",
          "IsicConfig", "NoUsableExamplesError", "config_for", "features", "make_builder",
          "missing_features", "open_prepared", "prepared_versions", "read_report", "version_of"),
-        "isic",
+        "builder",
     ),
     **dict.fromkeys(
         ("ARCHIVE_CLASSES", "COMMON_CLASSES", "COMMON_MALIGNANT", "DIAGNOSIS_CLASSES",
