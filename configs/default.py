@@ -60,7 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
     # auto: on CPU, convolutions and max-pooling lowered for XLA:CPU (models/cpu_lowering.py);
     # GPU/TPU always get XLA's own | xla: XLA's own everywhere. Same numbers either way.
     config.model.lowering = "auto"
-    # Pretrained weights (see README "Fine-tuning from pretrained weights"): "" = from scratch;
+    # Pretrained weights (docs/finetuning.md): "" = from scratch;
     # a torchvision/timm ResNet state dict (FILE.safetensors, or FILE.pth/.pt/.bin with torch
     # installed); hf-hub:ORG/NAME[@REVISION] (Hugging Face cache, HF_HOME / HF_HUB_OFFLINE
     # honoured); or an isic_jax workdir (best checkpoint, else latest; EMA when kept) or export.

@@ -104,7 +104,7 @@ def quiet_failed_restore_noise() -> None:
     sys.unraisablehook = hook
 
 
-# YNNPACK fusions for XLA:CPU. On the 2-core CPUs measured (README, "Measured"): without AVX-512
+# YNNPACK fusions for XLA:CPU. On the 2-core CPUs measured (docs/benchmarks.md): without AVX-512
 # (Zen), eltwise+reduce trains a ResNet 2-3x faster than no flag; with AVX-512 (Sapphire Rapids),
 # reduce alone is fastest (ResNet-18 112 px: 66 img/s vs 55 with eltwise too, 50 with neither,
 # under the CPU lowering of models/cpu_lowering.py). XLA aborts the process on an unknown flag

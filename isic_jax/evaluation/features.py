@@ -17,7 +17,7 @@ One row per image of the split, columns:
   metadata column; NaN for images without a patient id.
 
 With the out-of-fold predictions of `isic-jax cv` (one file per fold, each on its own validation
-fold), the concatenation is what a LightGBM/XGBoost stacker trains on (README).
+fold), the concatenation is what a LightGBM/XGBoost stacker trains on (docs/metadata.md).
 """
 
 from __future__ import annotations

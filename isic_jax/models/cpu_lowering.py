@@ -1,7 +1,7 @@
 """Convolutions and max-pooling lowered for XLA:CPU, where XLA's own backward pass is slow.
 
 XLA:CPU runs forward convolutions near its matmul rate; what autodiff makes of them for the
-backward pass runs well below it (README, "Design choices"). Here, on CPU only:
+backward pass runs well below it (docs/architecture.md, "Design choices"). Here, on CPU only:
 
 - every convolution gets its own backward pass (`jax.custom_vjp`) whose inputs sit behind an
   optimisation barrier: otherwise XLA fuses the BatchNorm and ReLU that produced them into the
