@@ -182,8 +182,8 @@ def test_variables_are_the_ema_ones_without_optimizer_state(run, exported) -> No
     assert jax.tree.structure(restored) == jax.tree.structure(want)
 
 
-# What a user without isic_jax runs (the snippet in docs/export_predict.md), plus a guard that isic_jax is not
-# importable in that process.
+# What a user without isic_jax runs (the snippet in docs/export_predict.md), plus a guard that
+# isic_jax is not importable in that process.
 PLAIN_JAX = textwrap.dedent(
     """
     import sys
