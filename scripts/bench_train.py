@@ -473,18 +473,18 @@ def bench_gpu(batch_size: int = 256, steps: int = 20, *, model: str = "resnet50"
         fraction_of_spec_peak=achieved / spec if spec else None,
     )  # fmt: skip
     save()
+    if data_dir:
+        try:
+            report["input_pipeline"] = input_pipeline_rate(config, data_dir, stored_size, workers)
+        except Exception as e:  # noqa: BLE001 - reported, the step numbers stand
+            report["input_pipeline"] = {"error": f"{type(e).__name__}: {e}"}
+        save()
     if profile_dir:
         try:
             state = _profile(compiled, state, batch, rng, profile_dir, profile_steps)
             report["profile_dir"] = profile_dir
         except Exception as e:  # noqa: BLE001 - the numbers above stand without it
             report["profile_error"] = f"{type(e).__name__}: {e}"
-        save()
-    if data_dir:
-        try:
-            report["input_pipeline"] = input_pipeline_rate(config, data_dir, stored_size, workers)
-        except Exception as e:  # noqa: BLE001 - reported, the step numbers stand
-            report["input_pipeline"] = {"error": f"{type(e).__name__}: {e}"}
         save()
     return report
 

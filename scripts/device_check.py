@@ -4,7 +4,7 @@
     python scripts/device_check.py --dry-run # here: the same stages, tiny, on the CPU (~1 min)
 
 Stages, each under its own time limit inside one overall budget (DEVICE_CHECK_BUDGET_S, default
-540 s); a stage that fails or runs out of time is reported in the table and the next ones still
+480 s); a stage that fails or runs out of time is reported in the table and the next ones still
 run (all but `env`: without the packages nothing else can run):
 
   env      Python, the project's dependencies against its pins, the imports, the devices
@@ -62,7 +62,7 @@ SIZES = {
                 preset_steps=4, matmul_n=256),
 }  # fmt: skip
 # Seconds each stage may take at most (the overall budget may leave less).
-STAGE_LIMITS = {"env": 120, "data": 150, "bench": 240, "loop": 180, "default": 200,
+STAGE_LIMITS = {"env": 90, "data": 120, "bench": 210, "loop": 150, "default": 180,
                 "preset": 150}
 RESERVE_S = 10  # kept for the report
 
@@ -536,7 +536,7 @@ def main() -> int:
     parser.add_argument("--out", default=os.environ.get("OUT"),
                         help="folder for the report files (default $OUT; none if unset)")
     parser.add_argument("--budget", type=float,
-                        default=float(os.environ.get("DEVICE_CHECK_BUDGET_S", 540)),
+                        default=float(os.environ.get("DEVICE_CHECK_BUDGET_S", 480)),
                         help="seconds for all stages together")
     parser.add_argument("--extra-presets", default=os.environ.get("EXTRA_PRESETS", ""),
                         help="config files, space-separated, each run like configs/default.py")

@@ -9,8 +9,8 @@
 #   INSTALL_WHEELS=1 PYTHON=... bash scripts/device_check.sh --dry-run  # ... from .whl/ too
 #
 # Here it: installs .whl/*.whl into $SITE without network or dependency resolution (pip
-# --no-index --no-deps --target), adds a pinned fallback from .whl/pins/ for each dependency whose
-# preinstalled version is outside the project's pin, makes the working tree's isic_jax importable
+# --no-index --no-deps --target), adds the wheel from .whl/fallback/ for each preinstalled package
+# whose version misses the project's pins or a carried package's requirement, makes the working tree's isic_jax importable
 # (configs/ as isic_jax.configs, as the wheel lays it out) without building anything, and runs
 # scripts/device_check.py. Its report files go to $OUT when that is set. Made for the Python 3.12
 # image with jax + the CUDA plugin preinstalled (scripts/device_image_packages.txt); with no .whl/
@@ -22,9 +22,9 @@ cd "$(dirname "$0")/.."
 # hook for new backbone presets, e.g. EXTRA_PRESETS="configs/efficientnet_b0.py".
 EXTRA_PRESETS="${EXTRA_PRESETS:-}"
 PYTHON="${PYTHON:-python3}"
-SITE="${SITE:-/tmp/isic_jax_site}"  # carried wheels are installed here
+SITE="${SITE:-/tmp/isic_jax_site}"  # carried wheels go here, fallbacks to ${SITE}_fallback
 PROJECT="${PROJECT:-/tmp/isic_jax_project}"  # the working tree's package, laid out as installed
-export DEVICE_CHECK_BUDGET_S="${DEVICE_CHECK_BUDGET_S:-540}"  # all stages; one call allows 600
+export DEVICE_CHECK_BUDGET_S="${DEVICE_CHECK_BUDGET_S:-480}"  # all of it; one call allows 600
 export EXTRA_PRESETS
 
 # Install .whl/ (auto: yes, except for --dry-run, which uses the environment as it is).
@@ -36,32 +36,48 @@ fi
 
 start=$(date +%s)
 if [ "$INSTALL_WHEELS" = 1 ] && compgen -G ".whl/*.whl" >/dev/null; then
+  # Fresh folders: pip --target --upgrade replaces a whole top-level folder, and namespace
+  # packages share one (google/ of protobuf and of googleapis-common-protos): the fallbacks get a
+  # folder of their own, first on the path.
+  rm -rf "$SITE" "${SITE}_fallback"
   echo "[device_check.sh] installing $(ls .whl/*.whl | wc -l) carried wheels into $SITE"
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --disable-pip-version-check --target "$SITE" .whl/*.whl || echo "[device_check.sh] wheel install FAILED"
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-  # Preinstalled dependencies outside the project's pins get the carried pinned version.
-  fallbacks=$("$PYTHON" - <<'EOF'
-import glob, importlib.metadata as md, os, tomllib
+  # A fallback from .whl/fallback/ for each preinstalled package whose version misses the
+  # project's pins or a carried package's requirement; the rest of what is unmet is printed.
+  fallbacks=$("$PYTHON" - "$SITE" <<'EOF'
+import glob, importlib.metadata as md, os, sys, tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 with open("pyproject.toml", "rb") as f:
-    pins = {canonicalize_name(r.name): r for r in
-            map(Requirement, tomllib.load(f)["project"]["dependencies"])}
-for wheel in sorted(glob.glob(".whl/pins/*.whl")):
-    name = parse_wheel_filename(os.path.basename(wheel))[0]
+    wanted = [(Requirement(r), "isic-jax") for r in tomllib.load(f)["project"]["dependencies"]]
+for dist in md.distributions(path=[sys.argv[1]]):
+    wanted += [(Requirement(r), dist.metadata["Name"]) for r in dist.requires or []]
+wheels = {parse_wheel_filename(os.path.basename(w))[0]: w for w in glob.glob(".whl/fallback/*.whl")}
+install = set()
+for req, by in wanted:
+    if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+        continue
+    name = canonicalize_name(req.name)
     try:
         have = md.version(name)
     except md.PackageNotFoundError:
         have = None
-    if have is None or (name in pins and not pins[name].specifier.contains(have, prereleases=True)):
-        print(wheel)
+    if have is None or not req.specifier.contains(have, prereleases=True):
+        if name in wheels:
+            install.add(wheels[name])
+        else:
+            print(f"[device_check.sh] unmet: {by} needs {req}, found {have}", file=sys.stderr)
+print(" ".join(sorted(install)))
 EOF
 )
   if [ -n "$fallbacks" ]; then
-    echo "[device_check.sh] outside the pins, installing the carried ones:" $fallbacks
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --disable-pip-version-check --target "$SITE" $fallbacks || echo "[device_check.sh] pin fallback install FAILED"
+    echo "[device_check.sh] preinstalled versions miss a requirement; installing:" $fallbacks
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+      --disable-pip-version-check --target "${SITE}_fallback" $fallbacks \
+      || echo "[device_check.sh] fallback install FAILED"
+    export PYTHONPATH="${SITE}_fallback:$PYTHONPATH"
   fi
 fi
 # The working tree's package, importable without an install: isic_jax/ with configs/ inside.

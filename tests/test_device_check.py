@@ -79,7 +79,7 @@ def _names(path: pathlib.Path) -> list[str]:
 
 
 def _carried() -> dict[str, tuple[Version, bool]]:
-    """device_requirements.txt: name -> (pinned version, pin-fallback)."""
+    """device_requirements.txt: name -> (pinned version, a fallback)."""
     out = {}
     for line in (SCRIPTS / "device_requirements.txt").read_text().splitlines():
         spec = line.split("#")[0].strip()
@@ -89,7 +89,7 @@ def _carried() -> dict[str, tuple[Version, bool]]:
         assert version, f"{line!r}: pin one version (NAME==VERSION)"
         key = canonicalize_name(name)
         assert key not in out, f"{name} listed twice"
-        out[key] = (Version(version), "pin-fallback" in line)
+        out[key] = (Version(version), "# fallback" in line)
     return out
 
 
@@ -149,11 +149,12 @@ def test_device_wheels_are_the_runtime_closure_minus_the_image() -> None:
     assert missing == [], {m: sorted(needed[m]) for m in missing}
     missing_only = {n for n, (_, fallback) in carried.items() if not fallback}
     assert sorted(missing_only - set(needed)) == [], "carried but not needed"
-    # Pin fallbacks are image packages the project pins (installed there only when outside).
+    # Fallbacks are image packages (installed there only where the image's version misses a
+    # requirement); the project's own pins hold for every carried version.
     pins = {canonicalize_name(Requirement(r).name): Requirement(r).specifier
             for r in _pyproject()["dependencies"]}
     for name, (version, fallback) in carried.items():
-        assert (name in image) == fallback, f"{name}: in the image <=> a pin fallback"
+        assert (name in image) == fallback, f"{name}: in the image <=> a fallback"
         if name in pins:
             assert pins[name].contains(version), f"{name}=={version} outside {pins[name]}"
 
