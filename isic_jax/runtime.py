@@ -7,7 +7,8 @@ Nothing else in the package changes global state on import or in a constructor, 
 functions run from a notebook or a script as they are (with JAX's own defaults). What is set
 here, and why:
 - XLA_FLAGS: the fast XLA:CPU fusion flag for this CPU (`set_default_xla_flags`), for the
-  commands that run models, unless the user set XLA_FLAGS. Must happen before jax is imported.
+  commands that run models, unless the user set XLA_FLAGS or JAX will run on a GPU/TPU here.
+  Must happen before jax is imported.
 - `configs`: an alias of `isic_jax.configs`, so that a config file written for a checkout
   (`from configs import default`) still imports; new files use `from isic_jax.configs import
   default`.
@@ -156,21 +157,49 @@ def _probe_xla_flag(flag: str, timeout: float = 120.0) -> bool:
     return result.returncode == 0
 
 
+# A JAX accelerator plugin, and the device node its hardware shows up as: with both, JAX's default
+# backend is that accelerator (checked without importing jax, which must come after XLA_FLAGS).
+_ACCELERATORS = (
+    (("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13"),
+     ("/dev/nvidiactl", "/dev/nvidia0")),
+    (("libtpu",), ("/dev/accel0", "/dev/vfio/0")),
+    (("jax_rocm7_plugin", "jax_plugins.xla_rocm7"), ("/dev/kfd",)),
+)
+
+
+def _module_installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def accelerator_present() -> bool:
+    """Whether JAX will find a GPU or TPU here: its plugin is installed and the device exists."""
+    return any(
+        any(os.path.exists(node) for node in nodes) and any(map(_module_installed, modules))
+        for modules, nodes in _ACCELERATORS
+    )
+
+
 def set_default_xla_flags() -> str | None:
     """Sets XLA_FLAGS to the fast XLA:CPU fusion flags unless the user set XLA_FLAGS.
 
     Call before jax is imported (`before_import` does, for the commands that run models). The flag
-    only changes how XLA:CPU compiles; GPU/TPU programs are unaffected.
+    only changes how XLA:CPU compiles; on a machine whose GPU/TPU JAX will use nothing is set.
 
     Returns:
       The flags set, or None when nothing was set (user flags, jax already imported, a non-CPU
-      JAX_PLATFORMS, or a jaxlib that rejects the flag).
+      JAX_PLATFORMS, a GPU/TPU that JAX will use (`accelerator_present`), or a jaxlib that
+      rejects the flag).
     """
     if "XLA_FLAGS" in os.environ or "jax" in sys.modules:
         return None
     platforms = os.environ.get("JAX_PLATFORMS", "")
     if platforms and "cpu" not in platforms.split(","):
         return None
+    if not platforms and accelerator_present():
+        return None  # JAX will run on the GPU/TPU: CPU flags have no business there
     version = _jaxlib_version()
     if version is None:
         return None
