@@ -8,15 +8,18 @@ stays light. Malignancy policy for the multi-class releases: melanoma, basal cel
 squamous cell carcinoma and actinic keratosis (AK, and AKIEC in 2018, which also holds
 intraepithelial carcinoma / Bowen's disease) count as malignant.
 
-Releases drawn from the ISIC Archive's free-text diagnoses (`archive`, `isic2020`, `isic2024`) share
-one coarse taxonomy (`ARCHIVE_CLASSES`, the ISIC 2019 classes plus `unknown` and `other`); their
-binary label comes from the release's own benign/malignant field, not from the diagnosis text.
+Releases drawn from the ISIC Archive's diagnoses (`archive`, `isic2020`, `isic2024`) share one
+coarse taxonomy (`ARCHIVE_CLASSES`, the ISIC 2019 classes plus `unknown` and `other`): the
+Archive's hierarchical diagnoses (`diagnosis_1..5`, ISIC 2024's `iddx_1..5`) map by their place
+in the taxonomy (`taxonomy_class`), older free-text diagnoses by keyword (`archive_class`). Their
+binary label comes from the release's own benign/malignant field, not from the diagnosis.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from typing import Any
 
 LABEL_NAMES: list[str] = ["benign", "malignant"]
@@ -44,14 +47,27 @@ ARCHIVE_CLASSES: list[str] = [
 COMMON_CLASSES: list[str] = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "unknown"]
 COMMON_MALIGNANT: list[str] = ["MEL", "BCC", "AK", "SCC"]
 
-# Keyword rules for ARCHIVE_CLASSES, tried in order on the lower-cased text (first match wins).
-# Covers the legacy `diagnosis` values ("nevus", "lentigo NOS", "angioma", ...) and the current
-# hierarchical taxonomy ("Melanoma Invasive", "Solar or actinic keratosis", "Hemangioma", ...).
+# Keyword rules for ARCHIVE_CLASSES, tried in order on the lower-cased text (first match wins):
+# the older free-text `diagnosis` values ("nevus", "lentigo NOS", "angioma", ...), and the
+# fallback for hierarchical diagnoses outside `_TAXONOMY` (see `taxonomy_class`).
 _ARCHIVE_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("MEL", ("melanoma", "lentigo maligna")),
-    ("BCC", ("basal cell carcinoma", "basal cell")),
-    ("SCC", ("squamous cell carcinoma", "bowen", "keratoacanthoma")),
-    ("AK", ("actinic keratosis", "solar keratosis", "akiec")),
+    ("BCC", ("basal cell carcinoma", "basal cell", "baso-squamous", "basosquamous")),
+    # Before SCC: "Actinic keratosis, Bowenoid" is an actinic keratosis.
+    ("AK", ("actinic keratosis", "solar keratosis", "actinic cheilitis", "akiec")),
+    ("SCC", ("squamous cell carcinoma", "bowen", "keratoacanthoma", "verrucous carcinoma")),
+    # Named "nevus" but not melanocytic (adnexal, adipocytic, vascular), before NV.
+    (
+        "other",
+        (
+            "nevus sebaceus",
+            "nevus sebaceous",
+            "nevus comedonicus",
+            "lipomatous nevus",
+            "not melanocytic nevus",
+        ),
+    ),
+    ("VASC", ("nevus anemicus",)),
     (
         "BKL",
         (
@@ -62,6 +78,7 @@ _ARCHIVE_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
             "lichen planus like keratosis",
             "pigmented benign keratosis",
             "benign keratosis",
+            "epidermal nevus",
         ),
     ),
     ("NV", ("nevus", "naevus", "nevi")),
@@ -71,6 +88,89 @@ _ARCHIVE_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("vascular", "angioma", "angiokeratoma", "pyogenic granuloma", "hemorrhage"),
     ),
 )
+
+# The ISIC Archive's hierarchical diagnosis taxonomy (the Archive team's `isic-metadata` package,
+# `DiagnosisEnum`; `diagnosis_1..5` of an `isic image download` export, `iddx_1..5` of ISIC 2024):
+# level 1 is the status (Benign, Malignant, Indeterminate), level 2 the group, levels 3-5 ever
+# finer diagnoses. A path takes the class of its longest prefix listed here (compared without
+# case). Every group of isic-metadata 4.12 is listed; a path in a group not listed (a later
+# version of the taxonomy) goes to the keyword rules, kept to the classes its status allows.
+_TAXONOMY: dict[str, str] = {
+    "Benign:Benign - Other": "other",
+    "Benign:Benign adnexal epithelial proliferations - Apocrine or Eccrine": "other",
+    # Nevus comedonicus, a follicular hamartoma; nevus sebaceus below: neither is melanocytic.
+    "Benign:Benign adnexal epithelial proliferations - Follicular": "other",
+    "Benign:Benign adnexal epithelial proliferations - Sebaceous": "other",
+    # Benign keratinocytic lesions: seborrheic keratosis, solar lentigo, lichen planus like and
+    # pigmented benign keratosis, the acanthomas, epidermal nevus, porokeratosis.
+    "Benign:Benign epidermal proliferations": "BKL",
+    # Nevi of every kind, and the other benign melanocytic lesions (dermal melanocytosis,
+    # pigmented epithelioid melanocytoma, lentiginous melanocytic proliferation).
+    "Benign:Benign melanocytic proliferations": "NV",
+    # A lentigo, as ISIC 2019's BKL and the free-text "lentigo" have it.
+    "Benign:Benign melanocytic proliferations:Lentigo simplex": "BKL",
+    "Benign:Benign soft tissue proliferations - Adipocytic": "other",
+    "Benign:Benign soft tissue proliferations - Cartilagenous and ossifying": "other",
+    "Benign:Benign soft tissue proliferations - Fibro-histiocytic": "other",
+    "Benign:Benign soft tissue proliferations - Fibro-histiocytic:Dermatofibroma": "DF",
+    "Benign:Benign soft tissue proliferations - Muscle tissue or myofibroblastic": "other",
+    "Benign:Benign soft tissue proliferations - Myoepithelial": "other",
+    "Benign:Benign soft tissue proliferations - Neural": "other",
+    "Benign:Benign soft tissue proliferations - Vascular": "VASC",
+    "Benign:Collision - Only benign proliferations": "other",
+    "Benign:Cysts": "other",
+    "Benign:Exogenous": "other",
+    # Cafe au lait macule, ephelis, mucosal melanotic macule: other; the lentigines: BKL.
+    "Benign:Flat melanotic pigmentations - not melanocytic nevus": "other",
+    "Benign:Flat melanotic pigmentations - not melanocytic nevus:Ink-spot lentigo": "BKL",
+    "Benign:Flat melanotic pigmentations - not melanocytic nevus:Lentigo NOS": "BKL",
+    "Benign:Hemorrhagic lesions": "VASC",  # as in ISIC 2019's VASC
+    "Benign:Inflammatory or infectious diseases": "other",
+    "Benign:Langerhans cell proliferations": "other",
+    "Benign:Mast cell proliferations": "other",
+    # Actinic keratosis (every subtype, "Bowenoid" too) and actinic cheilitis.
+    "Indeterminate:Indeterminate epidermal proliferations": "AK",
+    "Indeterminate:Indeterminate melanocytic proliferations": "other",
+    # Not MEL although `DiagnosisEnum.is_melanoma` counts it: it names no one diagnosis.
+    "Malignant:Collision - At least one malignant proliferation": "other",
+    "Malignant:Lymphocytic proliferations - B-Cell": "other",
+    "Malignant:Lymphocytic proliferations - T-Cell/NK": "other",
+    "Malignant:Malignant adnexal epithelial proliferations - Apocrine or Eccrine": "other",
+    "Malignant:Malignant adnexal epithelial proliferations - Follicular": "other",
+    "Malignant:Malignant adnexal epithelial proliferations - Follicular:Basal cell carcinoma": (
+        "BCC"
+    ),
+    # A subtype of basal cell carcinoma in the WHO classification.
+    "Malignant:Malignant adnexal epithelial proliferations - Follicular:Baso-squamous carcinoma": (
+        "BCC"
+    ),
+    "Malignant:Malignant adnexal epithelial proliferations - Sebaceous": "other",
+    # Squamous cell carcinoma invasive, in situ (Bowen's disease), NOS; keratoacanthoma; bowenoid
+    # papulosis; verrucous carcinoma.
+    "Malignant:Malignant epidermal proliferations": "SCC",
+    "Malignant:Malignant melanocytic proliferations (Melanoma)": "MEL",
+    "Malignant:Malignant soft tissue proliferations - Adipocytic": "other",
+    "Malignant:Malignant soft tissue proliferations - Cartilagenous and ossifying": "other",
+    "Malignant:Malignant soft tissue proliferations - Fibro-histiocytic": "other",
+    "Malignant:Malignant soft tissue proliferations - Muscle tissue or myofibroblastic": "other",
+    "Malignant:Malignant soft tissue proliferations - Myoepithelial": "other",
+    "Malignant:Malignant soft tissue proliferations - Neural": "other",
+    "Malignant:Malignant soft tissue proliferations - Unknown or other histiogenesis": "other",
+    "Malignant:Malignant soft tissue proliferations - Vascular": "other",  # Kaposi, angiosarcoma
+    "Malignant:Merkel cell proliferation": "other",
+    "Malignant:Skin metastasis of internal solid cancer - non-hematological": "other",
+}
+_TAXONOMY_KEYS: dict[tuple[str, ...], str] = {
+    tuple(level.strip().lower() for level in path.split(":")): name
+    for path, name in _TAXONOMY.items()
+}
+# The classes a keyword match may give under each status (anything else becomes "other"): never
+# a malignant class for a benign diagnosis, nor a benign one for a malignant diagnosis.
+_STATUS_CLASSES: dict[str, frozenset[str]] = {
+    "benign": frozenset({"NV", "BKL", "DF", "VASC", "other", "unknown"}),
+    "malignant": frozenset({"MEL", "BCC", "SCC", "AK", "other", "unknown"}),
+    "indeterminate": frozenset({"AK", "other", "unknown"}),
+}
 
 _MISSING = {"", "nan", "none", "null", "unknown", "na", "n/a", "not given", "?"}
 
@@ -96,6 +196,35 @@ def archive_class(*texts: object) -> str:
             if any(k in text for k in keywords):
                 return name
     return "other" if present else "unknown"
+
+
+def taxonomy_class(levels: Sequence[object], *texts: object) -> str:
+    """Maps a diagnosis of the ISIC Archive's hierarchical taxonomy to a name in `ARCHIVE_CLASSES`.
+
+    levels: the levels in order, status first (`diagnosis_1..5`; ISIC 2024: `iddx_1..5`), missing
+      ones empty. texts: free-text diagnoses to try after them (an older export's `diagnosis`).
+
+    The class is that of the longest listed prefix of the path (`_TAXONOMY`): it follows the
+    status and group, not words in the name ("Nevus comedonicus" is adnexal, not a nevus). The
+    status alone gives "unknown". A path outside the table (a gap in the levels, a group of a
+    later taxonomy) or a first level that is not a status goes to the keyword rules
+    (`archive_class`), kept under a status to the classes it allows (else "other").
+    """
+    parts = ["" if is_missing(v) else str(v).strip() for v in levels]
+    status = parts[0].lower() if parts else ""
+    keyword = archive_class(*reversed(parts[1:]), *texts)
+    if status not in _STATUS_CLASSES:
+        return keyword
+    path = [status]
+    for part in parts[1:]:
+        if not part:
+            break
+        path.append(part.lower())
+    for n in range(len(path), 1, -1):
+        name = _TAXONOMY_KEYS.get(tuple(path[:n]))
+        if name is not None:
+            return name
+    return keyword if keyword in _STATUS_CLASSES[status] else "other"
 
 
 def parse_age(value: object) -> int:

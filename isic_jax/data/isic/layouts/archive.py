@@ -77,8 +77,8 @@ def _read_csv(inputs: Inputs) -> Iterator[R.Row | R.Skip]:
         if label is None:
             yield R.Skip(image_id, f"{why} ({where})")
             continue
-        diagnosis = L.archive_class(
-            *(row.get(f"diagnosis_{i}") for i in (5, 4, 3, 2)), row.get("diagnosis")
+        diagnosis = L.taxonomy_class(
+            [row.get(f"diagnosis_{i}") for i in range(1, 6)], row.get("diagnosis")
         )
         yield R.Row(
             image_id, where, label, diagnosis, **R.archive_fields(row),

@@ -64,11 +64,11 @@ def _read(inputs: Inputs) -> Iterator[R.Row | R.Skip]:
         if label is None:
             yield R.Skip(image_id, f"unknown label value target={raw!r} ({rel} row {line})")
             continue
-        # iddx_full repeats iddx_1..5 joined by "::"; alone ("Benign") it says nothing more.
-        full = row.get("iddx_full", "")
-        diagnosis = L.archive_class(
-            *(row.get(f"iddx_{i}") for i in (5, 4, 3, 2)), full if "::" in full else ""
-        )
+        # iddx_1..5: the Archive's hierarchical taxonomy; iddx_full repeats them joined by "::".
+        levels = [row.get(f"iddx_{i}") for i in range(1, 6)]
+        if L.is_missing(levels[0]):
+            levels = (row.get("iddx_full") or "").split("::")
+        diagnosis = L.taxonomy_class(levels)
         yield R.Row(
             image_id, f"{rel} row {line}", label, diagnosis, **R.archive_fields(row),
             **R.extra_fields(row, TABULAR, TABULAR_TEXT),
