@@ -255,7 +255,9 @@ class TrainLoop:
         self.start_step = self.last_saved = start.step
         self.base_rng = start.rng  # what each checkpoint stores
         self.state = par.replicate(start.state)
-        self.rng = par.replicate(start.rng)
+        # The key's bits travel as host numpy (a device-committed key cannot be placed on
+        # another process's devices), then become a typed key again on every device.
+        self.rng = jax.random.wrap_key_data(par.replicate(checkpointing.key_bits(start.rng)))
         augment = steps.augment_config(config)
         self.p_train = par.compile_train_step(functools.partial(
             steps.train_step, model=setup.model, tx=setup.tx, loss_config=config.loss,
