@@ -264,3 +264,16 @@ def test_two_processes_agree_to_set_aside_what_one_of_them_finds_damaged(tmp_pat
     assert "checkpoints/3 (3/6)" in logs[0]
     reason = json.loads((ckpts / "6.corrupt" / "set_aside.json").read_text())["reason"]
     assert reason.startswith("on process 1: IntegrityError:")
+
+
+def test_bench_checkpoint_runs_on_a_tiny_model(capsys) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_checkpoint",
+                                                  REPO / "scripts" / "bench_checkpoint.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--model", "resnet_tiny", "--rounds", "1"])
+    out = capsys.readouterr().out
+    for row in ("save, on the step", "save, to finalized", "restore (checked)", "CRC-32"):
+        assert row in out

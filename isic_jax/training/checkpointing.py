@@ -45,6 +45,7 @@ import json
 import math
 import os
 import pathlib
+import threading
 from typing import Any
 
 import jax
@@ -199,6 +200,7 @@ class Checkpointer:
     ):
         self.directory = pathlib.Path(directory).absolute()
         self.checksums = checksums
+        self._async = async_save
         # Listed now, removed by `remove_incomplete_saves` once the run decided to go on.
         self.found_incomplete = [] if read_only else self.incomplete_saves()
         self.best_metric = best_metric
@@ -365,8 +367,12 @@ class Checkpointer:
             RNG: ocp.args.JsonSave(rng_item),
             CONFIG: ocp.args.JsonSave(config),
         }
+        # The CRCs wait for `released` (set once the blocking part of the save returns): they
+        # run in Orbax's background commit, never beside the step's own share of the save.
+        released = threading.Event() if self._async else None
         if self.checksums:
             items[CHECKSUMS] = self._checksums(state, rng_item, config, data_iter, train_loss)
+            items[CHECKSUMS].after = released
         if data_iter is not None:
             import grain
 
@@ -376,9 +382,13 @@ class Checkpointer:
         clean = None
         if metrics is not None:
             clean = {k: float(v) for k, v in metrics.items() if is_scalar(v)}
-        return self._manager.save(
-            step, args=ocp.args.Composite(**items), metrics=clean, force=force
-        )
+        try:
+            return self._manager.save(
+                step, args=ocp.args.Composite(**items), metrics=clean, force=force
+            )
+        finally:
+            if released is not None:
+                released.set()
 
     @staticmethod
     def _checksums(state: PyTree, rng_item: dict[str, Any], config: dict[str, Any],

@@ -41,6 +41,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import threading
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -117,24 +118,42 @@ def named_leaves(tree: PyTree) -> dict[str, Any]:
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def _whole(leaf: Any) -> Any:
+    """The device array holding a leaf's whole value on this process (None: it holds part of
+    it), or the leaf itself when it is not a jax.Array."""
+    if not isinstance(leaf, jax.Array):
+        return leaf
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        leaf = jax.random.key_data(leaf)
+    if leaf.is_fully_addressable:
+        return leaf
+    if leaf.is_fully_replicated:
+        return leaf.addressable_data(0)
+    return None
+
+
 def host_array(leaf: Any) -> np.ndarray | None:
     """A host view of a leaf's whole value as this process holds it; None when the process holds
     only part of it (an array sharded over processes).
 
     CPU device arrays give a view without a copy; accelerator arrays are copied to the host. A
     replicated array of a multi-process run gives this process's own copy."""
-    if isinstance(leaf, jax.Array):
-        if leaf.is_fully_addressable:
-            return np.asarray(leaf)
-        if leaf.is_fully_replicated:
-            return np.asarray(leaf.addressable_data(0))
-        return None
-    return np.asarray(leaf)
+    whole = _whole(leaf)
+    return None if whole is None else np.asarray(whole)
+
+
+def host_arrays(leaves: Mapping[str, Any]) -> dict[str, np.ndarray | None]:
+    """`host_array` of every leaf; the device-to-host copies all start first (pipelined)."""
+    wholes = {name: _whole(leaf) for name, leaf in leaves.items()}
+    for whole in wholes.values():
+        if isinstance(whole, jax.Array):
+            whole.copy_to_host_async()
+    return {name: None if w is None else np.asarray(w) for name, w in wholes.items()}
 
 
 def named_arrays(tree: PyTree) -> dict[str, np.ndarray | None]:
     """{dotted name: host array (None: sharded over processes)} of a pytree."""
-    return {name: host_array(leaf) for name, leaf in named_leaves(tree).items()}
+    return host_arrays(named_leaves(tree))
 
 
 def _map(fn: Callable[[Any], Any], values: list[Any], total_bytes: int) -> list[Any]:
@@ -189,7 +208,7 @@ def check_arrays(
         if missing:
             raise IntegrityError(f"{where}: array {missing[0]} is recorded in the checksums but "
                                  f"was not restored" + _more(missing))
-    hosts = {name: host_array(leaf) for name, leaf in arrays.items() if name not in skip}
+    hosts = host_arrays({name: leaf for name, leaf in arrays.items() if name not in skip})
     unknown = sorted(name for name in hosts if name not in expected)
     if unknown:
         raise IntegrityError(f"{where}: array {unknown[0]} is not in its checksums (they were "
@@ -313,6 +332,10 @@ class ChecksumHandler(ocp.AsyncCheckpointHandler):
         del kwargs  # Orbax may pass handler options
 
     async def _write(self, directory: Any, args: ChecksumSave) -> None:
+        if args.after is not None:  # e.g. until the blocking part of an async save returned
+            import asyncio
+
+            await asyncio.to_thread(args.after.wait)
         manifest = args.manifest()
         path = pathlib.Path(os.fspath(directory)) / process_file()
         path.write_text(json.dumps(manifest, sort_keys=True, indent=0) + "\n")
@@ -351,13 +374,15 @@ class ChecksumSave(ocp.args.CheckpointArgs):
 
     arrays: {item: {name: host array (None: not held whole by this process)}}, hashed later.
     json: {item: CRC of its canonical JSON}; files: {relative path: CRC of its bytes}; extra:
-    JSON-able facts kept with the checksums (e.g. the training loss at the save).
+    JSON-able facts kept with the checksums (e.g. the training loss at the save). after: an
+    event the hashing waits for (None: none), so that it does not compete with the caller.
     """
 
     arrays: dict[str, dict[str, np.ndarray | None]]
     json: dict[str, str] = dataclasses.field(default_factory=dict)
     files: dict[str, str] = dataclasses.field(default_factory=dict)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    after: threading.Event | None = None
 
     def manifest(self) -> dict[str, Any]:
         manifest = new_manifest(**self.extra)
