@@ -102,6 +102,7 @@ def create_model(
         metadata_hidden=int(getattr(model_config, "metadata_hidden", 128)),
         metadata_dropout=float(getattr(model_config, "metadata_dropout", 0.1)),
         lowering=str(getattr(model_config, "lowering", "auto")),
+        msd_samples=int(getattr(model_config, "msd_samples", 1)),
     )
 
 

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from isic_jax.models import cpu_lowering
+from isic_jax.models.head import classifier_head
 
 ModuleDef = Any
 
@@ -147,6 +148,8 @@ class ResNet(nn.Module):
       num_classes: size of the head.
       width: channels of the stem and of the first stage (64 standard).
       dropout: dropout rate on the pooled features, before the head (active only if train).
+      msd_samples: multi-sample dropout: K dropout masks, head on each, logits averaged
+        (training only; `head.classifier_head`). 1: plain dropout.
       dtype: compute dtype (float32 or bfloat16). Parameters stay float32; BatchNorm statistics
         are reduced in float32; pooling and the head run in float32, logits are float32.
       axis_name: BatchNorm averages its batch statistics over this mapped axis (pmap); None
@@ -176,6 +179,7 @@ class ResNet(nn.Module):
     metadata_hidden: int = 128
     metadata_dropout: float = 0.1
     lowering: str = "auto"
+    msd_samples: int = 1
 
     @property
     def metadata_width(self) -> int:
@@ -245,9 +249,8 @@ class ResNet(nn.Module):
                                     self.metadata_hidden, self.metadata_dropout, name="metadata")
             x = jnp.concatenate([x, branch(metadata, train)], axis=-1)
         embedding = x
-        x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        x = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32, name="head")(x)
-        logits = x.astype(jnp.float32)
+        logits = classifier_head(x, num_classes=self.num_classes, dropout=self.dropout,
+                                 msd_samples=self.msd_samples, train=train)
         return (logits, embedding) if return_embedding else logits
 
 
