@@ -59,7 +59,8 @@ def create_model(
 
     Args:
       model_config: `config.model` with `name` (one of MODEL_NAMES), `width` (stem channels, 64
-        standard; default 64), `dropout` (before the head; default 0), `dtype` ("float32" or
+        standard; default 64), `dropout` (before the head; default 0), `msd_samples` (dropout
+        masks of multi-sample dropout, `head.classifier_head`; default 1), `dtype` ("float32" or
         "bfloat16" compute; parameters stay float32; default "float32"), `lowering` ("auto":
         the CPU lowering of `cpu_lowering` on CPU, XLA's own elsewhere; "xla": XLA's own
         everywhere; default "auto").
