@@ -239,6 +239,7 @@ def build_card(
         "platforms": (meta.get("export") or {}).get("platforms"),
         "checkpoint_step": (meta.get("checkpoint") or {}).get("step"),
         "ema_weights": (meta.get("variables") or {}).get("ema"),
+        "swa_weights": (meta.get("variables") or {}).get("swa", False),
     })
     train = config.train
     card: dict[str, Any] = {
@@ -354,7 +355,8 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         ["Export", f"jax.export StableHLO, {_fmt(m.get('export_bytes'))} bytes, platforms "
                    f"{', '.join(m.get('platforms') or [])}"],
         ["Weights", f"checkpoint step {m.get('checkpoint_step')}"
-                    + (" (EMA)" if m.get("ema_weights") else "")],
+                    + (" (EMA)" if m.get("ema_weights") else "")
+                    + (" (SWA)" if m.get("swa_weights") else "")],
     ])
     lines += ["## Training data", ""]
     if data.get("note"):

@@ -55,6 +55,7 @@ from isic_jax.training import (
     preemption,
     resume,
     steps,
+    swa,
 )
 from isic_jax.training.losses import class_weights_for_config
 from isic_jax.training.optim import FineTune, create_optimizer
@@ -103,6 +104,7 @@ class Setup:
     # Pretrained weights of a fresh run (config.model.init_from); None from scratch or resuming.
     pretrained: Pretrained | None = None
     frozen_parts: tuple[str, ...] = ()  # config.finetune.freeze_stages: parts that do not train
+    swa: swa.SwaSchedule | None = None  # config.optim.swa_*: weight averaging (None: off)
 
     @property
     def topology(self) -> dict[str, Any]:
@@ -117,7 +119,7 @@ class Setup:
         return create_train_state(self.model, self.tx, self.init_rng,
                                   int(self.config.data.image_size),
                                   use_ema=float(self.config.optim.ema_decay) > 0,
-                                  variables=variables)
+                                  variables=variables, use_swa=self.swa is not None)
 
     def abstract_state(self) -> TrainState:
         """The state's shapes and dtypes, without allocating (restore target)."""
@@ -160,6 +162,7 @@ def set_up(
     except ValueError as e:
         raise config_utils.ConfigError(str(e)) from e
     total_steps, steps_per_epoch = schedule_lengths(config, data.num_train)
+    averaging = swa.SwaSchedule.from_config(config.optim, total_steps, steps_per_epoch)
     k = int(config.optim.accumulation_steps)
     tx, schedule = create_optimizer(
         config.optim, total_steps=max(1, total_steps // k),
@@ -183,7 +186,7 @@ def set_up(
         class_weights=class_weights_for_config(config.loss, data.train_class_counts),
         init_rng=init_rng, train_rng=train_rng,
         config_dict=config_utils.config_to_dict(config), is_main=is_main,
-        pretrained=pre, frozen_parts=frozen,
+        pretrained=pre, frozen_parts=frozen, swa=averaging,
     )
 
 
@@ -265,8 +268,13 @@ class TrainLoop:
             steps.train_step, model=setup.model, tx=setup.tx, loss_config=config.loss,
             class_weights=setup.class_weights, axis_name=par.axis_name,
             ema_decay=float(config.optim.ema_decay), augment=augment,
-            frozen_parts=setup.frozen_parts,
+            frozen_parts=setup.frozen_parts, swa=setup.swa,
         ))
+        # SWA: BatchNorm statistics of the averaged weights, before evaluations and saves.
+        self.swa_bn = None
+        if setup.swa is not None and setup.swa.bn_batches > 0:
+            self.swa_bn = swa.BatchNormRecompute(setup.model, par, augment, setup.data, self.rng,
+                                                 setup.swa.bn_batches)
         self.p_eval = par.compile_eval_step(
             functools.partial(steps.eval_step, model=setup.model, augment=augment))
         self.writer = logging_utils.MetricWriter(setup.workdir / "tensorboard",
@@ -310,6 +318,8 @@ class TrainLoop:
             interrupted = guard.should_stop(step) and not final
             if step % int(train.log_every) == 0 or final or do_save or interrupted:
                 self.pull_metrics(step)
+            if self.swa_bn is not None and (do_eval or do_save):
+                self.state = self.swa_bn(self.state)
             val = self.evaluate(step) if do_eval else None
             if do_save or interrupted:
                 self.save(step, item, val)
