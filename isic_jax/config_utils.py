@@ -219,6 +219,7 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "data.std": _channels(0.0, None, lo_open=True),
     "model.name": _model_name,
     "model.dropout": _num(0.0, 1.0, hi_open=True),
+    "model.drop_path": _num(0.0, 1.0, hi_open=True),
     "model.dtype": _choice(MODEL_DTYPES),
     "model.width": _int(1),
     "model.lowering": _choice(LOWERINGS),

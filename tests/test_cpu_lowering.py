@@ -169,3 +169,73 @@ def test_small_map_input_gradient_matches_xla(pads) -> None:
     got = jax.jit(lambda x, w, g: jax.vjp(lowered, x, w)[1](g))(x, w, g)
     for e, o in zip(expected, got, strict=True):
         np.testing.assert_allclose(np.asarray(o), np.asarray(e), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("size,channels,k,stride,pads", [
+    (9, 5, 3, 1, ((1, 1), (1, 1))), (9, 5, 3, 2, ((1, 1), (1, 1))),
+    (8, 4, 5, 2, ((1, 2), (1, 2))),  # TF "SAME" at stride 2: the extra row at the end
+    (7, 6, 7, 1, ((3, 3), (3, 3))),  # ConvNeXt's 7x7
+    (2, 3, 7, 1, ((3, 3), (3, 3))),  # a map smaller than the kernel
+    (8, 4, 3, 2, ((0, 1), (1, 1))),
+])
+def test_depthwise_matches_xla_values_and_gradients(size, channels, k, stride, pads) -> None:
+    keys = jax.random.split(jax.random.PRNGKey(size * 10 + k), 3)
+    x = jax.random.normal(keys[0], (2, size, size + 1, channels))
+    w = jax.random.normal(keys[1], (k, k, 1, channels))
+
+    def conv(fn):
+        return lambda x, w: fn(x, w, (stride, stride), pads, dimension_numbers=NHWC,
+                               feature_group_count=channels)
+
+    y, vjp = jax.vjp(conv(lax.conv_general_dilated), x, w)
+    g = jax.random.normal(keys[2], y.shape)
+    got = jax.jit(lambda x, w, g: (lambda yv: (yv[0], *yv[1](g)))(
+        jax.vjp(conv(cpu_lowering.conv_general_dilated), x, w)))(x, w, g)
+    for want, have in zip((y, *vjp(g)), got, strict=True):
+        scale = float(jnp.max(jnp.abs(want)))
+        np.testing.assert_allclose(np.asarray(have), np.asarray(want), rtol=0, atol=1e-5 * scale)
+    # bfloat16 in, bfloat16 out (accumulated in float32), as XLA's.
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    yb, vjp_b = jax.vjp(conv(cpu_lowering.conv_general_dilated), xb, wb)
+    dx, dw = vjp_b(g.astype(jnp.bfloat16))
+    assert yb.dtype == dx.dtype == dw.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(yb, np.float32), np.asarray(y), rtol=0,
+                               atol=0.03 * float(jnp.max(jnp.abs(y))))
+
+
+def test_grouped_but_not_depthwise_convolutions_stay_xla() -> None:
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 6, 4))
+    w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 2, 4))  # 2 groups of 2 channels
+    args = ((1, 1), ((1, 1), (1, 1)))
+    lowered = jax.jit(lambda x, w: cpu_lowering.conv_general_dilated(
+        x, w, *args, dimension_numbers=NHWC, feature_group_count=2)).lower(x, w).as_text()
+    assert "feature_group_count = 2" in lowered
+    np.testing.assert_allclose(
+        np.asarray(cpu_lowering.conv_general_dilated(x, w, *args, dimension_numbers=NHWC,
+                                                     feature_group_count=2)),
+        np.asarray(lax.conv_general_dilated(x, w, *args, dimension_numbers=NHWC,
+                                            feature_group_count=2)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_test", "convnext_test"])
+def test_depthwise_families_lower_to_native_grouped_convolutions_off_cpu(name: str) -> None:
+    """On TPU/CUDA an EfficientNet's or ConvNeXt's program keeps XLA's grouped convolutions;
+    on CPU none is left (they are the slice sums)."""
+    from jax import export
+
+    model, variables = _model_and_variables(name, "auto")
+    x = jax.ShapeDtypeStruct((2, 40, 40, 3), jnp.float32)
+
+    def grad(params, x):
+        def loss(p):
+            logits, _ = model.apply({"params": p, "batch_stats": variables.get("batch_stats",
+                                                                                {})},
+                                    x, train=True, mutable=["batch_stats"])
+            return jnp.sum(logits)
+        return jax.grad(loss)(params)
+
+    for platform, grouped in (("cuda", True), ("cpu", False)):
+        text = export.export(jax.jit(grad), platforms=[platform])(variables["params"], x)
+        has_grouped = "feature_group_count = " in text.mlir_module().replace(
+            "feature_group_count = 1 ", "")
+        assert has_grouped == grouped, platform
