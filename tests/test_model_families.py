@@ -18,11 +18,12 @@ from isic_jax.models import (
     create_model,
     family_of,
     init_variables,
+    layers,
     model_names,
     part_of,
     registry,
+    vit,
 )
-from isic_jax.models import layers, vit
 
 TEST_MODELS = ("efficientnet_test", "convnext_test", "vit_test")
 SIZE = 32

@@ -466,7 +466,7 @@ def _mismatch_message(file: Any, model_config: Any, num_classes: int, problems: 
         if "width" in family.config_keys:
             what += f"width={int(getattr(model_config, 'width', 64))}, "
         if found is not None and found[0] not in (None, family.name):
-            what = f"a {family.name}: {what}"
+            what = f"{family.name}: {what}"
             text = (f"{file} holds {found[0]} weights, not {family.name} weights, and does not "
                     f"fit this model ({what}{num_classes} classes):")
         else:
