@@ -405,8 +405,9 @@ def test_cli_preset_with_a_source_exits_6_before_writing(tmp_path) -> None:
     assert (f"{convnext} holds convnext weights, not efficientnet weights, and does not fit "
             f"this model (efficientnet: config.model.name=efficientnet_test") in message
     assert "missing conv_stem.weight [8, 3, 3, 3]" in message
-    assert "unexpected stem.0.weight [16, 3, 4, 4]" in message
-    assert "looks like a ConvNeXt (depths 1-1-1-1, dims 16-24-32-48)" in message
+    assert "tensor(s) unexpected: unexpected head.fc.bias [2]" in message
+    assert ("looks like a convnext_test (depths 1-1-1-1, dims 16-24-32-48): set "
+            "--config.model.name=convnext_test") in message
     assert not (tmp_path / "run2").exists()
 
 
