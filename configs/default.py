@@ -78,13 +78,19 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- model
     config.model = ml_collections.ConfigDict()
-    config.model.name = "resnet50"  # resnet18|34|50|101|152|200, tiny variants for tests
+    # resnet18|34|50|101|152|200 (tiny variants for tests), efficientnet_b0..b7,
+    # tf_efficientnet_b0..b7, convnext_tiny|small|base, vit_{tiny,small,base}_patch16_{224,384}
+    # (timm's names; docs/models.md)
+    config.model.name = "resnet50"
     config.model.dropout = 0.0  # before the classifier head
     # Multi-sample dropout (ISIC 2020 1st: 5 masks, dropout 0.5): K dropout masks on the pooled
     # features, the head on each, logits averaged; training only. 1 = plain dropout.
     config.model.msd_samples = 1
+    # stochastic depth: the last block's drop rate, linear over the blocks (EfficientNet,
+    # ConvNeXt, ViT; ResNets ignore it); only in training
+    config.model.drop_path = 0.0
     config.model.dtype = "bfloat16"  # compute dtype; parameters stay float32
-    config.model.width = 64  # channels of the stem; halve it for a fast CPU model
+    config.model.width = 64  # ResNets: channels of the stem; halve it for a fast CPU model
     # auto: on CPU, convolutions and max-pooling lowered for XLA:CPU (models/cpu_lowering.py);
     # GPU/TPU always get XLA's own | xla: XLA's own everywhere. Same numbers either way.
     config.model.lowering = "auto"

@@ -3,6 +3,7 @@
     python scripts/bench_train.py            # (a) (b) (c) (e) on this CPU, ~10 minutes on 2 cores
     python scripts/bench_train.py --only a,e # a subset
     python scripts/bench_train.py --only e --torch-python .venv/bin/python  # torch elsewhere
+    python scripts/bench_train.py --only e,f --nets efficientnet_b0,convnext_tiny
     python scripts/bench_train.py --gpu      # (d) ResNet-50 on the GPU (needs a GPU jaxlib)
     python scripts/bench_train.py --gpu --data-dir ~/tfds --stored-size 256 --workers 16 \
         --profile-dir /tmp/prof --json /tmp/bench.json   # (d) + the input pipeline alone + a trace
@@ -24,14 +25,21 @@
     what the host can feed. With --profile-dir, a jax.profiler trace of a few steps.
     scripts/device_check.sh runs this on a lent GPU machine; --allow-cpu runs it here (tiny).
 
-(e) isic_jax vs PyTorch on this CPU, side by side in one run: ResNet-18 at 112 px batch 32 and
-    ResNet-50 at 224 px batch 16, float32. For each: the real `isic-jax train` loop's img/s
-    (Grain JPEG pipeline, device augmentation, prefetch, metric pulls), the bare compiled train
-    step (SGD-Nesterov, batch already on the device, device augmentation included) with
-    `model.lowering=auto` (the CPU lowering, `models/cpu_lowering.py`) and `xla` (XLA's own
-    convolutions), and torchvision's same net in PyTorch (channels_last, SGD-Nesterov, all
-    cores), run in its own process (`--torch-python`, default this interpreter) so that the two
-    never share the cores. torch is never a dependency: without it the PyTorch column says so.
+(e) isic_jax vs PyTorch on this CPU, side by side in one run: ResNet-18 at 112 px batch 32,
+    ResNet-50 at 224 px batch 16, and the smallest model of each other family at 112 px batch 32
+    (EfficientNet-B0, ConvNeXt-T, ViT-Ti/16), float32. For each: the real `isic-jax train`
+    loop's img/s (Grain JPEG pipeline, device augmentation, prefetch, metric pulls), the bare
+    compiled train step (SGD-Nesterov, batch already on the device, device augmentation
+    included) with `model.lowering=auto` (the CPU lowering, `models/cpu_lowering.py`) and `xla`
+    (XLA's own convolutions; fewer steps for the depthwise families, whose XLA step takes
+    seconds), the same net in PyTorch (torchvision's ResNets, timm's others; channels_last,
+    SGD-Nesterov, all cores) run in its own process (`--torch-python`, default this
+    interpreter) so that the two never share the cores, the parameters and the forward GFLOPs
+    per image (XLA's cost analysis of the forward pass with XLA's own convolutions). torch is
+    never a dependency: without it the PyTorch column says so. `--nets` picks a subset.
+(f) depthwise convolutions alone (the layers EfficientNet-B0 and ConvNeXt-T spend their time
+    in, at 112 px batch 32): forward and forward+backward ms of XLA's grouped convolution, of
+    isic_jax's CPU lowering, and of PyTorch's (channels_last, in its own process).
 
 CPU runs set XLA_FLAGS (before jax is imported) to the YNN fusion flags `isic-jax train` uses and
 to 2 fake host devices for (c), unless XLA_FLAGS is already set.
@@ -517,16 +525,32 @@ def gpu_lines(r: dict) -> list[str]:
 
 
 TORCH_CASES = (("resnet18", 112, 32), ("resnet50", 224, 16))
+# The smallest model of each other family, at the CPU presets' size (configs/cpu_backbone.py).
+FAMILY_CASES = (("efficientnet_b0", 112, 32), ("convnext_tiny", 112, 32),
+                ("vit_tiny_patch16_224", 112, 32))
+# Families whose XLA-lowered step takes seconds (grouped convolutions): fewer timed steps.
+_SLOW_XLA = ("efficientnet", "convnext")
+
+
+def _torch_model(net: str, size: int):
+    """torchvision's ResNets, timm's other models (a ViT built for `size`), 2 classes."""
+    import torchvision
+
+    if net.startswith("resnet"):
+        return getattr(torchvision.models, net)(num_classes=2)
+    import timm
+
+    kwargs = {"img_size": size} if net.startswith("vit") else {}
+    return timm.create_model(net, pretrained=False, num_classes=2, **kwargs)
 
 
 def torch_worker(net: str, size: int, batch: int, steps: int, repeats: int) -> dict:
-    """PyTorch's train step of torchvision's `net` (run in a process of its own)."""
+    """PyTorch's train step of `net` (torchvision/timm; run in a process of its own)."""
     import torch
-    import torchvision
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
-    model = getattr(torchvision.models, net)(num_classes=2).to(memory_format=torch.channels_last)
+    model = _torch_model(net, size).to(memory_format=torch.channels_last)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -597,22 +621,45 @@ def _loop_images_per_s(config, batch: int, size: int, steps: int, log_every: int
     return max(v for _, v in seen[1:] or seen)
 
 
-def bench_vs_torch(torch_python: str, quick: bool = False) -> list[dict]:
-    """(e) loop, bare step (auto and xla lowering) and PyTorch, per TORCH_CASES entry."""
+def _model_size(net: str, size: int) -> dict:
+    """Parameters and forward GFLOPs per image (XLA's cost analysis of the eval forward pass at
+    batch 1 with XLA's own convolutions, which it counts as 2 x multiply-adds)."""
+    import jax
+    import jax.numpy as jnp
+
+    from isic_jax.models import count_params, create_model
+
+    config = _config(**{"model.name": net, "model.width": 64, "model.lowering": "xla"})
+    model = create_model(config.model, 1000)
+    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+    cost = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile()
+    cost = cost.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return {"params_m": count_params(variables["params"]) / 1e6,
+            "gflops": float(cost.get("flops", float("nan"))) / 1e9}
+
+
+def bench_vs_torch(torch_python: str, quick: bool = False,
+                   cases: tuple[tuple[str, int, int], ...] | None = None) -> list[dict]:
+    """(e) loop, bare step (auto and xla lowering), PyTorch, parameters and GFLOPs, per case
+    (net, size, batch); default TORCH_CASES."""
     import jax
 
     from isic_jax.training import parallel
 
     out = []
-    for net, size, batch in TORCH_CASES:
+    for net, size, batch in cases or TORCH_CASES:
         steps = 3 if quick else (10 if net == "resnet18" else 5)
-        row = {"net": net, "size": size, "batch": batch}
+        row = {"net": net, "size": size, "batch": batch, **_model_size(net, size)}
         for lowering in ("auto", "xla"):
+            slow = lowering == "xla" and net.startswith(_SLOW_XLA)
             config = _config(**{"model.name": net, "model.width": 64, "model.dtype": "float32",
                                 "model.lowering": lowering})
             par = parallel.DataParallel.create("jit", jax.devices()[:1])
             p_step, state, dev_batch, rng = _step_setup(config, par, batch, size)
-            sec, _ = _time_steps(p_step, state, dev_batch, rng, steps, repeats=3)
+            sec, _ = _time_steps(p_step, state, dev_batch, rng, 2 if slow else steps,
+                                 repeats=1 if slow else 3)
             row[f"step_{lowering}"] = batch / sec
             print(f"(e) {net} {size}px b{batch}: bare step, lowering={lowering}: "
                   f"{batch / sec:.1f} img/s", flush=True)
@@ -629,13 +676,99 @@ def bench_vs_torch(torch_python: str, quick: bool = False) -> list[dict]:
     return out
 
 
+# (label, batch, side, channels, kernel, stride): depthwise layers of EfficientNet-B0 and
+# ConvNeXt-T at 112 px, batch 32 (input side of the layer).
+DEPTHWISE_CASES = (
+    ("B0 stage2 3x3/2", 32, 56, 96, 3, 2),
+    ("B0 stage3 5x5", 32, 14, 240, 5, 1),
+    ("B0 stage6 5x5", 32, 4, 1152, 5, 1),
+    ("CNX-T stage1 7x7", 32, 28, 96, 7, 1),
+    ("CNX-T stage3 7x7", 32, 7, 384, 7, 1),
+)
+
+
+def _torch_depthwise_ms(torch, b: int, side: int, c: int, k: int, stride: int, calls: int,
+                        rounds: int) -> dict:
+    conv = torch.nn.Conv2d(c, c, k, stride, k // 2, groups=c, bias=False)
+    conv = conv.to(memory_format=torch.channels_last)
+    x = torch.randn(b, c, side, side).to(memory_format=torch.channels_last)
+    xg = x.clone().requires_grad_(True)
+
+    def fwd() -> None:
+        with torch.no_grad():
+            conv(x)
+
+    def fwd_bwd() -> None:
+        conv.zero_grad(set_to_none=True)
+        conv(xg).square().sum().backward()
+
+    return {"fwd_ms": 1e3 * best_seconds(fwd, calls, rounds),
+            "fwd_bwd_ms": 1e3 * best_seconds(fwd_bwd, calls, rounds)}
+
+
+def torch_depthwise_worker(calls: int, rounds: int) -> dict:
+    """PyTorch's depthwise convolutions of DEPTHWISE_CASES, fwd and fwd+bwd ms (own process)."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    layers = {label: _torch_depthwise_ms(torch, b, side, c, k, stride, calls, rounds)
+              for label, b, side, c, k, stride in DEPTHWISE_CASES}
+    return {"torch": torch.__version__, "layers": layers}
+
+
+def _jax_depthwise_ms(conv, x, w, stride: int, calls: int, rounds: int) -> dict:
+    """fwd and fwd+bwd ms of `conv` (lax.conv_general_dilated's signature), depthwise."""
+    import jax
+    import jax.numpy as jnp
+
+    k, c = w.shape[0], w.shape[3]
+
+    def f(x, w):
+        return conv(x, w, (stride, stride), ((k // 2, k // 2),) * 2,
+                    dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+
+    fwd = jax.jit(f)
+    grad = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.square(f(x, w))), (0, 1)))
+    return {"fwd_ms": 1e3 * best_seconds(lambda: jax.block_until_ready(fwd(x, w)), calls,
+                                         rounds),
+            "fwd_bwd_ms": 1e3 * best_seconds(lambda: jax.block_until_ready(grad(x, w)), calls,
+                                             rounds)}
+
+
+def bench_depthwise(torch_python: str, quick: bool = False) -> list[dict]:
+    """(f) XLA's grouped convolution vs isic_jax's CPU lowering vs PyTorch, per layer (XLA's
+    side one call per round: it takes up to seconds)."""
+    import jax
+    from jax import lax
+
+    from isic_jax.models import cpu_lowering
+
+    calls, rounds = (1, 1) if quick else (3, 3)
+    torch_side = worker_json([torch_python, __file__, "--torch-dw-worker", f"{calls},{rounds}"],
+                             "PyTorch")
+    rows = []
+    for label, b, side, c, k, stride in DEPTHWISE_CASES:
+        x = jax.random.normal(jax.random.key(0), (b, side, side, c))
+        w = jax.random.normal(jax.random.key(1), (k, k, 1, c)) * 0.1
+        xla = _jax_depthwise_ms(lax.conv_general_dilated, x, w, stride, 1, 1 if quick else 2)
+        ours = _jax_depthwise_ms(cpu_lowering.conv_general_dilated, x, w, stride, calls, rounds)
+        row = {"layer": label, "xla": xla, "isic_jax": ours,
+               "torch": torch_side.get("layers", {}).get(label, torch_side.get("error"))}
+        print(f"(f) {label}: {row}", flush=True)
+        rows.append(row)
+    return rows
+
+
 # ------------------------------------------------------------------------------ main
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gpu", action="store_true", help="run (d) on the GPU instead")
-    parser.add_argument("--only", default="a,b,c,e", help="comma list of a,b,c,e (CPU mode)")
+    parser.add_argument("--only", default="a,b,c,e,f",
+                        help="comma list of a,b,c,e,f (CPU mode)")
+    parser.add_argument("--nets", default=",".join(n for n, _, _ in TORCH_CASES + FAMILY_CASES),
+                        help="(e): comma list of nets of TORCH_CASES and FAMILY_CASES")
     parser.add_argument("--gpu-batch", type=int, default=256)
     gpu = parser.add_argument_group("--gpu options")
     gpu.add_argument("--model", default="resnet50")
@@ -653,12 +786,19 @@ def main() -> None:
                         help="interpreter with torch+torchvision for (e)")
     parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
     parser.add_argument("--torch-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--torch-dw-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.torch_worker:
         import json
 
         net, size, batch, steps = args.torch_worker.split(",")
         print(json.dumps(torch_worker(net, int(size), int(batch), int(steps), repeats=3)))
+        return
+    if args.torch_dw_worker:
+        import json
+
+        calls, rounds = args.torch_dw_worker.split(",")
+        print(json.dumps(torch_depthwise_worker(int(calls), int(rounds))))
         return
     if not args.gpu:
         _set_cpu_flags()
@@ -717,9 +857,12 @@ def main() -> None:
                      f"pmap {r['pmap_step_ms']:.1f} ms/step | jit {r['jit_step_ms']:.1f} ms/step |"
                      f" jit on 1 device {r['jit_1_device_step_ms']:.1f} ms/step"))
     if "e" in chosen:
-        for r in bench_vs_torch(args.torch_python, args.quick):
+        wanted = args.nets.split(",")
+        cases = tuple(c for c in TORCH_CASES + FAMILY_CASES if c[0] in wanted)
+        for r in bench_vs_torch(args.torch_python, args.quick, cases):
             torch_ips = r["torch"].get("images_per_s")
-            name = f"(e) {r['net']} {r['size']}px b{r['batch']} f32"
+            name = (f"(e) {r['net']} {r['size']}px b{r['batch']} f32 ({r['params_m']:.1f} M "
+                    f"params, {r['gflops']:.2f} GFLOPs)")
             if torch_ips is None:
                 rows.append((name, f"loop {r['loop']:.1f} img/s | step {r['step_auto']:.1f} "
                                    f"(xla lowering {r['step_xla']:.1f}) | {r['torch']['error']}"))
@@ -729,6 +872,15 @@ def main() -> None:
                                f"{torch_ips:.1f} | loop/torch {r['loop'] / torch_ips:.2f}, "
                                f"step/torch {r['step_auto'] / torch_ips:.2f} (xla "
                                f"{r['step_xla'] / torch_ips:.2f})"))
+    if "f" in chosen:
+        for r in bench_depthwise(args.torch_python, args.quick):
+            t = r["torch"]
+            torch_text = (f"PyTorch {t['fwd_ms']:.1f} / {t['fwd_bwd_ms']:.1f}"
+                          if isinstance(t, dict) else str(t))
+            rows.append((f"(f) depthwise {r['layer']} (ms fwd / fwd+bwd)",
+                         f"XLA {r['xla']['fwd_ms']:.1f} / {r['xla']['fwd_bwd_ms']:.1f} | "
+                         f"isic_jax {r['isic_jax']['fwd_ms']:.1f} / "
+                         f"{r['isic_jax']['fwd_bwd_ms']:.1f} | {torch_text}"))
     print("\n" + "\n".join(f"{name:<52} {text}" for name, text in rows))
     print("(d) GPU: not run (pass --gpu on a machine with a GPU)")
 

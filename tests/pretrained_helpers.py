@@ -29,20 +29,22 @@ def model_config(name: str = "resnet18", width: int = 8) -> ml_collections.Confi
 
 def torchvision_state_dict(name: str = "resnet18", width: int = 8, num_classes: int = 1000,
                            seed: int = 0) -> dict[str, np.ndarray]:
-    """Random float32 tensors under torchvision's names and layouts (OIHW, fc [C, F]) for an
-    isic_jax `name` at `width`, plus the `num_batches_tracked` counters torchvision saves.
+    """Random float32 tensors under torchvision's/timm's names and layouts (OIHW, fc [C, F]) for
+    an isic_jax `name` (any family; `width` for ResNets), plus the `num_batches_tracked`
+    counters torchvision saves.
 
-    Built from the loader's own name table (`models.resnet.torch_key`), so it checks the loader's
+    Built from the loader's own name table (its family's `torch_key`), so it checks the loader's
     bookkeeping (errors, head, ignored keys), not the mapping itself: tests/test_torch_interop.py
     checks that against the real torchvision and timm modules.
     """
-    from isic_jax.models import resnet, weight_mapping
+    from isic_jax.models import family_of, weight_mapping
 
+    torch_key = family_of(name).weights.torch_key
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
     expected = weight_mapping.expected_shapes(model_config(name, width), num_classes)
     for key, shape in expected.items():
-        torch_name, kind = resnet.torch_key(key)
+        torch_name, kind = torch_key(key)
         torch_shape = weight_mapping.torch_shape(shape, kind)
         if key[-1] == "var":
             value = rng.uniform(0.5, 2.0, torch_shape)

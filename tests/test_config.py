@@ -14,10 +14,23 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _configs():
-    from isic_jax.configs import cpu_sample, default, demo, smoke
+    from isic_jax.configs import (
+        convnext_tiny,
+        cpu_backbone,
+        cpu_sample,
+        default,
+        demo,
+        efficientnet_b3,
+        smoke,
+        vit_small,
+    )
 
     return {"default": default.get_config(), "smoke": smoke.get_config(),
-            "cpu_sample": cpu_sample.get_config(), "demo": demo.get_config()}
+            "cpu_sample": cpu_sample.get_config(), "demo": demo.get_config(),
+            "efficientnet_b3": efficientnet_b3.get_config(),
+            "convnext_tiny": convnext_tiny.get_config(), "vit_small": vit_small.get_config(),
+            **{f"cpu_backbone:{name}": cpu_backbone.get_config(name) for name in
+               ("efficientnet_b0", "convnext_tiny", "vit_tiny_patch16_224")}}
 
 
 def test_presets_are_valid() -> None:
@@ -83,7 +96,18 @@ def test_every_key_of_the_default_preset_has_a_value_check() -> None:
     config.model.name = "resnet19"
     with pytest.raises(config_utils.ConfigError,
                        match="config.model.name must be a registered model, got 'resnet19' "
-                             r"\(did you mean 'resnet18'\? known: resnet: resnet18"):
+                             r"\(did you mean 'resnet18'\? known: .*resnet: resnet18"):
+        config_utils.validate_config(config)
+    # Every family is listed by name, and the closest name is suggested across families.
+    config.model.name = "efficientnet_b8"
+    with pytest.raises(config_utils.ConfigError) as info:
+        config_utils.validate_config(config)
+    for listed in ("did you mean 'efficientnet_b7'?", "efficientnet: efficientnet_b0",
+                   "tf_efficientnet_b7", "convnext: convnext_tiny", "vit: vit_tiny_patch16_224"):
+        assert listed in str(info.value)
+    config.model.name = "efficientnet_b3"
+    config.model.drop_path = 1.0
+    with pytest.raises(config_utils.ConfigError, match="config.model.drop_path must be < 1.0"):
         config_utils.validate_config(config)
 
 
@@ -91,7 +115,9 @@ def test_presets_by_name_resolve_to_the_shipped_files(tmp_path: pathlib.Path) ->
     from isic_jax import config_utils, configs
 
     folder = pathlib.Path(configs.__file__).parent
-    assert config_utils.preset_names() == ["cpu_sample", "default", "demo", "finetune", "smoke"]
+    assert config_utils.preset_names() == ["convnext_tiny", "cpu_backbone", "cpu_sample",
+                                           "default", "demo", "efficientnet_b3", "finetune",
+                                           "smoke", "vit_small"]
     assert config_utils.config_file("smoke") == str(folder / "smoke.py")
     assert config_utils.config_file("default:arg") == f"{folder / 'default.py'}:arg"
     own = tmp_path / "mine.py"

@@ -3,6 +3,9 @@ and GPU/TPU programs untouched."""
 
 from __future__ import annotations
 
+import functools
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -169,3 +172,69 @@ def test_small_map_input_gradient_matches_xla(pads) -> None:
     got = jax.jit(lambda x, w, g: jax.vjp(lowered, x, w)[1](g))(x, w, g)
     for e, o in zip(expected, got, strict=True):
         np.testing.assert_allclose(np.asarray(o), np.asarray(e), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("size,channels,k,stride,pads", [
+    (9, 5, 3, 1, ((1, 1), (1, 1))), (9, 5, 3, 2, ((1, 1), (1, 1))),
+    (8, 4, 5, 2, ((1, 2), (1, 2))),  # TF "SAME" at stride 2: the extra row at the end
+    (7, 6, 7, 1, ((3, 3), (3, 3))),  # ConvNeXt's 7x7
+    (2, 3, 7, 1, ((3, 3), (3, 3))),  # a map smaller than the kernel
+    (8, 4, 3, 2, ((0, 1), (1, 1))),
+])
+def test_depthwise_matches_xla_values_and_gradients(size, channels, k, stride, pads) -> None:
+    keys = jax.random.split(jax.random.PRNGKey(size * 10 + k), 3)
+    x = jax.random.normal(keys[0], (2, size, size + 1, channels))
+    w = jax.random.normal(keys[1], (k, k, 1, channels))
+
+    def conv(fn):
+        return lambda x, w: fn(x, w, (stride, stride), pads, dimension_numbers=NHWC,
+                               feature_group_count=channels)
+
+    @functools.partial(jax.jit, static_argnums=3)
+    def value_and_grads(x, w, g, lowered):
+        fn = cpu_lowering.conv_general_dilated if lowered else lax.conv_general_dilated
+        y, vjp = jax.vjp(conv(fn), x, w)
+        return (y, *vjp(g.astype(y.dtype)))
+
+    g = jax.random.normal(keys[2], jax.eval_shape(conv(lax.conv_general_dilated), x, w).shape)
+    expected = value_and_grads(x, w, g, False)
+    for want, have in zip(expected, value_and_grads(x, w, g, True), strict=True):
+        scale = float(jnp.max(jnp.abs(want)))
+        np.testing.assert_allclose(np.asarray(have), np.asarray(want), rtol=0, atol=1e-5 * scale)
+    # bfloat16 in, bfloat16 out (accumulated in float32), as XLA's.
+    y = expected[0]
+    yb, dx, dw = value_and_grads(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), g, True)
+    assert yb.dtype == dx.dtype == dw.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(yb, np.float32), np.asarray(y), rtol=0,
+                               atol=0.03 * float(jnp.max(jnp.abs(y))))
+
+
+def test_grouped_but_not_depthwise_convolutions_stay_xla() -> None:
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 6, 4))
+    w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 2, 4))  # 2 groups of 2 channels
+    args = ((1, 1), ((1, 1), (1, 1)))
+    lowered = jax.jit(lambda x, w: cpu_lowering.conv_general_dilated(
+        x, w, *args, dimension_numbers=NHWC, feature_group_count=2)).lower(x, w).as_text()
+    assert "feature_group_count = 2" in lowered
+    np.testing.assert_allclose(
+        np.asarray(cpu_lowering.conv_general_dilated(x, w, *args, dimension_numbers=NHWC,
+                                                     feature_group_count=2)),
+        np.asarray(lax.conv_general_dilated(x, w, *args, dimension_numbers=NHWC,
+                                            feature_group_count=2)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_test", "convnext_test"])
+def test_depthwise_families_lower_to_native_grouped_convolutions_off_cpu(name: str) -> None:
+    """On CUDA an EfficientNet's or ConvNeXt's program keeps XLA's grouped convolutions; on CPU
+    none is left (they are the slice sums)."""
+    import ml_collections
+    from jax import export
+
+    model = create_model(ml_collections.ConfigDict({"name": name, "lowering": "auto"}), 3)
+    x = jax.ShapeDtypeStruct((2, 40, 40, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)
+    for platform, grouped in (("cuda", True), ("cpu", False)):
+        text = export.export(jax.jit(lambda v, x: model.apply(v, x, train=False)),
+                             platforms=[platform])(variables, x).mlir_module()
+        groups = [int(g) for g in re.findall(r"feature_group_count = (\d+)", text)]
+        assert groups and any(g > 1 for g in groups) == grouped, (platform, groups)

@@ -389,6 +389,27 @@ def test_cli_preset_with_a_source_exits_6_before_writing(tmp_path) -> None:
     assert "looks like a resnet18 (basic blocks 2-2-2-2, width 4)" in message
     assert not (tmp_path / "run").exists()
 
+    # Weights of another family: the same exit, naming both families and the first keys.
+    convnext = save_safetensors(tmp_path / "cnx.safetensors",
+                                torchvision_state_dict("convnext_test", num_classes=2))
+    result = subprocess.run(
+        [sys.executable, "-m", "isic_jax", "train", "--config=cpu_backbone:efficientnet_test",
+         f"--workdir={tmp_path / 'run2'}", f"--config.data.data_dir={tmp_path / 'data'}",
+         "--config.data.release=isic2020", "--config.data.stored_size=40",
+         "--config.data.image_size=32", "--config.data.num_workers=0",
+         f"--config.model.init_from={convnext}"],
+        env=env, cwd=str(pathlib.Path(__file__).resolve().parents[1]), capture_output=True,
+        text=True, timeout=300, check=False)
+    assert result.returncode == 6, result.stdout[-2000:] + result.stderr[-3000:]
+    message = " ".join(result.stderr.split())
+    assert (f"{convnext} holds convnext weights, not efficientnet weights, and does not fit "
+            f"this model (efficientnet: config.model.name=efficientnet_test") in message
+    assert "missing conv_stem.weight [8, 3, 3, 3]" in message
+    assert "tensor(s) unexpected: unexpected head.fc.bias [2]" in message
+    assert ("looks like a convnext_test (depths 1-1-1-1, dims 16-24-32-48): set "
+            "--config.model.name=convnext_test") in message
+    assert not (tmp_path / "run2").exists()
+
 
 def test_finetune_step_is_the_same_under_pmap_jit_and_one_device() -> None:
     """Frozen stem (stopped gradients, inference-mode BatchNorm: no collective), a slower

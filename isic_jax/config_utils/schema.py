@@ -144,6 +144,7 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "model.name": _model_name,
     "model.dropout": number(0.0, 1.0, hi_open=True),
     "model.msd_samples": integer(1, 64),
+    "model.drop_path": number(0.0, 1.0, hi_open=True),
     "model.dtype": choice(MODEL_DTYPES),
     "model.width": integer(1),
     "model.lowering": choice(LOWERINGS),

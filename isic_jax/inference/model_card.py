@@ -335,6 +335,16 @@ def _cv_lines(cv: Mapping[str, Any]) -> list[str]:
     return _table(["Metric", "Mean over folds", "Std"], rows)
 
 
+def _stem_width(model: Mapping[str, Any]) -> str:
+    """"stem width 64, " for the families that have the knob (ResNets), else ""."""
+    from isic_jax.models import family_of, model_names
+
+    name = str(model.get("name"))
+    if name in model_names() and "width" not in family_of(name).config_keys:
+        return ""
+    return f"stem width {model.get('width')}, "
+
+
 def render_markdown(card: Mapping[str, Any]) -> str:
     """MODEL_CARD.md of a `build_card` dict."""
     m = card["model"]
@@ -346,8 +356,8 @@ def render_markdown(card: Mapping[str, Any]) -> str:
     lines += ["## Model", ""]
     size = m.get("input", {}).get("image_size") if m.get("input") else None
     lines += _table(["", ""], [
-        ["Architecture", f"{m.get('name')} (stem width {m.get('width')}, {m.get('dtype')} "
-                         f"compute, dropout {m.get('dropout')})"],
+        ["Architecture", f"{m.get('name')} ({_stem_width(m)}{m.get('dtype')} compute, "
+                         f"dropout {m.get('dropout')})"],
         ["Parameters", f"{_fmt(m.get('parameters'))} (+ {_fmt(m.get('batch_stats'))} BatchNorm "
                        "statistics)"],
         ["Classes (output order)", ", ".join(m.get("class_names") or [])],

@@ -15,6 +15,12 @@ backward pass runs well below it (docs/architecture.md, "Design choices"). Here,
 - the input gradient of a stride-1 convolution over a map smaller than its kernel (late stages)
   flips g and the result instead of the kernel: XLA's flip-and-swap of a 3x3x512x512 kernel is
   one slow fused transpose;
+- a depthwise convolution (`feature_group_count` = channels, EfficientNet's and ConvNeXt's) is
+  a sum of kh*kw shifted strided slices times per-channel weights, one elementwise fusion; its
+  input gradient the same sum over the (flipped, or zero-interleaved for strides) gradient, its
+  weight gradient kh*kw channel sums in one variadic reduction. XLA:CPU's own grouped convolution
+  is 25-40x slower forward and 5-20x slower backward on these shapes (jax#23713;
+  `scripts/bench_train.py --only f`);
 - max-pooling is a maximum over strided slices, with a backward pass that sends each window's
   gradient to its first maximal element, as XLA's `select_and_scatter` does (plain
   `jnp.maximum` would split it between ties, frequent after a ReLU).
@@ -91,12 +97,15 @@ def _materialised(x: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 # Row chunks of the 1x1 weight gradient: one [N, C]^T [N, D] dot with N = B*H*W in the hundreds of
 # thousands runs at ~1/3 of the matmul rate on XLA:CPU, a batch of 8 such dots over N/8 rows each
-# (then summed) near it (`python scripts/bench_conv_grads.py`).
+# (then summed) near it (`python scripts/bench_conv_grads.py`). Small maps (late stages, N in the
+# hundreds) gain nothing from it: chunks keep at least _MIN_CHUNK_ROWS rows.
 _WGRAD_CHUNKS = 8
+_MIN_CHUNK_ROWS = 2048
 
 
 def _chunks(rows: int) -> int:
-    return next(n for n in (_WGRAD_CHUNKS, 4, 2, 1) if rows % n == 0)
+    return next(n for n in (_WGRAD_CHUNKS, 4, 2, 1)
+                if n == 1 or (rows % n == 0 and rows // n >= _MIN_CHUNK_ROWS))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -120,7 +129,9 @@ def _conv_1x1_bwd(stride, precision, residuals, g):
     dw = lax.dot_general(xs.reshape(n, rows // n, cin), g.reshape(n, rows // n, cout),
                          (((1,), (1,)), ((0,), (0,))), precision=precision,
                          preferred_element_type=jnp.float32)
-    dw = jnp.sum(dw, axis=0).astype(w.dtype)[None, None]
+    # The chunks summed by adds (one elementwise fusion): a reduce over the leading axis of
+    # [n, C, D] ran as a slow YNN reduction (50 ms for 8 x 1152 x 192 in EfficientNet-B0).
+    dw = functools.reduce(lax.add, [dw[i] for i in range(n)]).astype(w.dtype)[None, None]
     dx = _dot_channels(g, w[0, 0].T, precision, None)
     if stride > 1:
         dx = _scatter_window(dx, 0, 0, stride, x.shape[1], x.shape[2])
@@ -231,6 +242,69 @@ def _input_grad_flipping_g(g: jax.Array, w: jax.Array, pads: tuple, precision: A
     return jnp.flip(out, (1, 2))
 
 
+# ----------------------------------------------------------------------------- depthwise
+
+
+def _depthwise_sum(xp: jax.Array, w: jax.Array, stride: int, out_h: int, out_w: int
+                   ) -> jax.Array:
+    """sum_{i,j} xp[:, i::stride, j::stride, :] * w[i, j, 0, :] over the kernel, cut to
+    [B, out_h, out_w, C]; accumulated in float32 for narrower inputs."""
+    acc = jnp.promote_types(xp.dtype, jnp.float32)
+    out = None
+    for i in range(w.shape[0]):
+        for j in range(w.shape[1]):
+            term = (_window(xp, i, j, stride, out_h, out_w) * w[i, j, 0]).astype(acc)
+            out = term if out is None else out + term
+    return out.astype(xp.dtype)
+
+
+def _depthwise_geometry(x: jax.Array, w: jax.Array, stride: int, pads: tuple
+                        ) -> tuple[jax.Array, int, int]:
+    xp = _pad_hw(x, pads)
+    return xp, (xp.shape[1] - w.shape[0]) // stride + 1, (xp.shape[2] - w.shape[1]) // stride + 1
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise(x: jax.Array, w: jax.Array, stride: int, pads: tuple) -> jax.Array:
+    xp, out_h, out_w = _depthwise_geometry(x, w, stride, pads)
+    return _depthwise_sum(xp, w, stride, out_h, out_w)
+
+
+def _depthwise_fwd(x, w, stride, pads):
+    return _depthwise(x, w, stride, pads), (x, w)
+
+
+def _depthwise_bwd(stride, pads, residuals, g):
+    x, w = residuals
+    x, g = _materialised(x, g)
+    xp, out_h, out_w = _depthwise_geometry(x, w, stride, pads)
+    kh, kw = w.shape[:2]
+    (top, _), (left, _) = pads
+    # Weight gradient: per kernel tap, the channel sums of (input window x g), in float32, as
+    # one variadic reduction over each example's rows and columns (then over the batch): XLA
+    # fuses the products into it and parallelises over [B, C]. kh*kw separate sums over
+    # (B, H, W) each materialised their product and ran 3-14x slower
+    # (scripts/bench_train.py --only f).
+    products = tuple(_window(xp, i, j, stride, out_h, out_w).astype(jnp.float32)
+                     * g.astype(jnp.float32) for i in range(kh) for j in range(kw))
+    sums = lax.reduce(products, (jnp.float32(0),) * len(products),
+                      lambda a, b: tuple(u + v for u, v in zip(a, b, strict=True)), (1, 2))
+    dw = jnp.stack([v.sum(axis=0) for v in sums]).reshape(kh, kw, 1, -1).astype(w.dtype)
+    # Input gradient: the stride-1 depthwise correlation of g (zero-interleaved for strides,
+    # padded by kernel - 1 - pad) with the flipped kernel, over the padded input's rows, then
+    # the padding cut off.
+    gd = lax.pad(g, jnp.zeros((), g.dtype),
+                 ((0, 0, 0), (kh - 1, xp.shape[1] - (stride * (out_h - 1) + 1), stride - 1),
+                  (kw - 1, xp.shape[2] - (stride * (out_w - 1) + 1), stride - 1), (0, 0, 0)))
+    dxp = _depthwise_sum(gd, jnp.flip(w, (0, 1)), 1, xp.shape[1], xp.shape[2])
+    dx = lax.slice(dxp, (0, top, left, 0),
+                   (x.shape[0], top + x.shape[1], left + x.shape[2], x.shape[3]))
+    return dx, dw
+
+
+_depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
 def _conv_cpu(x, w, stride, pads, precision, preferred_element_type):
     kh, kw = w.shape[:2]
     if preferred_element_type is not None or x.dtype != w.dtype:
@@ -258,9 +332,11 @@ def conv_general_dilated(
     """`lax.conv_general_dilated` with the CPU lowering above (the `conv_general_dilated` of a
     `flax.linen.Conv`).
 
-    Taken: NHWC/HWIO, equal strides, explicit padding, no dilation, no groups, which covers
-    every convolution of the ResNets here; anything else is XLA's convolution everywhere.
-    lhs: [B, H, W, Cin], rhs: [kh, kw, Cin, Cout] -> [B, Ho, Wo, Cout], dtype as lax's.
+    Taken: NHWC/HWIO, equal strides, explicit padding, no dilation, and either no groups (every
+    convolution of the ResNets, the dense ones of the other families) or depthwise (groups =
+    input channels = output channels, rhs [kh, kw, 1, C]); anything else is XLA's convolution
+    everywhere. lhs: [B, H, W, Cin], rhs: [kh, kw, Cin / groups, Cout] -> [B, Ho, Wo, Cout],
+    dtype as lax's.
     """
     plain = functools.partial(
         lax.conv_general_dilated, window_strides=window_strides, padding=padding,
@@ -275,15 +351,20 @@ def conv_general_dilated(
         and len(strides) == 2 and strides[0] == strides[1]
         and all(d == 1 for d in (lhs_dilation or (1, 1)))
         and all(d == 1 for d in (rhs_dilation or (1, 1)))
-        and feature_group_count == 1 and batch_group_count == 1
+        and batch_group_count == 1
         and lhs.ndim == 4 and rhs.shape[0] == rhs.shape[1]
     )
-    if not taken:
+    depthwise = (feature_group_count > 1 and rhs.shape[2] == 1
+                 and feature_group_count == lhs.shape[3] == rhs.shape[3]
+                 and preferred_element_type is None and lhs.dtype == rhs.dtype)
+    if not taken or (feature_group_count != 1 and not depthwise):
         return plain(lhs, rhs)
     pads = tuple((int(a), int(b)) for a, b in padding)
     stride = int(strides[0])
 
     def cpu(x: jax.Array, w: jax.Array) -> jax.Array:
+        if depthwise:
+            return _depthwise(x, w, stride, pads)
         return _conv_cpu(x, w, stride, pads, precision, preferred_element_type)
 
     return lax.platform_dependent(lhs, rhs, cpu=cpu, default=plain)

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from isic_jax.models import resnet  # noqa: F401 - registers the family
+# Each family module registers itself; the order is the registry's (errors list them so).
+from isic_jax.models import convnext, efficientnet, resnet, vit  # noqa: F401
 from isic_jax.models.classifier import Classifier
 from isic_jax.models.registry import family_of
 
@@ -82,7 +83,8 @@ def create_model(
 
 def model_parts(model_config: Any) -> tuple[str, ...]:
     """The backbone parts of the model named by `model_config.name`, input to output (the head
-    excluded): ("stem", "stage1", ..., "stage4") for ResNet-18 ... 200."""
+    excluded): ("stem", "stage1", ..., "stage4") for ResNet-18 ... 200; ("stem", "stage1", ...,
+    "stage7", "final") for EfficientNets; ("stem", "block1", ..., "block12", "final") for ViTs."""
     return create_model(model_config, 1).parts()
 
 
@@ -94,11 +96,12 @@ def init_variables(
     Args:
       model: from `create_model`.
       rng: a PRNG key.
-      image_size: side (or (height, width)) of the input images, px. Parameter shapes do not
-        depend on it; it only sets the trace shape.
+      image_size: side (or (height, width)) of the input images, px. A ViT's position
+        embedding is sized by it; the convolutional families' parameters do not depend on it.
 
     Returns:
-      {"params": pytree of float32 arrays, "batch_stats": pytree of float32 arrays}.
+      {"params": pytree of float32 arrays, "batch_stats": pytree of float32 arrays} (an empty
+      dict for families without BatchNorm: ConvNeXt, ViT).
     """
     h, w = (image_size,) * 2 if isinstance(image_size, int | np.integer) else image_size
     dummy = jnp.zeros((1, h, w, 3), jnp.float32)
@@ -111,7 +114,7 @@ def init_variables(
     with toggle(False) if toggle is not None else contextlib.nullcontext():
         variables = jax.jit(lambda key, x, m: model.init(key, x, train=False, metadata=m))(
             rng, dummy, meta)
-    return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
 def count_params(tree: Any) -> int:

@@ -17,7 +17,6 @@ is 2x2, smaller than the 3x3 kernel, and XLA:CPU falls back to a slow generic co
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -27,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from isic_jax.models import cpu_lowering
+from isic_jax.models import cpu_lowering, layers
 from isic_jax.models.classifier import Classifier
 from isic_jax.models.registry import Family, FlatKey, WeightLayout, register
 
@@ -132,27 +131,9 @@ class ResNet(Classifier, kw_only=True):
 
     def features(self, x: jax.Array, train: bool) -> jax.Array:
         """x: float32 [B, H, W, 3] -> globally average-pooled float32 [B, C]."""
-        conv = functools.partial(
-            nn.Conv,
-            use_bias=False,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            kernel_init=_conv_init,
-            conv_general_dilated=cpu_lowering.conv_general_dilated
-            if self.lowering == "auto" else None,
-        )
-        norm = functools.partial(
-            nn.BatchNorm,
-            use_running_average=not train,
-            momentum=0.9,
-            epsilon=1e-5,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            axis_name=self.axis_name,
-        )
+        conv = layers.conv(self, use_bias=False, kernel_init=_conv_init)
         # Frozen parts: inference-mode BatchNorm (no batch statistics, no collective, no update).
-        frozen_norm = functools.partial(norm, use_running_average=True)
-        part_norm = lambda part: frozen_norm if part in self.frozen_bn else norm
+        part_norm = lambda part: layers.batch_norm(self, part, train, epsilon=1e-5)
         x = conv(self.width, (7, 7), (2, 2), padding=_pad(7), name="stem_conv")(x)
         x = nn.relu(part_norm("stem")(name="stem_bn")(x))
         if self.lowering == "auto":
@@ -220,13 +201,7 @@ def torch_key(key: FlatKey) -> tuple[str, str]:
         stage, block = int(match[1]), int(match[2]) - 1
         sub = {"proj_conv": "downsample.0", "proj_bn": "downsample.1"}.get(rest[0], rest[0])
         prefix = f"layer{stage}.{block}.{sub}"
-    if collection == "batch_stats":
-        return f"{prefix}.running_{leaf}", "same"  # mean, var
-    if leaf == "kernel":
-        return f"{prefix}.weight", "dense" if top == "head" else "conv"
-    if leaf == "scale":
-        return f"{prefix}.weight", "same"
-    return f"{prefix}.{leaf}", "same"  # bias
+    return layers.torch_leaf(collection, prefix, leaf, dense=top == "head")
 
 
 def recognise(tensors: Mapping[str, np.ndarray]) -> str | None:

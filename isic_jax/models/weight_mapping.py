@@ -148,7 +148,8 @@ def match(
         check_isic_model(src, model_config)
         flat, used, ignored, head, reason = match_variables(
             src.variables or {}, expected, src.path, num_classes, init_head,
-            src.class_names, list(class_names) if class_names is not None else None)
+            src.class_names, list(class_names) if class_names is not None else None,
+            family.weights)
     if head == "reinitialized":
         flat.update(init_head_variables(expected, rng))
     variables = unflatten(flat)
@@ -159,7 +160,9 @@ def match(
     else:
         mean, std = ((family.weights.mean, family.weights.std) if family.weights is not None
                      else (registry.IMAGENET_MEAN, registry.IMAGENET_STD))
-        where = (f"ImageNet's: timm/torchvision {family.name} weights" if src.kind == "state_dict"
+        imagenet = tuple(mean) == registry.IMAGENET_MEAN and tuple(std) == registry.IMAGENET_STD
+        default = "ImageNet's" if imagenet else "timm's default"
+        where = (f"{default}: timm/torchvision {family.name} weights" if src.kind == "state_dict"
                  else "ImageNet's: the source run predates recorded normalisation")
     return Pretrained(
         source=src, variables=variables, head=head, head_reason=reason,
@@ -311,8 +314,10 @@ def match_variables(
     init_head: str,
     source_classes: list[str] | None,
     classes: list[str] | None,
+    layout: registry.WeightLayout | None = None,
 ) -> tuple[dict[FlatKey, np.ndarray], int, list[str], str, str]:
-    """Like `match_state_dict` for the variables of an isic_jax run or export (same names)."""
+    """Like `match_state_dict` for the variables of an isic_jax run or export (same names; a
+    family's `WeightLayout.resize` adapts e.g. a ViT's position embedding to `expected`)."""
     head_kernel = source.get(_HEAD_KEY)
     want = expected[_HEAD_KEY]
     if init_head == "reinit":
@@ -342,6 +347,9 @@ def match_variables(
             continue
         used += 1
         array = source[key]
+        if tuple(array.shape) != shape and layout is not None and layout.resize is not None:
+            resized = layout.resize(layout.torch_key(key)[0], np.asarray(array), shape)
+            array = array if resized is None else resized
         if tuple(array.shape) != shape:
             problems.append(f"{name}: the source has {list(array.shape)}, this model needs "
                             f"{list(shape)}")
@@ -378,6 +386,10 @@ def check_architecture(src: Source, model_config: Any) -> None:
             f"such as ResNet-D, SE or ResNeXt have other layers); known: {known}")
     if base != model_config.name:
         found, builds = registry.family_of(base), registry.family_of(model_config.name)
+        if same_architecture(base, model_config.name):
+            src.notes.append(f"{where} names {base}, the same layers as {model_config.name} (the "
+                             f"two differ only in their default input size).")
+            return
         width = " (and --config.model.width=64)" if "width" in found.config_keys else ""
         families = (f" (a {found.name}, not a {builds.name})" if found is not builds else "")
         raise PretrainedError(
@@ -385,12 +397,23 @@ def check_architecture(src: Source, model_config: Any) -> None:
             f"--config.model.name={base}{width}")
 
 
+def same_architecture(name: str, other: str) -> bool:
+    """Whether two registered model names build the same layers (e.g. vit_small_patch16_224 and
+    vit_small_patch16_384: one ViT, whose position grid follows the input size)."""
+    family = registry.family_of(name)
+    return (family is registry.family_of(other)
+            and family.architectures[name] == family.architectures[other])
+
+
 def check_isic_model(src: Source, model_config: Any) -> None:
     """An isic_jax run or export of another architecture (or ResNet width): a clear error."""
     family = registry.family_of(model_config.name)
     uses_width = "width" in family.config_keys
     width = int(getattr(model_config, "width", 64))
-    if src.architecture != model_config.name or (uses_width and src.width != width):
+    known = src.architecture in registry.model_names()
+    other = src.architecture != model_config.name and not (
+        known and same_architecture(str(src.architecture), model_config.name))
+    if other or (uses_width and src.width != width):
         if uses_width:
             held = f"a {src.architecture} of width {src.width}"
             builds = f"{model_config.name} of width {width}"
@@ -443,7 +466,7 @@ def _mismatch_message(file: Any, model_config: Any, num_classes: int, problems: 
         if "width" in family.config_keys:
             what += f"width={int(getattr(model_config, 'width', 64))}, "
         if found is not None and found[0] not in (None, family.name):
-            what = f"a {family.name}: {what}"
+            what = f"{family.name}: {what}"
             text = (f"{file} holds {found[0]} weights, not {family.name} weights, and does not "
                     f"fit this model ({what}{num_classes} classes):")
         else:

@@ -13,7 +13,7 @@ optimiser (and its schedule) advances once per k calls of `tx.update`, so pass `
 
 Fine-tuning (`config.finetune`, `FineTune`): the parameters are split by model part
 (`models.part_of`; `models.model_parts` lists a model's parts, e.g. stem, stage1..N for a ResNet,
-then the head) with `optax.partition`, one optimiser per part:
+stem, block1..12, final for a ViT, then the head) with `optax.partition`, one optimiser per part:
 
 - the head follows the schedule above; every other part gets lr * backbone_lr_mult *
   layer_decay**depth, depth 1 for the last part ... N + 1 for the first (the stem);
@@ -150,11 +150,18 @@ def mask_gradients(frozen: tuple[str, ...], head_only_steps: int) -> optax.Gradi
     return optax.GradientTransformation(init, update)
 
 
-def weight_decay_mask(params: Any) -> Any:
-    """True for the leaves that get weight decay: kernels with ndim > 1 (conv and dense).
+# Leaves with ndim > 1 that are no kernels: a ViT's class token and position embedding (timm's
+# `no_weight_decay`).
+NO_WEIGHT_DECAY: tuple[str, ...] = ("cls_token", "pos_embed")
 
-    BatchNorm scales/biases and dense biases (ndim 1) are not decayed: decaying them only fights
-    the normalisation and hurts accuracy (Goyal et al. 2017, "no bias decay").
+
+def weight_decay_mask(params: Any) -> Any:
+    """True for the leaves that get weight decay: kernels with ndim > 1 (conv and dense), not
+    a ViT's class token and position embedding (`NO_WEIGHT_DECAY`).
+
+    Normalisation scales/biases, dense biases and layer scales (ndim 1) are not decayed:
+    decaying them only fights the normalisation and hurts accuracy (Goyal et al. 2017, "no bias
+    decay").
 
     Args:
       params: pytree of arrays (or ShapeDtypeStruct).
@@ -162,7 +169,12 @@ def weight_decay_mask(params: Any) -> Any:
     Returns:
       The same tree structure with bool leaves.
     """
-    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+    def decays(path: tuple, p: Any) -> bool:
+        name = getattr(path[-1], "key", None) if path else None
+        return p.ndim > 1 and name not in NO_WEIGHT_DECAY
+
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def create_schedule(optim_config: Any, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
