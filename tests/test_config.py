@@ -91,7 +91,8 @@ def test_presets_by_name_resolve_to_the_shipped_files(tmp_path: pathlib.Path) ->
     from isic_jax import config_utils, configs
 
     folder = pathlib.Path(configs.__file__).parent
-    assert config_utils.preset_names() == ["cpu_sample", "default", "demo", "finetune", "smoke"]
+    assert config_utils.preset_names() == ["cpu_sample", "default", "demo", "finetune",
+                                           "pretrain_byol", "pretrain_cpu_sample", "smoke"]
     assert config_utils.config_file("smoke") == str(folder / "smoke.py")
     assert config_utils.config_file("default:arg") == f"{folder / 'default.py'}:arg"
     own = tmp_path / "mine.py"
