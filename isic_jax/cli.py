@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "compare": "paired AUC difference of two evaluated runs (bootstrap CI, p-value, DeLong)",
     "export": "writes inference artefacts from a checkpoint",
     "predict": "class probabilities per image, as CSV",
+    "verify": "checks checkpoints and exports against the checksums saved with them",
     "demo": "the main job: synth -> prepare -> train -> evaluate on generated data",
 }
 

@@ -61,7 +61,7 @@ def trained(data_dir: pathlib.Path, tmp_path_factory) -> tuple[pathlib.Path, str
 
 def test_train_writes_checkpoints_logs_and_config(trained) -> None:
     workdir, out = trained
-    assert "on 2 cpu device(s) (pmap)" in out
+    assert "on 2 cpu device(s) (jit)" in out
     assert "[train step 6/6]" in out and "[val step 6/6]" in out and "img/s" in out
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) \
         == [3, 6]

@@ -129,8 +129,8 @@ def test_metadata_describes_model_classes_and_preprocessing(exported) -> None:
     out, meta = exported
     assert meta == json.loads((out / "model.json").read_text())
     assert sorted(p.name for p in out.iterdir()) == [
-        "MODEL_CARD.md", "config.json", "model.jax_export", "model.json", "model_card.json",
-        "variables"]
+        "MODEL_CARD.md", "checksums.json", "config.json", "model.jax_export", "model.json",
+        "model_card.json", "variables"]
     assert meta["model"]["name"] == "resnet_tiny" and meta["model"]["num_classes"] == 2
     assert meta["class_names"] == ["benign", "malignant"] and meta["malignant_classes"] == [1]
     assert meta["checkpoint"]["step"] == BEST_STEP and meta["checkpoint"]["metrics"]["auc"] == 0.9

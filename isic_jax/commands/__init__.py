@@ -34,6 +34,9 @@ class ExitCode(enum.IntEnum):
     WEIGHTS = 6
     # `export --verify`: the exported program's outputs differ from the model's.
     MISMATCH = 7
+    # A checkpoint or export whose content differs from the checksums saved with it (`train`
+    # sets such a checkpoint aside and goes on from the previous one instead).
+    DAMAGED = 8
     # Stopped by SIGTERM/SIGINT after saving a checkpoint (EX_TEMPFAIL: run it again to resume).
     PREEMPTED = 75
 

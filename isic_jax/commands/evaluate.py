@@ -13,7 +13,8 @@ other splits reuse those of eval/val for the same checkpoint. The flags override
 config.eval values. `--features FILE` also writes, per image, the probabilities, the
 penultimate-layer embedding, the metadata and the patient context, for a tabular stacker
 (CSV or Parquet by the file's extension). Exit status (`commands.ExitCode`): 2 when there is no
-such run, checkpoint or split, or a bad value; 4 when the run's dataset is not prepared.
+such run, checkpoint or split, or a bad value; 4 when the run's dataset is not prepared; 8 when
+the checkpoint's content differs from the checksums saved with it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from isic_jax.commands import (
 )
 from isic_jax.data import dataset
 from isic_jax.evaluation import evaluate
+from isic_jax.training import integrity
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder written by `isic-jax train`.")
 _SPLIT = flags.DEFINE_string(
@@ -71,6 +73,8 @@ def main(argv: list[str]) -> None:
         )
     except dataset.DataNotFoundError as e:
         fail("evaluate", e, ExitCode.DATA)
+    except integrity.IntegrityError as e:  # a damaged checkpoint (before the ValueErrors)
+        fail("evaluate", e, ExitCode.DAMAGED)
     except (FileNotFoundError, config_utils.ConfigError, dataset.UnknownSplitError,
             ValueError) as e:
         fail("evaluate", e, ExitCode.USAGE)

@@ -10,7 +10,8 @@ writes one ensemble: the exported function averages the members' probabilities (
 holds each one's variables and config). `--tta` averages the 8 flips/transposes inside the
 exported function as well. Exit status 2 when there is no such run or checkpoint, or the output
 folder is in the way; 3 when the export does not reproduce the model or members do not fit
-together.
+together; 8 (DAMAGED) when the checkpoint's content differs from the checksums saved with it
+(`isic-jax verify --workdir DIR` lists the damaged ones).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from isic_jax import config_utils
 from isic_jax.commands import ExitCode, checkpoint_flag_value, fail, no_arguments
 from isic_jax.evaluation import cv
 from isic_jax.inference import ensemble, export
+from isic_jax.training import integrity
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run folder written by `isic-jax train`, or a cv workdir (an ensemble)."
@@ -66,6 +68,8 @@ def main(argv: list[str]) -> None:
         fail("export", e, ExitCode.USAGE)
     except export.ExportError as e:
         fail("export", e, ExitCode.MISMATCH)
+    except integrity.IntegrityError as e:
+        fail("export", e, ExitCode.DAMAGED)
     if meta.get("members"):
         _print_ensemble(meta)
         return

@@ -10,7 +10,8 @@ and the run goes on). --submission writes the exact columns of that ISIC challen
 Probabilities are calibrated with the temperature the export stores (fitted on the validation
 fold; --no-calibration turns it off), and `prediction` uses the export's operating threshold
 (chosen on the validation fold, e.g. for sensitivity 0.90); the command says which it used.
-Exit status 2 for a bad --model/--input or a submission the model cannot fill.
+Exit status 2 for a bad --model/--input or a submission the model cannot fill; 8 when the
+weights it uses differ from the export's checksums.json (a damaged export).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from absl import app, flags
 
 from isic_jax.commands import ExitCode, fail, no_arguments, underscore_alias
 from isic_jax.inference import predict
+from isic_jax.training import integrity
 
 _MODEL = flags.DEFINE_string("model", None, "Folder written by `isic-jax export`.")
 _INPUT = flags.DEFINE_string("input", None, "Folder of images, or a CSV listing them.")
@@ -56,6 +58,8 @@ def main(argv: list[str]) -> None:
             submission=_SUBMISSION.value, batch_size=_BATCH.value, backend=_BACKEND.value,
             num_workers=_WORKERS.value or None, calibrate=not _NO_CALIBRATION.value,
         )
+    except integrity.IntegrityError as e:  # a damaged export (before the other ValueErrors)
+        fail("predict", e, ExitCode.DAMAGED)
     except (FileNotFoundError, ValueError) as e:  # InputError, SubmissionError are ValueErrors
         fail("predict", e, ExitCode.USAGE)
     n = len(summary.items)

@@ -34,7 +34,7 @@ from isic_jax.data import dataset, device_augment, image_ops, metadata
 from isic_jax.evaluation import analysis, features, gradcam, html_report
 from isic_jax.evaluation import report as report_lib
 from isic_jax.models import create_model
-from isic_jax.training import checkpointing, parallel, predictions, steps
+from isic_jax.training import checkpointing, integrity, parallel, predictions, steps
 from isic_jax.training import state as train_state
 from isic_jax.utils import as_bytes, to_json_compatible
 
@@ -56,6 +56,10 @@ def restore_for_eval(
     Returns:
       (state as `par.compile_eval_step` expects it, the checkpoint's step, the validation
       metrics saved with it (None when it has none)).
+
+    Raises:
+      integrity.IntegrityError: the checkpoint's content differs from the checksums saved with
+        it (the message names the step and the array).
     """
     abstract = train_state.abstract_train_state(config, num_classes,
                                                 metadata.load_encoder(workdir))
@@ -64,6 +68,8 @@ def restore_for_eval(
         target = checkpointing.abstract_target(abstract, par.state_sharding())
         restored = ckpt.restore(step, target, with_rng=False, with_config=False)
         metrics = ckpt.metrics(step)
+    if restored.checksums == integrity.ABSENT and jax.process_index() == 0:
+        print(integrity.absent_note(f"Checkpoint {ckpt.step_path(step)}"), flush=True)
     return par.replicate(restored.state), step, metrics
 
 

@@ -28,7 +28,7 @@ from isic_jax import config_utils
 from isic_jax.data import metadata
 from isic_jax.evaluation import analysis, cv, evaluate
 from isic_jax.inference import export, model_card
-from isic_jax.training import parallel
+from isic_jax.training import integrity, parallel
 from isic_jax.utils import atomic_directory
 
 MEMBERS_DIR = "members"
@@ -173,6 +173,9 @@ def export_ensemble(
             metadata.save_encoder(encoders[0], tmp)
         (tmp / export.METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         model_card.write_card(tmp, card)
+        integrity.write_folder_checksums(tmp, {
+            f"{entry['dir']}/{export.VARIABLES_DIR}": member_vars
+            for entry, member_vars in zip(entries, variables, strict=True)})
     return meta
 
 

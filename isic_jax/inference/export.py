@@ -12,6 +12,9 @@ writes
       variables/          Orbax checkpoint {"params", "batch_stats"} (EMA weights when the run
                           kept them: the ones evaluation uses); no optimiser state
       config.json         the run's resolved config (rebuilds the model with isic_jax)
+      checksums.json      CRC-32 of every file and of every array of variables/, written last
+                          (training/integrity.py); `predict` checks the weights it uses
+                          against it, `isic-jax verify --model` everything
 
 The exported function is the evaluation forward pass, `steps.eval_step`, with the variables
 baked in as constants: colour constancy (if the run used it) and the run's normalisation
@@ -61,7 +64,7 @@ from isic_jax.evaluation import analysis, evaluate
 from isic_jax.inference import model_card
 from isic_jax.models import create_model
 from isic_jax.training import init_from as warm_start
-from isic_jax.training import parallel, steps
+from isic_jax.training import integrity, parallel, steps
 from isic_jax.training import state as train_state
 from isic_jax.utils import atomic_directory
 
@@ -266,6 +269,9 @@ def restore_variables(
 
     Returns:
       {"params": ..., "batch_stats": ...} of jax.Arrays (float32).
+
+    Raises:
+      integrity.IntegrityError: an array differs from the export's checksums.json (named).
     """
     import orbax.checkpoint as ocp
 
@@ -280,7 +286,9 @@ def restore_variables(
         target = jax.tree.map(
             lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), tree
         )
-        return ckptr.restore(path, target)
+        variables = ckptr.restore(path, target)
+    integrity.check_saved_arrays(path, integrity.named_leaves(variables))
+    return variables
 
 
 # ---------------------------------------------------------------------------------------------
@@ -575,6 +583,7 @@ def write_export(
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if write_extra is not None:
             write_extra(tmp)
+        integrity.write_folder_checksums(tmp, {VARIABLES_DIR: variables})
 
 
 def export_checkpoint(

@@ -55,6 +55,7 @@ from isic_jax.evaluation import calibration
 from isic_jax.inference import export as export_lib
 from isic_jax.inference.inputs import Item, list_inputs, load_image
 from isic_jax.inference.submission import format_probability, submission_table
+from isic_jax.training import integrity
 from isic_jax.utils import write_csv
 
 BACKENDS = ("auto", "export", "checkpoint")
@@ -97,6 +98,11 @@ def load_model(export_dir: str | os.PathLike, backend: str = "auto") -> Inferenc
       backend: "export" (the StableHLO artefact; fails when not lowered for this platform),
         "checkpoint" (Orbax variables + model code), "auto" (export when it covers this
         platform, else checkpoint).
+
+    Raises:
+      integrity.IntegrityError: the weights it uses (model.jax_export, or the variables) differ
+        from the export's checksums.json (the message names the file or array). An export
+        without checksums loads with a note.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -105,12 +111,18 @@ def load_model(export_dir: str | os.PathLike, backend: str = "auto") -> Inferenc
     covered = list(meta["export"]["platforms"])
     if backend == "auto":
         backend = "export" if platform in covered else "checkpoint"
+    if backend == "export" and platform not in covered:
+        raise ValueError(
+            f"the exported model was lowered for {', '.join(covered)}, not {platform}; "
+            "use backend 'checkpoint'"
+        )
+    # The weights it uses are checked against checksums.json before use: the StableHLO file
+    # here, the variables when they are restored (export.restore_variables).
+    if integrity.check_folder_files(
+            export_dir, lambda rel: backend == "export" and rel == export_lib.EXPORTED_FILE
+    ) == integrity.ABSENT:
+        print(integrity.absent_note(f"The export {export_dir}"), file=sys.stderr, flush=True)
     if backend == "export":
-        if platform not in covered:
-            raise ValueError(
-                f"the exported model was lowered for {', '.join(covered)}, not {platform}; "
-                "use backend 'checkpoint'"
-            )
         exported = export_lib.load_exported(export_dir)
         return InferenceModel(meta, "export", exported.call, _encoder(export_dir, meta))
     return InferenceModel(meta, "checkpoint", _checkpoint_forward(export_dir, meta),

@@ -23,6 +23,12 @@ Safety (what `resume.py` builds on):
 - `set_aside(step)` renames a finalized but unreadable step to `<step>.corrupt` (Orbax ignores
   it; nothing is deleted), so that a run can fall back to the previous step and later save that
   step number again.
+- Content checksums (`integrity.py`): every save also writes the `checksums` item (one file per
+  process, finalized atomically with the rest, hashed off the step) recording a CRC of every
+  array of the state, of the rng and config items and of this process's input-pipeline state;
+  `restore` compares what it restored with them and raises `integrity.IntegrityError` (naming
+  the step and the array) on a difference, which `resume.py` treats like an unreadable step.
+  Checkpoints without the item (earlier versions) restore with `Restored.checksums == "absent"`.
 - The input-pipeline state is one file per process (`data_iter/process_<i>-of-<n>.json`, grain's
   handler). Restoring on another process count uses the saved state of process 0 for every
   process: with this project's pipeline, the state counts global batches and is the same on every
@@ -39,6 +45,7 @@ import json
 import math
 import os
 import pathlib
+import threading
 from typing import Any
 
 import jax
@@ -48,12 +55,14 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from isic_jax import config_utils
-from isic_jax.training import events
+from isic_jax.training import events, integrity
 
 PyTree = Any
 
 # Composite item names.
 STATE, RNG, DATA_ITER, CONFIG = "state", "rng", "data_iter", "config"
+CHECKSUMS = integrity.ITEM
+SET_ASIDE_FILE = "set_aside.json"  # in a `<step>.corrupt` folder: why it was set aside
 CHECKPOINTS_DIR = "checkpoints"  # inside a run folder
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's suffix of a save in progress
 CORRUPT_SUFFIX = ".corrupt"  # a finalized step that could not be restored, set aside
@@ -158,6 +167,11 @@ class Restored:
     data_note: str | None = None
     # {"processes", "devices", "parallelism"} of the run that wrote it (None: not recorded).
     topology: dict[str, Any] | None = None
+    # integrity.VERIFIED (what was restored matches its checksums), ABSENT (an earlier version
+    # wrote it without checksums) or OFF (the checkpointer does not check).
+    checksums: str = integrity.OFF
+    # The mean training loss logged last before the save (None: not recorded).
+    train_loss: float | None = None
 
 
 class Checkpointer:
@@ -170,6 +184,8 @@ class Checkpointer:
       best_mode: "max" or "min".
       async_save: save in a background thread (wait_until_finished/close before exit).
       read_only: never writes (evaluate).
+      checksums: write the `checksums` item with each save and check restores against it
+        (False: neither, as earlier versions did; for benchmarks and tests).
     """
 
     def __init__(
@@ -180,8 +196,11 @@ class Checkpointer:
         best_mode: str = "max",
         async_save: bool = True,
         read_only: bool = False,
+        checksums: bool = True,
     ):
         self.directory = pathlib.Path(directory).absolute()
+        self.checksums = checksums
+        self._async = async_save
         # Listed now, removed by `remove_incomplete_saves` once the run decided to go on.
         self.found_incomplete = [] if read_only else self.incomplete_saves()
         self.best_metric = best_metric
@@ -252,9 +271,10 @@ class Checkpointer:
         """Re-reads the step list from disk (after `set_aside`)."""
         self._manager.reload()
 
-    def set_aside(self, step: int) -> pathlib.Path:
+    def set_aside(self, step: int, reason: str | None = None) -> pathlib.Path:
         """Renames an unreadable step folder to `<step>.corrupt[.k]` (kept for inspection, ignored
-        by Orbax) and returns the new path. Process 0 renames; every process reloads."""
+        by Orbax) and returns the new path; `reason` goes to its `set_aside.json`. Process 0
+        renames; every process reloads."""
         source = self.step_path(step)
         target = source.with_name(source.name + CORRUPT_SUFFIX)
         k = 1
@@ -263,6 +283,9 @@ class Checkpointer:
             k += 1
         if jax.process_index() == 0:
             source.rename(target)
+            if reason is not None:
+                (target / SET_ASIDE_FILE).write_text(json.dumps(
+                    {"step": int(step), "reason": reason}, indent=1) + "\n")
         _sync("isic_jax_set_aside")
         self.reload()
         return target
@@ -321,6 +344,7 @@ class Checkpointer:
         metrics: dict[str, Any] | None = None,
         force: bool = True,
         topology: dict[str, Any] | None = None,
+        train_loss: float | None = None,
     ) -> bool:
         """Starts an asynchronous save of one step. Returns whether a save was started.
 
@@ -332,6 +356,8 @@ class Checkpointer:
           metrics: scalar validation metrics of this step (ranks it for "best").
           topology: where it was written ({"processes", "devices", "parallelism"}), stored
             with the RNG key so that a resume on other hardware can say what changed.
+          train_loss: the training loss logged last (kept with the checksums, so that a
+            non-finite loss after a resume can say the loss was finite before).
         """
         rng_item: dict[str, Any] = {"key": key_bits(rng).tolist()}
         if topology is not None:
@@ -341,6 +367,12 @@ class Checkpointer:
             RNG: ocp.args.JsonSave(rng_item),
             CONFIG: ocp.args.JsonSave(config),
         }
+        # The CRCs wait for `released` (set once the blocking part of the save returns): they
+        # run in Orbax's background commit, never beside the step's own share of the save.
+        released = threading.Event() if self._async else None
+        if self.checksums:
+            items[CHECKSUMS] = self._checksums(state, rng_item, config, data_iter, train_loss)
+            items[CHECKSUMS].after = released
         if data_iter is not None:
             import grain
 
@@ -350,9 +382,31 @@ class Checkpointer:
         clean = None
         if metrics is not None:
             clean = {k: float(v) for k, v in metrics.items() if is_scalar(v)}
-        return self._manager.save(
-            step, args=ocp.args.Composite(**items), metrics=clean, force=force
-        )
+        try:
+            return self._manager.save(
+                step, args=ocp.args.Composite(**items), metrics=clean, force=force
+            )
+        finally:
+            if released is not None:
+                released.set()
+
+    @staticmethod
+    def _checksums(state: PyTree, rng_item: dict[str, Any], config: dict[str, Any],
+                   data_iter: IteratorState | None, train_loss: float | None
+                   ) -> integrity.ChecksumSave:
+        """The `checksums` item of a save: host views of the state's arrays (hashed later, in
+        Orbax's background commit) and the CRCs of the small items."""
+        files = {}
+        if data_iter is not None:  # grain's handler writes get_state()'s bytes as they are
+            name = f"{DATA_ITER}/{integrity.process_file()}"
+            files[name] = integrity.crc32(data_iter.get_state())
+        extra = {}
+        if train_loss is not None and math.isfinite(float(train_loss)):
+            extra["train_loss"] = float(train_loss)
+        return integrity.ChecksumSave(
+            arrays={STATE: integrity.named_arrays(state)},
+            json={RNG: integrity.json_crc32(rng_item), CONFIG: integrity.json_crc32(config)},
+            files=files, extra=extra)
 
     def restore(
         self,
@@ -378,6 +432,8 @@ class Checkpointer:
 
         Raises:
           CheckpointError: per-process input states that differ (not re-sliceable).
+          integrity.IntegrityError: what was restored differs from the checksums saved with it
+            (the message names the step and the array or item).
           Exception: whatever Orbax raises on a missing or damaged item.
         """
         items: dict[str, Any] = {}
@@ -397,6 +453,15 @@ class Checkpointer:
             else:
                 note = _restore_resliced(self.step_path(step) / DATA_ITER, data_iter)
         out = self._manager.restore(step, args=ocp.args.Composite(**items))
+        checksums, manifest = integrity.OFF, None
+        if self.checksums:
+            manifest = integrity.read_checkpoint_manifest(self.step_path(step))
+            checksums = integrity.ABSENT if manifest is None else integrity.VERIFIED
+        if manifest is not None:
+            _verify(manifest, f"checkpoint {self.step_path(step)}", out,
+                    data_iter if DATA_ITER in items else None)
+            if note is not None:  # re-sliced: the files read directly
+                _verify_data_iter_files(self.step_path(step))
         rng = topology = None
         if with_rng:
             rng = np.asarray(out[RNG]["key"], dtype=np.uint32)
@@ -408,6 +473,8 @@ class Checkpointer:
             config=out[CONFIG] if with_config else None,
             data_note=note,
             topology=topology,
+            checksums=checksums,
+            train_loss=(manifest or {}).get("extra", {}).get("train_loss"),
         )
 
     def wait_until_finished(self) -> None:
@@ -528,6 +595,36 @@ def _restore_resliced(directory: pathlib.Path, data_iter: IteratorState) -> str:
         f"the input pipeline was saved by {saved_count} process(es) and resumes on "
         f"{jax.process_count()}: the same global batches continue, re-sliced over the processes"
     )
+
+
+def _verify(manifest: dict[str, Any], where: str, out: Any,
+            data_iter: IteratorState | None) -> None:
+    """Compares the restored items with this process's manifest (integrity.IntegrityError)."""
+    if STATE in out:
+        integrity.check_arrays(manifest["arrays"].get(STATE, {}),
+                               integrity.named_leaves(out[STATE]), f"{where}, {STATE}",
+                               unchecked=manifest["unchecked"].get(STATE, ()))
+    for name in (RNG, CONFIG):
+        if name in out:
+            integrity.check_value(manifest["json"].get(name), integrity.json_crc32(out[name]),
+                                  where, f"the {name} item")
+    if data_iter is not None and isinstance(data_iter._state, bytes):
+        name = f"{DATA_ITER}/{integrity.process_file()}"
+        integrity.check_value(manifest["files"].get(name), integrity.crc32(data_iter._state),
+                              where, f"the input-pipeline state ({name})")
+
+
+def _verify_data_iter_files(step_dir: pathlib.Path) -> None:
+    """Checks every process's input-pipeline file against that process's manifest (a restore
+    on another process count reads them directly)."""
+    for path in sorted((step_dir / CHECKSUMS).glob("process_*-of-*.json")):
+        manifest = integrity.parse_manifest(path)
+        for rel, want in manifest["files"].items():
+            if rel.startswith(DATA_ITER + "/"):
+                file = step_dir / rel
+                data = file.read_bytes() if file.is_file() else b""
+                integrity.check_value(want, integrity.crc32(data), f"checkpoint {step_dir}",
+                                      f"the input-pipeline state ({rel})")
 
 
 def _sync(name: str) -> None:

@@ -56,6 +56,7 @@ from isic_jax.training import (
     checkpointing,
     events,
     init_from,
+    integrity,
     parallel,
     preemption,
     resume,
@@ -374,9 +375,12 @@ class TrainLoop:
         self.setup, self.ckpt = setup, ckpt
         config, par = setup.config, setup.par
         self.start_step = self.last_saved = start.step
+        self.resumed = start.restored  # the checkpoint resumed from (None: a fresh state)
         self.base_rng = start.rng  # what each checkpoint stores
         self.state = par.replicate(start.state)
-        self.rng = par.replicate(start.rng)
+        # The key's bits travel as host numpy (a device-committed key cannot be placed on
+        # another process's devices), then become a typed key again on every device.
+        self.rng = jax.random.wrap_key_data(par.replicate(checkpointing.key_bits(start.rng)))
         self.task = setup.task
         self.evaluates = self.task.evaluates(setup)
         self.p_train = par.compile_train_step(self.task.train_step(setup))
@@ -451,12 +455,7 @@ class TrainLoop:
         rows = [{k: float(np.asarray(v).reshape(-1)[0]) for k, v in m.items()} for m in values]
         for i, row in enumerate(rows):
             if not math.isfinite(row["loss"]):
-                raise NonFiniteError(
-                    f"Non-finite training loss ({row['loss']}) at step {pending.first_step + i}: "
-                    f"stopping. Nothing after step {self.last_saved} was checkpointed; the latest "
-                    f"checkpoint (step {self.ckpt.latest_step()}) is the last good one. Lower "
-                    f"config.optim.learning_rate or check the data."
-                )
+                raise NonFiniteError(self.non_finite_message(pending.first_step + i, row["loss"]))
         means = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
         update = (step - 1) // int(self.setup.config.optim.accumulation_steps)
         n, batch = len(rows), int(self.setup.config.train.batch_size)
@@ -477,6 +476,30 @@ class TrainLoop:
         pending.metrics.clear()
         pending.first_step = step + 1
         pending.t_start = time.perf_counter()
+
+    def non_finite_message(self, step: int, loss: float) -> str:
+        """What a non-finite loss at `step` means. Right after a resume (no checkpoint written
+        since), the checkpoint resumed from is the first suspect: say what is known of it."""
+        resumed = self.resumed
+        if resumed is None or self.last_saved != resumed.step:
+            return (f"Non-finite training loss ({loss}) at step {step}: stopping. Nothing after "
+                    f"step {self.last_saved} was checkpointed; the latest checkpoint (step "
+                    f"{self.ckpt.latest_step()}) is the last good one. Lower "
+                    f"config.optim.learning_rate or check the data.")
+        before = (f"its training loss was finite when it was saved ({resumed.train_loss:.4g})"
+                  if resumed.train_loss is not None else
+                  "its parameters were finite when it was saved")
+        checked = {
+            integrity.VERIFIED: ", and what was restored matched the checksums saved with it",
+            integrity.ABSENT: "; it has no checksums (written by an earlier isic_jax), so its "
+                              "content could not be verified at restore",
+        }.get(resumed.checksums, "")
+        return (f"Non-finite training loss ({loss}) at step {step}, {step - resumed.step} "
+                f"step(s) after resuming from checkpoint {self.ckpt.directory}/{resumed.step}: "
+                f"{before}{checked}. Nothing after step {resumed.step} was checkpointed. Run "
+                f"`isic-jax verify --workdir {self.setup.workdir}` to check the run's "
+                f"checkpoints; if they are intact, lower config.optim.learning_rate or check "
+                f"the data.")
 
     def evaluate(self, step: int) -> dict[str, Any]:
         """Validation metrics of the current state (the task's): TensorBoard, console,
@@ -508,6 +531,7 @@ class TrainLoop:
             step, single, rng=self.base_rng,
             data_iter=checkpointing.IteratorState(item.iterator_state),
             config=self.setup.config_dict, metrics=metrics, topology=self.setup.topology,
+            train_loss=self.last_train.get("loss"),
         )
         self.last_saved = step
 

@@ -2,9 +2,11 @@
 
     start = restore_or_init(setup, ckpt, train_iter)   # Start(step, state, rng), printed notes
 
-What `restore_latest_good` guarantees: interrupted saves are ignored, a damaged checkpoint is set
-aside (`<step>.corrupt`) for the previous one, another model's checkpoints stop the run before
-anything is written, and a run never starts from scratch silently while checkpoints exist.
+What `restore_latest_good` guarantees: interrupted saves are ignored, a damaged checkpoint (one
+that cannot be read, or whose content differs from the checksums saved with it) is set aside
+(`<step>.corrupt`, with the reason in its set_aside.json) for the previous one, another model's
+checkpoints stop the run before anything is written, and a run never starts from scratch
+silently while checkpoints exist.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 
 from isic_jax import config_utils
 from isic_jax.logging_utils import say
-from isic_jax.training import checkpointing
+from isic_jax.training import checkpointing, integrity
 from isic_jax.training.state import TrainState
 
 PyTree = Any
@@ -31,6 +33,8 @@ class Start:
     step: int
     state: TrainState
     rng: jax.Array
+    # What the run resumed from (None: a fresh state): its step, checksum status, loss at save.
+    restored: checkpointing.Restored | None = None
 
 
 def restore_or_init(setup: Any, ckpt: checkpointing.Checkpointer, train_iter: Any) -> Start:
@@ -58,9 +62,12 @@ def restore_or_init(setup: Any, ckpt: checkpointing.Checkpointer, train_iter: An
         message += " Config changed since that checkpoint:\n  " + "\n  ".join(changed)
     for note in topology_notes(restored, setup.topology, setup.config_dict):
         message += "\n  " + note
+    if restored.checksums == integrity.ABSENT:
+        message += "\n  " + integrity.absent_note(f"Checkpoint {step}")
     say(setup.is_main, message)
     return Start(step=step, state=restored.state,
-                 rng=jax.random.wrap_key_data(jnp.asarray(restored.rng, jnp.uint32)))
+                 rng=jax.random.wrap_key_data(jnp.asarray(restored.rng, jnp.uint32)),
+                 restored=restored)
 
 
 def _all_processes(flag: bool) -> bool:
@@ -74,7 +81,30 @@ def _all_processes(flag: bool) -> bool:
     return bool(np.all(np.asarray(flags)))
 
 
-def _reason(error: BaseException, limit: int = 300) -> str:
+_REASON_BYTES = 1024  # per process, when the processes tell each other why a restore failed
+
+
+def _failure_anywhere(reason: str | None) -> str | None:
+    """None when the restore worked on every process, else the first failing process's reason
+    ("on process i: ..." when it is another one). Every process gets the same answer, so they
+    agree on the step they continue from (each restores and checks its own copy)."""
+    if jax.process_count() == 1:
+        return reason
+    from jax.experimental import multihost_utils
+
+    row = np.zeros(1 + _REASON_BYTES, np.uint8)
+    if reason is not None:
+        data = reason.encode()[:_REASON_BYTES]
+        row[0], row[1:1 + len(data)] = 1, np.frombuffer(data, np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(row)).reshape(-1, 1 + _REASON_BYTES)
+    for i, other in enumerate(rows):
+        if other[0]:
+            text = bytes(other[1:]).rstrip(b"\0").decode(errors="replace")
+            return text if i == jax.process_index() else f"on process {i}: {text}"
+    return None
+
+
+def _reason(error: BaseException, limit: int = 600) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
     if len(text) > limit:
         text = text[:limit] + " ..."
@@ -97,10 +127,12 @@ def restore_latest_good(
     - A checkpoint of another model (its state's array names/shapes/dtypes differ from this
       config's, read from its metadata only) stops the run with `CheckpointError` before
       anything is restored or written: falling back would hide a wrong --workdir.
-    - A finalized checkpoint that fails to restore (truncated or missing file, missing item) is
-      reported with its step and the reason, and the previous one is tried. Once one restores,
-      the unreadable newer ones are renamed `<step>.corrupt` (kept, ignored by Orbax) so that
-      the run can write those step numbers again.
+    - A finalized checkpoint that fails to restore (truncated or missing file, missing item) or
+      whose restored content differs from the checksums saved with it (bytes changed on disk;
+      each process checks its own copy) is reported with its step and the reason (the array),
+      and the previous one is tried. Once one restores on every process, the bad newer ones
+      are renamed `<step>.corrupt` (kept, ignored by Orbax; the reason in set_aside.json) so
+      that the run can write those step numbers again.
     - When none can be restored: `CheckpointError`; a run never starts from scratch silently
       while checkpoints exist.
 
@@ -135,17 +167,19 @@ def restore_latest_good(
                 raise
             except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many types
                 error = e
-        if _all_processes(error is None):
+        failure = _failure_anywhere(_reason(error) if error is not None else None)
+        if failure is None:
             ckpt.remove_incomplete_saves()
-            for bad, _ in failures:
-                moved = ckpt.set_aside(bad)
-                say(is_main, f"Moved the unreadable checkpoint {ckpt.directory}/{bad} to "
+            for bad, why in failures:
+                moved = ckpt.set_aside(bad, reason=why)
+                say(is_main, f"Moved the unusable checkpoint {ckpt.directory}/{bad} to "
                                 f"{moved} (kept for inspection; delete it when done).")
             return restored
-        reason = _reason(error) if error is not None else "unreadable on another process"
-        failures.append((step, reason))
-        say(is_main, f"WARNING: checkpoint {where} cannot be restored ({reason}). Trying the "
-                        f"previous checkpoint.")
+        failures.append((step, failure))
+        what = "is damaged" if f"{integrity.IntegrityError.__name__}:" in failure else (
+            "cannot be restored")
+        say(is_main, f"WARNING: checkpoint {where} {what} ({failure}). Trying the previous "
+                        f"checkpoint.")
     listing = "\n  ".join(f"step {s}: {r}" for s, r in failures)
     raise checkpointing.CheckpointError(
         f"None of the {len(steps)} checkpoint(s) in {ckpt.directory} can be restored:\n  "

@@ -8,13 +8,14 @@ Sources: weight files, Hub repositories and snapshot folders (`models.weight_fil
 project's own runs and exports, read here because they are checkpoints of the trainer: an
 isic_jax export (model.json + variables/) or workdir (config.json + checkpoints/) gives the best
 checkpoint by that run's train.best_metric, else the latest; the EMA weights when the run kept
-them (what it evaluated with). Matching to the model is `models.weight_mapping`.
+them (what it evaluated with), checked against the checksums saved with them
+(`training.integrity`). Matching to the model is `models.weight_mapping`.
 
 A self-supervised pretraining workdir (`isic-jax pretrain`: config.json + checkpoints/ +
 pretrain.json) gives the online backbone of its latest checkpoint (BYOL keeps the online encoder,
-Grill et al. 2020; the latest, not a "best" one: the pretraining is not selected on labels): its
-projector and predictor are dropped (listed in `Pretrained.ignored`) and the head is
-re-initialised (it has none).
+Grill et al. 2020; the latest, not a "best" one: the pretraining is not selected on labels),
+checked alike: its projector and predictor are dropped (listed in `Pretrained.ignored`) and the
+head is re-initialised (it has none).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from isic_jax.models.weight_mapping import (
     flatten,
     match,
 )
-from isic_jax.training import checkpointing
+from isic_jax.training import checkpointing, integrity
 
 # The folders an isic_jax run and export write. inference/export.py sits above this layer:
 # tests/test_pretrained.py checks that the export's names agree.
@@ -158,6 +159,8 @@ def _read_isic_export(spec: str, path: pathlib.Path) -> Source:
         raise PretrainedError(f"{meta_path}: not an isic_jax model.json ({short(e)})") from e
     src = Source(spec=spec, kind="isic_jax", origin="isic_jax-export", path=path)
     src.variables = _restore_numpy(path / EXPORT_VARIABLES_DIR, ("params", "batch_stats"))
+    _verify(spec, src, f"The export {path}", lambda: integrity.check_saved_arrays(
+        path / EXPORT_VARIABLES_DIR, _dotted(src.variables)))
     src.architecture, src.width = str(model.get("name")), int(model.get("width", 64))
     src.class_names = [str(c) for c in meta.get("class_names", [])] or None
     pre = meta.get("preprocessing", {})
@@ -193,7 +196,11 @@ def _read_isic_workdir(spec: str, path: pathlib.Path) -> Source:
     state = directory / str(step) / RUN_STATE_ITEM
     tree = _restore_numpy(state, ("params", "batch_stats", "ema"))
     if pretrain is not None:
-        return _pretrain_source(spec, path, config, pretrain, step, tree)
+        src = _pretrain_source(spec, path, config, pretrain, step, tree)
+        _verify(spec, src, f"Checkpoint step {step} of {path}",
+                lambda: integrity.check_checkpoint_arrays(directory / str(step), RUN_STATE_ITEM,
+                                                          _dotted(tree)))
+        return src
     ema = {k[1:]: v for k, v in tree.items() if k[0] == "ema"}
     use_ema = bool(ema)
     variables = ema if use_ema else {k: v for k, v in tree.items() if k[0] != "ema"}
@@ -212,7 +219,27 @@ def _read_isic_workdir(spec: str, path: pathlib.Path) -> Source:
     which = f"best by {metric}" if best is not None else "latest: no step has validation metrics"
     src.notes.append(f"Checkpoint step {step} of {path} ({which}; "
                      f"{'EMA' if use_ema else 'live'} weights).")
+    _verify(spec, src, f"Checkpoint step {step} of {path}",
+            lambda: integrity.check_checkpoint_arrays(directory / str(step), RUN_STATE_ITEM,
+                                                      _dotted(tree)))
     return src
+
+
+def _dotted(flat: Mapping[FlatKey, np.ndarray]) -> dict[str, np.ndarray]:
+    """Flat keys -> the dotted names of the checksums ("params.conv_init.kernel")."""
+    return {".".join(key): value for key, value in flat.items()}
+
+
+def _verify(spec: str, src: Source, what: str, check: Any) -> None:
+    """Checks an isic_jax source's weights against the checksums saved with them (`check()`
+    -> status): a difference is a PretrainedError naming the array; a source without
+    checksums gets a note."""
+    try:
+        status = check()
+    except integrity.IntegrityError as e:
+        raise PretrainedError(f"config.model.init_from={spec!r}: {e}") from e
+    if status == integrity.ABSENT:
+        src.notes.append(integrity.absent_note(what))
 
 
 
