@@ -44,6 +44,31 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.augment.saturation = 0.2
     config.data.augment.hue = 0.02
     config.data.augment.color_constancy = False  # Shades of Gray (p=6), train and eval alike
+    # More on-device ops of the ISIC winners (docs/augmentation.md: what each does, its source,
+    # its cost). Each runs per image with probability <op>_p (0 = off, not even compiled); the
+    # strengths below are mild and only act once their _p is raised.
+    config.data.augment.affine_p = 0.0  # zoom / shear / shift (ISIC 2020 1st: ShiftScaleRotate)
+    config.data.augment.affine_scale = 0.1  # zoom uniform in [1 - s, 1 + s]
+    config.data.augment.affine_shear = 5.0  # degrees, uniform in [-d, d]
+    config.data.augment.affine_translate = 0.1  # x the side, uniform in [-t, t] per axis
+    config.data.augment.elastic_p = 0.0  # smooth random displacement field (grid/elastic)
+    config.data.augment.elastic_magnitude = 0.03  # max control-point shift, x the side
+    config.data.augment.elastic_grid = 4  # control points per side
+    config.data.augment.gamma_p = 0.0  # contrast curve 255 (x / 255)^g
+    config.data.augment.gamma = 0.2  # g uniform in [1 - v, 1 + v]
+    config.data.augment.blur_p = 0.0  # Gaussian blur
+    config.data.augment.blur_sigma = 1.0  # sigma uniform in [0, s] px
+    config.data.augment.noise_p = 0.0  # additive Gaussian noise
+    config.data.augment.noise_std = 0.02  # std uniform in [0, s] x 255
+    config.data.augment.cutout_p = 0.0  # square holes filled with the mean colour
+    config.data.augment.cutout_size = 0.375  # hole side x the image side (ISIC 2020 1st)
+    config.data.augment.cutout_holes = 1
+    # Pair mixing (training only; labels become soft targets through the loss). Pairs are
+    # stream positions 2k, 2k+1, so train.batch_size must be even; mixup_p + cutmix_p <= 1.
+    config.data.augment.mixup_p = 0.0  # mixup (Zhang et al. 2018)
+    config.data.augment.mixup_alpha = 0.4  # lambda ~ Beta(alpha, alpha)
+    config.data.augment.cutmix_p = 0.0  # CutMix (Yun et al. 2019)
+    config.data.augment.cutmix_alpha = 1.0
     # Input normalisation (x / 255 - mean) / std per RGB channel, in training, evaluation and
     # export. () = the pretrained source's (config.model.init_from: timm's config.json, an
     # isic_jax run's config; torchvision/timm ResNets: ImageNet), else ImageNet's
@@ -55,6 +80,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.model.name = "resnet50"  # resnet18|34|50|101|152|200, tiny variants for tests
     config.model.dropout = 0.0  # before the classifier head
+    # Multi-sample dropout (ISIC 2020 1st: 5 masks, dropout 0.5): K dropout masks on the pooled
+    # features, the head on each, logits averaged; training only. 1 = plain dropout.
+    config.model.msd_samples = 1
     config.model.dtype = "bfloat16"  # compute dtype; parameters stay float32
     config.model.width = 64  # channels of the stem; halve it for a fast CPU model
     # auto: on CPU, convolutions and max-pooling lowered for XLA:CPU (models/cpu_lowering.py);
@@ -99,6 +127,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.grad_clip_norm = 1.0  # 0 disables clipping
     config.optim.accumulation_steps = 1  # gradient accumulation (micro-batches per update)
     config.optim.ema_decay = 0.0  # >0 keeps an EMA of the weights, used for evaluation
+    # Stochastic weight averaging: from this epoch on (< 0: off), a snapshot of the weights every
+    # swa_every_epochs goes into a running mean; its BatchNorm statistics are recomputed on
+    # swa_bn_batches training batches (0: mean of the snapshots' statistics). Once it holds a
+    # snapshot, evaluation, export and cv use it (instead of the EMA or live weights).
+    config.optim.swa_start_epoch = -1.0
+    config.optim.swa_every_epochs = 1.0
+    config.optim.swa_bn_batches = 16
 
     # --- training loop
     config.train = ml_collections.ConfigDict()

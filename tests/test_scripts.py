@@ -83,3 +83,31 @@ def test_bench_layers_vs_torch_runs() -> None:
     assert "torch not run" in torch_side.get("error", "") or all(
         torch_side["s4 proj 1x1/2"][p] > 0 for p in ("fwd", "dx", "dw")), torch_side
     assert "dw   isic_jax" in out.stdout
+
+
+def test_bench_augment_runs() -> None:
+    out = subprocess.run(
+        [sys.executable, "scripts/bench_augment.py", "--model", "resnet_tiny", "--width", "4",
+         "--size", "32", "--batch", "4", "--steps", "1", "--rounds", "1",
+         "--only", "none,cutout,mixup,msd5,swa", "--stored", "40", "--host-batches", "1",
+         "--json"],
+        cwd=str(REPO), capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert list(result["steps"]) == ["none", "cutout", "mixup", "msd5", "swa"]
+    assert all(r["step_ms"] > 0 and r["aug_ms"] > 0 for r in result["steps"].values())
+    assert all("added_ms" in result["steps"][n] for n in ("cutout", "mixup", "msd5", "swa"))
+    assert all(v > 0 for v in result["host_img_per_s"].values())
+    assert "added ms" in out.stdout and "host pipeline" in out.stdout
+
+
+def test_augment_preview_writes_a_png(tmp_path: pathlib.Path) -> None:
+    output = tmp_path / "preview.png"
+    out = subprocess.run(
+        [sys.executable, "scripts/augment_preview.py", "--config", "smoke", "--synthetic",
+         "--num", "2", "--size", "40", "--output", str(output),
+         "--config-override", "data.augment.cutout_p=0.5"],
+        cwd=str(REPO), capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "2 images x 12 columns" in out.stdout

@@ -203,12 +203,14 @@ def run_worker(name: str, args: dict[str, Any], devices: int = 4, timeout: int =
 
 
 def worker_equivalence(steps: int = 3, optimizer: str = "sgd",
-                       finetune: dict[str, Any] | None = None) -> dict:
+                       finetune: dict[str, Any] | None = None,
+                       overrides: dict[str, Any] | None = None) -> dict:
     """Params after `steps` steps: single device (jit on 1 device) vs pmap vs jit on all.
 
     Same init, same global batches (random arrays), dropout off. Returns max abs differences and
     how many times each step function was compiled. `finetune`: config.finetune overrides (the
-    optimiser parts, frozen stages and BatchNorm of models/optim.py).
+    optimiser parts, frozen stages and BatchNorm of models/optim.py). `overrides`: other config
+    keys ("data.augment.mixup_p": 0.5, ...), as `tiny_config` takes them.
     """
     import functools
     import logging
@@ -233,7 +235,7 @@ def worker_equivalence(steps: int = 3, optimizer: str = "sgd",
     logging.getLogger("jax").addHandler(Count())
     logging.getLogger("jax").setLevel(logging.WARNING)
 
-    config = tiny_config(**{"optim.name": optimizer})
+    config = tiny_config(**{"optim.name": optimizer, **(overrides or {})})
     if optimizer == "adamw":
         config.optim.learning_rate = 1e-3
     rs = np.random.RandomState(0)

@@ -21,11 +21,10 @@ from typing import Any
 import ml_collections
 
 from isic_jax.configs import default, pretrain_byol
-from isic_jax.data.image_ops import RESAMPLE
+from isic_jax.data import augment_table
 from isic_jax.data.isic.labels import RELEASES
 from isic_jax.data.metadata import parse_feature_list
 
-INTERPOLATIONS = tuple(sorted(RESAMPLE))
 PARALLELISM = ("pmap", "jit")
 TASKS = ("binary", "diagnosis")
 MODEL_DTYPES = ("float32", "bfloat16")
@@ -114,21 +113,6 @@ def _str(v: Any) -> str | None:
     return None if isinstance(v, str) and v else f"must be a non-empty string, got {v!r}"
 
 
-def _range(lo: float, hi: float | None) -> Callable[[Any], str | None]:
-    """A (low, high) pair with lo <= low <= high (<= hi)."""
-
-    def check(v: Any) -> str | None:
-        if not isinstance(v, (tuple, list)) or len(v) != 2 or not all(_is_num(x) for x in v):
-            return f"must be a pair of numbers (low, high), got {v!r}"
-        a, b = v
-        if not (lo < a <= b) or (hi is not None and b > hi):
-            bound = f"{lo} < low <= high" + (f" <= {hi}" if hi is not None else "")
-            return f"must satisfy {bound}, got {tuple(v)}"
-        return None
-
-    return check
-
-
 def _releases(v: Any) -> str | None:
     """One release, or several joined by "+" (each once), trained on their union."""
     if not isinstance(v, str) or not v:
@@ -203,20 +187,13 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "data.num_workers": _int(0),
     "data.prefetch_buffer_size": _int(1),
     "data.device_prefetch": _int(0),
-    "data.augment.crop_scale": _range(0.0, 1.0),
-    "data.augment.crop_ratio": _range(0.0, None),
-    "data.augment.interpolation": _choice(INTERPOLATIONS),
-    "data.augment.dihedral": _bool,
-    "data.augment.rotation": _num(0.0, 180.0),
-    "data.augment.brightness": _num(0.0),
-    "data.augment.contrast": _num(0.0),
-    "data.augment.saturation": _num(0.0),
-    "data.augment.hue": _num(0.0, 0.5),
-    "data.augment.color_constancy": _bool,
+    # data.augment.*: the table of augmentations, next to their ops (data/augment_table.py).
+    **augment_table.config_checks("data.augment"),
     "data.mean": _channels(0.0, 1.0),
     "data.std": _channels(0.0, None, lo_open=True),
     "model.name": _model_name,
     "model.dropout": _num(0.0, 1.0, hi_open=True),
+    "model.msd_samples": _int(1, 64),
     "model.dtype": _choice(MODEL_DTYPES),
     "model.width": _int(1),
     "model.lowering": _choice(LOWERINGS),
@@ -243,6 +220,9 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "optim.grad_clip_norm": _num(0.0),
     "optim.accumulation_steps": _int(1),
     "optim.ema_decay": _num(0.0, 1.0, hi_open=True),
+    "optim.swa_start_epoch": _num(),  # < 0: off
+    "optim.swa_every_epochs": _num(0.0, lo_open=True),
+    "optim.swa_bn_batches": _int(0),
     "train.batch_size": _int(1),
     "train.num_epochs": _num(0.0),
     "train.num_steps": _int(-1),
@@ -315,8 +295,8 @@ SECTION_CHECKS: dict[str, dict[str, Callable[[Any], str | None]]] = {
         "pretrain.probe_k": _int(1),
         "pretrain.probe_temperature": _num(0.0, lo_open=True),
         "pretrain.probe_fold": _int(-1),
-        "pretrain.views.crop_scale": _range(0.0, 1.0),
-        "pretrain.views.crop_ratio": _range(0.0, None),
+        "pretrain.views.crop_scale": augment_table.pair(0.0, 1.0),
+        "pretrain.views.crop_ratio": augment_table.pair(0.0, None),
         "pretrain.views.flips": _choice(FLIPS),
         "pretrain.views.brightness": _num(0.0, 1.0),
         "pretrain.views.contrast": _num(0.0, 1.0),
@@ -325,7 +305,7 @@ SECTION_CHECKS: dict[str, dict[str, Callable[[Any], str | None]]] = {
         "pretrain.views.jitter_prob": _probability,
         "pretrain.views.grayscale_prob": _probability,
         "pretrain.views.blur_prob": _probabilities(2),
-        "pretrain.views.blur_sigma": _range(0.0, None),
+        "pretrain.views.blur_sigma": augment_table.pair(0.0, None),
         "pretrain.views.solarize_prob": _probabilities(2),
     },
 }
@@ -417,5 +397,23 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config.train.num_epochs must be > 0 when config.train.num_steps=-1, got "
             f"{flat['train.num_epochs']}."
         )
+    for problem in augment_table.combination_problems(flat, "data.augment"):
+        raise ConfigError(problem + ".")
+    _check_regularisers(flat)
+
+
+def _check_regularisers(flat: Mapping[str, Any]) -> None:
+    """Multi-sample dropout and SWA combinations (a start past the run's end is also checked
+    when the run's length is known: training.swa.SwaSchedule.from_config)."""
+    if flat.get("model.msd_samples", 1) > 1 and flat["model.dropout"] <= 0:
+        raise ConfigError(
+            f"config.model.msd_samples={flat['model.msd_samples']} needs config.model.dropout > 0 "
+            f"(without dropout the samples are identical copies of the head).")
+    start = flat.get("optim.swa_start_epoch", -1.0)
+    if start >= 0 and flat["train.num_steps"] < 0 and start >= flat["train.num_epochs"]:
+        raise ConfigError(
+            f"config.optim.swa_start_epoch={start} is not before the end of the run "
+            f"(config.train.num_epochs={flat['train.num_epochs']}): SWA would average nothing; "
+            f"use a smaller value, or -1 to turn SWA off.")
 
 

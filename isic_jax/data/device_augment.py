@@ -5,8 +5,10 @@ and the random resized crop + resize to S, and ships uint8 [B, S, S, 3]. Everyth
 the size of the image or needs float maths runs here, batched:
 
     augment_batch(images, rng, aug_config, example_ids=...)   train: dihedral flips + rotation
-                                                              (one bilinear gather), colour
-                                                              jitter, constancy, normalise
+                                                              + affine + elastic (one bilinear
+                                                              gather), colour jitter,
+                                                              constancy, gamma, blur, noise,
+                                                              normalise, cutout
     preprocess_eval(images, aug_config)                        eval/predict: constancy, normalise
 
 Both take uint8 [B, H, W, 3] and return float32 [B, H, W, 3], normalised with the config's
@@ -54,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy import ndimage
 
+from isic_jax.data import augment_ops
 from isic_jax.data.image_ops import IMAGENET_MEAN, IMAGENET_STD
 
 # Luma weights (ITU-R 601, as torchvision's rgb_to_grayscale) and RGB <-> YIQ for hue rotation
@@ -85,6 +88,14 @@ class DeviceAugmentConfig:
       it) or "edge" (repeat the border pixel).
     mean, std: the input normalisation per RGB channel on the [0, 1] scale (config.data.mean/std
       as resolved for the run: the pretrained weights' or ImageNet's); train and eval alike.
+
+    Each op below runs per image with probability `<op>_p` (0 = not built at all), with the
+    strengths of `augment_ops` (see `augment_table.AUGMENTATIONS` and docs/augmentation.md):
+    affine_* (zoom / shear / shift, in the same resampling as flips and rotation), elastic_*
+    (smooth displacement field, same resampling), gamma*, blur_*, noise_*, cutout_* (holes
+    filled with the normalisation mean, i.e. 0 in the model input). mixup_* / cutmix_* are not
+    applied here: they mix pairs of examples and their labels (`mixing.mix_batch`, called by
+    the train step after this function).
     """
 
     dihedral: bool = False
@@ -97,6 +108,26 @@ class DeviceAugmentConfig:
     fill: str = "reflect"
     mean: tuple[float, float, float] = tuple(float(v) for v in IMAGENET_MEAN)
     std: tuple[float, float, float] = tuple(float(v) for v in IMAGENET_STD)
+    affine_p: float = 0.0
+    affine_scale: float = 0.0
+    affine_shear: float = 0.0
+    affine_translate: float = 0.0
+    elastic_p: float = 0.0
+    elastic_magnitude: float = 0.0
+    elastic_grid: int = 4
+    gamma_p: float = 0.0
+    gamma: float = 0.0
+    blur_p: float = 0.0
+    blur_sigma: float = 0.0
+    noise_p: float = 0.0
+    noise_std: float = 0.0
+    cutout_p: float = 0.0
+    cutout_size: float = 0.375
+    cutout_holes: int = 1
+    mixup_p: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_p: float = 0.0
+    cutmix_alpha: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
@@ -126,12 +157,9 @@ class DeviceAugmentConfig:
             if isinstance(rotation, int | float):
                 rotation = (-abs(float(rotation)), abs(float(rotation)))
             kwargs["rotation"] = tuple(float(v) for v in rotation)
-        for key in ("brightness", "contrast", "saturation", "hue"):
-            if key in kwargs:
-                kwargs[key] = float(kwargs[key])
-        for key in ("color_constancy", "dihedral"):
-            if key in kwargs:
-                kwargs[key] = bool(kwargs[key])
+        for field in dataclasses.fields(cls):  # numbers and flags by their default's type
+            if field.name in kwargs and isinstance(field.default, (bool, int, float)):
+                kwargs[field.name] = type(field.default)(kwargs[field.name])
         for key in ("mean", "std"):
             if key in kwargs:
                 kwargs[key] = tuple(float(v) for v in kwargs[key])
@@ -144,6 +172,16 @@ class DeviceAugmentConfig:
     @property
     def has_jitter(self) -> bool:
         return any((self.brightness, self.contrast, self.saturation, self.hue))
+
+    @property
+    def has_geometry(self) -> bool:
+        """Whether `augment_batch` resamples the images (one bilinear gather for all of it)."""
+        return self.has_rotation or self.dihedral or self.affine_p > 0 or self.elastic_p > 0
+
+    @property
+    def has_mixing(self) -> bool:
+        """Whether the train step mixes pairs (`mixing.mix_batch`)."""
+        return self.mixup_p > 0 or self.cutmix_p > 0
 
 
 # --------------------------------------------------------------------------- keys
@@ -209,23 +247,37 @@ def geometry_matrices(angles_deg: jax.Array, dihedral_k: jax.Array | None = None
     return jnp.einsum("bij,bjk->bik", flips, rot)  # the flip is undone after the rotation
 
 
-def warp(images: jax.Array, matrices: jax.Array, fill: str = "reflect") -> jax.Array:
-    """Resamples each image through its centred linear map (bilinear); float32 [B, H, W, C].
+def warp(
+    images: jax.Array,
+    matrices: jax.Array,
+    fill: str = "reflect",
+    offsets: jax.Array | None = None,
+    displacement: jax.Array | None = None,
+) -> jax.Array:
+    """Resamples each image through its centred affine map (bilinear); float32 [B, H, W, C].
 
     images: [B, H, W, C] (any real dtype; sampled as float32). matrices: float32 [B, 2, 2] from
-    `geometry_matrices`. Output pixel (r, c) samples the input at centre + M @ (r, c) - centre;
-    points outside the input are filled per `fill`. Integer matrices (angle 0, any dihedral
-    element) on a square image sample exactly at pixel centres: the input values come back.
+    `geometry_matrices`. Output pixel (r, c) samples the input at centre + M @ (r, c) - centre
+    (+ offsets [B, 2] (dy, dx) px, + displacement [B, H, W, 2] px at that pixel: a distortion
+    field); points outside the input are filled per `fill`. Integer matrices (angle 0, any
+    dihedral element) on a square image sample exactly at pixel centres: the input values come
+    back.
     """
     mode = _FILL_MODES[fill]
+    batch = images.shape[0]
+    offsets = jnp.zeros((batch, 2), jnp.float32) if offsets is None else offsets
 
-    def one(image: jax.Array, mat: jax.Array) -> jax.Array:
+    def one(image: jax.Array, mat: jax.Array, off: jax.Array, disp: jax.Array | None
+            ) -> jax.Array:
         height, width = image.shape[0], image.shape[1]
         cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
         dy = jnp.arange(height, dtype=jnp.float32)[:, None] - cy
         dx = jnp.arange(width, dtype=jnp.float32)[None, :] - cx
-        src_y = mat[0, 0] * dy + mat[0, 1] * dx + cy
-        src_x = mat[1, 0] * dy + mat[1, 1] * dx + cx
+        src_y = mat[0, 0] * dy + mat[0, 1] * dx + cy + off[0]
+        src_x = mat[1, 0] * dy + mat[1, 1] * dx + cx + off[1]
+        if disp is not None:
+            src_y = src_y + disp[..., 0]
+            src_x = src_x + disp[..., 1]
         image = image.astype(jnp.float32)
         # map_coordinates per channel was the fastest of the variants tried on CPU (a hand-written
         # 4-corner gather of RGB rows was ~1.4x slower, a 3-D map_coordinates ~5x).
@@ -235,7 +287,9 @@ def warp(images: jax.Array, matrices: jax.Array, fill: str = "reflect") -> jax.A
             out_axes=-1,
         )(image)
 
-    return jax.vmap(one)(images, matrices)
+    if displacement is None:
+        return jax.vmap(lambda i, m, o: one(i, m, o, None))(images, matrices, offsets)
+    return jax.vmap(one)(images, matrices, offsets, displacement)
 
 
 def rotate(images: jax.Array, angles_deg: jax.Array, fill: str = "reflect") -> jax.Array:
@@ -379,6 +433,11 @@ def augment_batch(
     the rotated image's mean colour (and Shades-of-Gray gains); one fused pass clip(A x + t) and
     normalise. Differences from torchvision's ColorJitter, on purpose: fixed order, one clamp at
     the end, hue is a rotation about the grey axis in YIQ (a linear map) instead of an HSV shift.
+
+    The ops of `augment_ops` (each only when its `<op>_p` > 0, with draws from fold_in(key_i,
+    op), so the draws above do not change) slot in as: affine zoom/shear/shift and the elastic
+    field in the same resampling as the flips and rotation; after the colour matrix: gamma,
+    Gaussian blur, Gaussian noise; after the normalisation: cutout (holes = 0, the mean colour).
     """
     config = DeviceAugmentConfig.from_config(aug_config)
     images = jnp.asarray(images)
@@ -389,7 +448,8 @@ def augment_batch(
     u = jax.vmap(lambda k: jax.random.uniform(k, (_NUM_DRAWS,), jnp.float32))(keys)  # [B, 6]
 
     x = images
-    if config.has_rotation or config.dihedral:
+    size = (images.shape[1], images.shape[2])
+    if config.has_geometry:
         if config.dihedral and images.shape[1] != images.shape[2]:
             raise ValueError(f"dihedral flips need square images, got {images.shape[1:3]}")
         lo, hi = config.rotation
@@ -398,7 +458,17 @@ def augment_batch(
             if config.dihedral
             else None
         )
-        x = warp(x, geometry_matrices(lo + (hi - lo) * u[:, 0], k), config.fill)
+        mats = geometry_matrices(lo + (hi - lo) * u[:, 0], k)
+        offsets = field = None
+        if config.affine_p > 0:
+            zoom_shear, offsets = augment_ops.affine(
+                keys, config.affine_p, config.affine_scale, config.affine_shear,
+                config.affine_translate, size)
+            mats = jnp.einsum("bij,bjk->bik", mats, zoom_shear)
+        if config.elastic_p > 0:
+            field = augment_ops.elastic(keys, config.elastic_p, config.elastic_magnitude,
+                                        config.elastic_grid, size)
+        x = warp(x, mats, config.fill, offsets, field)
     if config.has_jitter or config.color_constancy:
         # Statistics of the image being recoloured (after rotation, as torchvision's ColorJitter
         # after RandomRotation). Reading the rotated image twice (here and in apply_color) also
@@ -414,7 +484,20 @@ def augment_batch(
             hue=config.hue * (2.0 * u[:, 4] - 1.0) if config.hue else None,
         )
         x = apply_color(x, affine)
-    return normalize(x, config.mean, config.std)
+    if config.gamma_p > 0:
+        x = augment_ops.gamma(x.astype(jnp.float32), keys, config.gamma_p, config.gamma)
+    if config.blur_p > 0:
+        x = augment_ops.gaussian_blur(x.astype(jnp.float32), keys, config.blur_p,
+                                      config.blur_sigma)
+    if config.noise_p > 0:
+        x = augment_ops.gaussian_noise(x.astype(jnp.float32), keys, config.noise_p,
+                                       config.noise_std)
+    x = normalize(x, config.mean, config.std)
+    if config.cutout_p > 0:
+        holes = augment_ops.cutout_mask(keys, config.cutout_p, config.cutout_size,
+                                        config.cutout_holes, size)
+        x = jnp.where(holes[..., None], 0.0, x)  # 0 = the normalisation mean colour
+    return x
 
 
 def preprocess_eval(

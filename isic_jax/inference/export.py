@@ -634,13 +634,16 @@ def export_checkpoint(
     artefact = build_artefact(forward, int(config.data.image_size),
                               str(config.model.get("dtype", "float32")), platforms, verify,
                               metadata_width=width)
+    # eval_variables picks the SWA weights once SWA holds a snapshot (training/swa.py).
+    swa_used = bool(state.swa) and int(jax.device_get(state.swa["count"])) > 0
     meta = model_metadata(
-        config, class_names, artefact, ema=bool(state.ema),
+        config, class_names, artefact, ema=bool(state.ema) and not swa_used,
         checkpoint={"workdir": str(workdir), "requested": str(checkpoint), "step": int(step),
                     "metrics": metrics},
         init_from=warm_start.read_record(workdir), metadata_encoder=encoder,
     )
     meta["export"]["tta_inside"] = bool(tta)
+    meta["variables"]["swa"] = swa_used
     card = add_validation(meta, config, variables, workdir, int(step))
 
     def extra(folder: pathlib.Path) -> None:

@@ -255,6 +255,7 @@ def build_card(
         "platforms": (meta.get("export") or {}).get("platforms"),
         "checkpoint_step": (meta.get("checkpoint") or {}).get("step"),
         "ema_weights": (meta.get("variables") or {}).get("ema"),
+        "swa_weights": (meta.get("variables") or {}).get("swa", False),
         "initial_weights": initial_weights(meta.get("init_from")),
     })
     train = config.train
@@ -371,7 +372,8 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         ["Export", f"jax.export StableHLO, {_fmt(m.get('export_bytes'))} bytes, platforms "
                    f"{', '.join(m.get('platforms') or [])}"],
         ["Weights", f"checkpoint step {m.get('checkpoint_step')}"
-                    + (" (EMA)" if m.get("ema_weights") else "")],
+                    + (" (EMA)" if m.get("ema_weights") else "")
+                    + (" (SWA)" if m.get("swa_weights") else "")],
         ["Initial weights", m.get("initial_weights") or "a random init (trained from scratch)"],
     ])
     lines += ["## Training data", ""]

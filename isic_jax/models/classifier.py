@@ -1,4 +1,5 @@
-"""The classifier every backbone shares: pooled features -> [metadata branch] -> dropout -> head.
+"""The classifier every backbone shares: pooled features -> [metadata branch] -> dropout (or
+multi-sample dropout) -> head.
 
 A family subclasses `Classifier` and implements `features(x, train) -> f32 [B, D]` (the pooled
 backbone output). `features` runs inside the compact `__call__`, so the modules it creates are
@@ -20,6 +21,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from isic_jax.models.head import classifier_head
 
 HEAD = "head"
 _HEAD_MODULES = ("head", "metadata")
@@ -90,6 +93,8 @@ class Classifier(nn.Module, kw_only=True):
       metadata_hidden, metadata_dropout: `MetadataBranch.hidden` and `feature_dropout`.
       lowering: "auto": convolutions through `cpu_lowering` where the family uses it (its own
         lowering on CPU, XLA's native ops on GPU/TPU); "xla": XLA's native ops everywhere.
+      msd_samples: dropout masks of multi-sample dropout on the pooled features
+        (`head.classifier_head`); 1: plain dropout.
     """
 
     num_classes: int
@@ -102,6 +107,7 @@ class Classifier(nn.Module, kw_only=True):
     metadata_hidden: int = 128
     metadata_dropout: float = 0.1
     lowering: str = "auto"
+    msd_samples: int = 1
 
     @property
     def metadata_width(self) -> int:
@@ -160,7 +166,6 @@ class Classifier(nn.Module, kw_only=True):
                                     self.metadata_hidden, self.metadata_dropout, name="metadata")
             x = jnp.concatenate([x, branch(metadata, train)], axis=-1)
         embedding = x
-        x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        x = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32, name="head")(x)
-        logits = x.astype(jnp.float32)
+        logits = classifier_head(x, num_classes=self.num_classes, dropout=self.dropout,
+                                 msd_samples=self.msd_samples, train=train)
         return (logits, embedding) if return_embedding else logits

@@ -33,10 +33,12 @@ def create_model(
 
     Args:
       model_config: `config.model` with `name` (a registered model), `dropout` (before the
-        head; default 0), `dtype` ("float32" or "bfloat16" compute; parameters stay float32;
-        default "float32"), `lowering` ("auto": the CPU lowering of `cpu_lowering` on CPU,
-        XLA's own elsewhere; "xla": XLA's own everywhere; default "auto"), the metadata branch
-        keys, and the keys its family reads (`Family.config_keys`, e.g. ResNet's `width`).
+        head; default 0), `msd_samples` (dropout masks of multi-sample dropout,
+        `head.classifier_head`; default 1), `dtype` ("float32" or "bfloat16" compute;
+        parameters stay float32; default "float32"), `lowering` ("auto": the CPU lowering of
+        `cpu_lowering` on CPU, XLA's own elsewhere; "xla": XLA's own everywhere; default
+        "auto"), the metadata branch keys, and the keys its family reads
+        (`Family.config_keys`, e.g. ResNet's `width`).
       num_classes: size of the head.
       axis_name: the pmap axis BatchNorm averages its statistics over; None under jit.
       frozen_bn: parts (`part_of` names, no "head") whose BatchNorm layers keep their running
@@ -74,6 +76,7 @@ def create_model(
         metadata_hidden=int(getattr(model_config, "metadata_hidden", 128)),
         metadata_dropout=float(getattr(model_config, "metadata_dropout", 0.1)),
         lowering=str(getattr(model_config, "lowering", "auto")),
+        msd_samples=int(getattr(model_config, "msd_samples", 1)),
     )
 
 

@@ -114,6 +114,10 @@ class ByolTask(loop.Task):
             raise config_utils.ConfigError(
                 "config.optim.ema_decay must be 0 for pretraining: BYOL's target network is "
                 "the moving average (config.pretrain.target_decay).")
+        if float(config.optim.get("swa_start_epoch", -1.0)) >= 0:
+            raise config_utils.ConfigError(
+                "config.optim.swa_start_epoch must be < 0 (off) for pretraining: weight "
+                "averaging belongs to the fine-tuned classifier.")
         if FineTune.from_config(config.get("finetune")) != FineTune():
             raise config_utils.ConfigError(
                 "config.finetune.* must keep their defaults for pretraining (they shape the "

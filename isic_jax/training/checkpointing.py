@@ -437,7 +437,10 @@ class Checkpointer:
           Exception: whatever Orbax raises on a missing or damaged item.
         """
         items: dict[str, Any] = {}
+        rebuild = None
         if state_target is not None:
+            state_target, rebuild = _without_fields_added_since(
+                state_target, self.step_path(step) / STATE)
             items[STATE] = ocp.args.StandardRestore(state_target)
         if with_rng:
             items[RNG] = ocp.args.JsonRestore()
@@ -466,9 +469,12 @@ class Checkpointer:
         if with_rng:
             rng = np.asarray(out[RNG]["key"], dtype=np.uint32)
             topology = out[RNG].get("topology")
+        state = out[STATE] if state_target is not None else None
+        if rebuild is not None:
+            state = rebuild(state)
         return Restored(
             step=step,
-            state=out[STATE] if state_target is not None else None,
+            state=state,
             rng=rng,
             config=out[CONFIG] if with_config else None,
             data_note=note,
@@ -563,6 +569,38 @@ def signature_differences(
     if len(lines) > limit:
         lines = lines[:limit] + [f"... and {len(lines) - limit} more"]
     return lines
+
+
+def _without_fields_added_since(target: PyTree, path: pathlib.Path) -> tuple[PyTree, Any]:
+    """A restore target for a checkpoint written before some empty state field existed.
+
+    A dataclass state whose field is an empty dict (e.g. `TrainState.swa` with SWA off) cannot be
+    restored by Orbax from a checkpoint that lacks the field (tree structures differ). Then the
+    other fields are restored as a dict and put back into `target`: returns (that dict target,
+    rebuild(restored dict) -> state); else (target, None).
+    """
+    if not dataclasses.is_dataclass(target):
+        return target, None
+    fields = [f.name for f in dataclasses.fields(target)]
+    empty = [name for name in fields if isinstance(getattr(target, name), dict)
+             and not getattr(target, name)]
+    if not empty:
+        return target, None
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        metadata = handler.metadata(path)
+        saved = getattr(metadata, "tree", metadata)
+    except Exception:  # noqa: BLE001 - the restore itself reports an unreadable checkpoint
+        return target, None
+    finally:
+        handler.close()
+    if not isinstance(saved, dict):
+        return target, None
+    missing = [name for name in empty if name not in saved]
+    if not missing:
+        return target, None
+    partial = {name: getattr(target, name) for name in fields if name not in missing}
+    return partial, lambda restored: target.replace(**restored)
 
 
 def _data_iter_file(directory: pathlib.Path) -> pathlib.Path:

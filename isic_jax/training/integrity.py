@@ -31,7 +31,8 @@ CRC-32 detects every burst of up to 32 changed bits and any other accidental cha
 probability 1 - 2^-32; it is not a defence against deliberate tampering. It runs at ~3-4 GB/s per
 core here and releases the GIL, so arrays are hashed on a few threads.
 
-This module imports nothing from isic_jax (models/pretrained.py uses it for isic_jax sources).
+This module imports nothing from isic_jax (training/weight_sources.py uses it for isic_jax
+sources).
 """
 
 from __future__ import annotations

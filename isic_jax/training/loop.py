@@ -61,6 +61,7 @@ from isic_jax.training import (
     preemption,
     resume,
     steps,
+    swa,
     weight_sources,
 )
 from isic_jax.training.losses import class_weights_for_config
@@ -170,7 +171,7 @@ class SupervisedTask(Task):
         return create_train_state(setup.model, setup.tx, setup.init_rng,
                                   int(setup.config.data.image_size),
                                   use_ema=float(setup.config.optim.ema_decay) > 0,
-                                  variables=variables)
+                                  variables=variables, use_swa=setup.swa is not None)
 
     def train_step(self, setup: Setup) -> Any:
         config = setup.config
@@ -178,7 +179,7 @@ class SupervisedTask(Task):
             steps.train_step, model=setup.model, tx=setup.tx, loss_config=config.loss,
             class_weights=setup.class_weights, axis_name=setup.par.axis_name,
             ema_decay=float(config.optim.ema_decay), augment=steps.augment_config(config),
-            frozen_parts=setup.frozen_parts,
+            frozen_parts=setup.frozen_parts, swa=setup.swa,
         )
 
     def eval_step(self, setup: Setup) -> Any:
@@ -218,6 +219,7 @@ class Setup:
     # Pretrained weights of a fresh run (config.model.init_from); None from scratch or resuming.
     pretrained: Pretrained | None = None
     frozen_parts: tuple[str, ...] = ()  # config.finetune.freeze_stages: parts that do not train
+    swa: swa.SwaSchedule | None = None  # config.optim.swa_*: weight averaging (None: off)
     task: Task = dataclasses.field(default_factory=SupervisedTask)  # what is trained
 
     @property
@@ -278,6 +280,7 @@ def set_up(
     except ValueError as e:
         raise config_utils.ConfigError(str(e)) from e
     total_steps, steps_per_epoch = schedule_lengths(config, data.num_train)
+    averaging = swa.SwaSchedule.from_config(config.optim, total_steps, steps_per_epoch)
     k = int(config.optim.accumulation_steps)
     tx, schedule = create_optimizer(
         config.optim, total_steps=max(1, total_steps // k),
@@ -297,7 +300,7 @@ def set_up(
         class_weights=class_weights_for_config(config.loss, data.train_class_counts),
         init_rng=init_rng, train_rng=train_rng,
         config_dict=config_utils.config_to_dict(config), is_main=is_main,
-        pretrained=pre, frozen_parts=frozen, task=task,
+        pretrained=pre, frozen_parts=frozen, swa=averaging, task=task,
     )
     task.check_setup(setup)
     for note in notes:
@@ -384,6 +387,12 @@ class TrainLoop:
         self.task = setup.task
         self.evaluates = self.task.evaluates(setup)
         self.p_train = par.compile_train_step(self.task.train_step(setup))
+        # SWA (`train` only): BatchNorm statistics of the averaged weights, before evaluations
+        # and saves.
+        self.swa_bn = None
+        if setup.swa is not None and setup.swa.bn_batches > 0:
+            self.swa_bn = swa.BatchNormRecompute(setup.model, par, steps.augment_config(config),
+                                                 setup.data, self.rng, setup.swa.bn_batches)
         self.p_eval = par.compile_eval_step(self.task.eval_step(setup))
         self.writer = logging_utils.MetricWriter(setup.workdir / "tensorboard",
                                                  enabled=setup.is_main)
@@ -428,6 +437,8 @@ class TrainLoop:
             interrupted = guard.should_stop(step) and not final
             if step % int(train.log_every) == 0 or final or do_save or interrupted:
                 self.pull_metrics(step)
+            if self.swa_bn is not None and (do_eval or do_save):
+                self.state = self.swa_bn(self.state)
             val = self.evaluate(step) if do_eval else None
             if do_save or interrupted:
                 self.save(step, item, val)

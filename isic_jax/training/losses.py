@@ -103,6 +103,7 @@ def compute_loss(
     class_weights: np.ndarray | jax.Array | None = None,
     *,
     axis_name: str | None = None,
+    mix: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """Weighted mean classification loss (see the module docstring for the reduction).
 
@@ -114,6 +115,11 @@ def compute_loss(
         (alpha: targets (1 - alpha) * one_hot + alpha / C), `focal_gamma`.
       class_weights: float [C] per-class weights (e.g. `class_weights_from_counts`), or None.
       axis_name: pmap axis to normalise over, for an exact global mean after `lax.pmean`.
+      mix: (partner labels int32 [B], lam float32 [B]) from `data.mixing.mix_batch` (mixup /
+        cutmix), or None. Example i then has the soft target lam_i t(label_i) + (1 - lam_i)
+        t(partner_i), t the (smoothed) one-hot, through the same cross-entropy or focal loss, and
+        the class weight lam_i w[label_i] + (1 - lam_i) w[partner_i]. lam = 1 is exactly the
+        unmixed loss.
 
     Returns:
       float32 scalar.
@@ -130,6 +136,13 @@ def compute_loss(
     smoothing = float(getattr(loss_config, "label_smoothing", 0.0))
     if smoothing > 0:
         targets = optax.smooth_labels(targets, smoothing)
+    if mix is not None:
+        partner, lam = mix
+        lam = jnp.asarray(lam, jnp.float32)
+        other = jax.nn.one_hot(partner, num_classes, dtype=jnp.float32)
+        if smoothing > 0:
+            other = optax.smooth_labels(other, smoothing)
+        targets = lam[:, None] * targets + (1.0 - lam[:, None]) * other
     if name == "cross_entropy":
         per_example = optax.softmax_cross_entropy(logits, targets)
     else:
@@ -137,7 +150,11 @@ def compute_loss(
 
     example_weights = jnp.asarray(weights, jnp.float32)
     if class_weights is not None:
-        example_weights = example_weights * jnp.asarray(class_weights, jnp.float32)[labels]
+        table = jnp.asarray(class_weights, jnp.float32)
+        if mix is None:
+            example_weights = example_weights * table[labels]
+        else:
+            example_weights = example_weights * (lam * table[labels] + (1.0 - lam) * table[partner])
     total = jnp.sum(example_weights * per_example)
     denominator = jnp.sum(example_weights)
     if axis_name is not None:

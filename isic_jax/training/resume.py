@@ -190,7 +190,8 @@ def restore_latest_good(
 
 # Config keys that shape the train state; named when a workdir holds another model.
 _STATE_KEYS = ("model.", "optim.name", "optim.accumulation_steps", "optim.ema_decay",
-               "finetune.", "data.task", "data.release", "data.image_size")
+               "optim.swa_start_epoch", "finetune.", "data.task", "data.release",
+               "data.image_size")
 
 
 def _raise_other_model(

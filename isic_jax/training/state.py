@@ -15,6 +15,7 @@ import optax
 
 from isic_jax.models import create_model, init_variables, model_parts
 from isic_jax.training.optim import create_optimizer
+from isic_jax.training.swa import init_state as swa_init
 
 PyTree = Any
 
@@ -30,6 +31,9 @@ class TrainState:
       opt_state: optimiser state (optax; MultiStepsState under gradient accumulation).
       ema: {"params", "batch_stats"} exponential moving average of both, used for evaluation;
         an empty dict when EMA is off.
+      swa: {"params", "batch_stats", "count"} stochastic weight average (`training.swa`): the
+        mean of `count` snapshots and BatchNorm statistics for it; an empty dict when SWA is off
+        (also what checkpoints written before the field existed restore to).
     """
 
     step: jax.Array
@@ -37,12 +41,20 @@ class TrainState:
     batch_stats: PyTree
     opt_state: PyTree
     ema: PyTree
+    swa: PyTree = flax.struct.field(default_factory=dict)
 
     def eval_variables(self) -> dict[str, PyTree]:
-        """The variables evaluation uses: the EMA ones when kept, else the live ones."""
+        """The variables evaluation uses: the SWA ones once SWA holds a snapshot, else the EMA
+        ones when kept, else the live ones. Traceable (the SWA choice is a select on count)."""
         if self.ema:
-            return {"params": self.ema["params"], "batch_stats": self.ema["batch_stats"]}
-        return {"params": self.params, "batch_stats": self.batch_stats}
+            chosen = {"params": self.ema["params"], "batch_stats": self.ema["batch_stats"]}
+        else:
+            chosen = {"params": self.params, "batch_stats": self.batch_stats}
+        if self.swa:
+            averaged = {"params": self.swa["params"], "batch_stats": self.swa["batch_stats"]}
+            use = self.swa["count"] > 0
+            chosen = jax.tree.map(lambda a, b: jnp.where(use, a, b), averaged, chosen)
+        return chosen
 
 
 def create_train_state(
@@ -52,6 +64,7 @@ def create_train_state(
     image_size: int,
     use_ema: bool = False,
     variables: dict[str, PyTree] | None = None,
+    use_swa: bool = False,
 ) -> TrainState:
     """Initialises parameters, BatchNorm statistics and the optimiser (on the default device).
 
@@ -82,6 +95,7 @@ def create_train_state(
         batch_stats=batch_stats,
         opt_state=tx.init(params),
         ema=ema,
+        swa=swa_init(params, batch_stats) if use_swa else {},
     )
 
 
@@ -116,7 +130,8 @@ def abstract_train_state(config: Any, num_classes: int, metadata: Any = None) ->
                              parts=model_parts(config.model))
     init_rng, _ = seed_keys(config.seed)
     use_ema = float(config.optim.ema_decay) > 0
+    use_swa = float(config.optim.get("swa_start_epoch", -1.0)) >= 0
     return jax.eval_shape(
         lambda: create_train_state(model, tx, init_rng, int(config.data.image_size),
-                                   use_ema=use_ema)
+                                   use_ema=use_ema, use_swa=use_swa)
     )

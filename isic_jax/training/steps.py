@@ -17,8 +17,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from isic_jax.data import device_augment, image_ops
+from isic_jax.data import device_augment, image_ops, mixing
 from isic_jax.models import part_of
+from isic_jax.training import swa as swa_lib
 from isic_jax.training.losses import compute_loss
 from isic_jax.training.optim import ema_update
 from isic_jax.training.state import TrainState
@@ -47,6 +48,7 @@ def train_step(
     ema_decay: float = 0.0,
     augment: Any = None,
     frozen_parts: tuple[str, ...] = (),
+    swa: swa_lib.SwaSchedule | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser micro-step. Pure; collectives only when `axis_name` is given (pmap).
 
@@ -68,10 +70,12 @@ def train_step(
         (the batch is global; XLA reduces across devices itself).
       ema_decay: > 0 updates `state.ema` after each applied optimiser update.
       augment: `device_augment.DeviceAugmentConfig` (from config.data.augment); None: no
-        rotation/colour jitter, only normalisation.
+        rotation/colour jitter, only normalisation. With mixup_p / cutmix_p > 0 the augmented
+        inputs are then mixed in pairs and the loss takes soft targets (`data.mixing`).
       frozen_parts: ResNet parts (`models.part_of`) that do not train
         (`optim.FineTune.frozen_parts`): their gradients are stopped, so XLA drops their
         backward pass (the optimiser gives them no update either).
+      swa: `swa.SwaSchedule`: adds a snapshot to `state.swa` at its steps (None: SWA off).
 
     Returns:
       (new state, metrics) with metrics float32 scalars: loss (mean over the global batch),
@@ -84,6 +88,10 @@ def train_step(
     images = train_inputs(batch, rng, augment, axis_name)
     weights = batch["mask"].astype(jnp.float32)
     labels = batch["label"].astype(jnp.int32)
+    mix = None
+    if augment is not None and augment.has_mixing:
+        images, mix = mixing.mix_batch(images, labels, rng, augment,
+                                       positions=batch.get("position"), axis_name=axis_name)
 
     def loss_fn(params):
         if frozen_parts:
@@ -98,7 +106,7 @@ def train_step(
             rngs={"dropout": step_rng},
         )
         loss = compute_loss(
-            logits, labels, weights, loss_config, class_weights, axis_name=axis_name
+            logits, labels, weights, loss_config, class_weights, axis_name=axis_name, mix=mix
         )
         return loss, (logits, updates.get("batch_stats", {}))
 
@@ -123,6 +131,10 @@ def train_step(
         updated = ema_update(ema, new_vars, ema_decay)
         applied = _applied_update(opt_state)
         ema = jax.tree.map(lambda u, o: jnp.where(applied, u, o), updated, ema)
+    averaged = state.swa
+    if swa is not None and averaged:
+        averaged = swa_lib.maybe_snapshot(averaged, state.step + 1, params, batch_stats, swa,
+                                          _applied_update(opt_state))
 
     new_state = state.replace(
         step=state.step + 1,
@@ -130,6 +142,7 @@ def train_step(
         batch_stats=batch_stats,
         opt_state=opt_state,
         ema=ema,
+        swa=averaged,
     )
     metrics = {
         "loss": loss,

@@ -7,8 +7,8 @@
 Sources: weight files, Hub repositories and snapshot folders (`models.weight_files`), and this
 project's own runs and exports, read here because they are checkpoints of the trainer: an
 isic_jax export (model.json + variables/) or workdir (config.json + checkpoints/) gives the best
-checkpoint by that run's train.best_metric, else the latest; the EMA weights when the run kept
-them (what it evaluated with), checked against the checksums saved with them
+checkpoint by that run's train.best_metric, else the latest; the SWA or EMA weights when the run
+kept them (what it evaluated with), checked against the checksums saved with them
 (`training.integrity`). Matching to the model is `models.weight_mapping`.
 
 A self-supervised pretraining workdir (`isic-jax pretrain`: config.json + checkpoints/ +
@@ -194,7 +194,7 @@ def _read_isic_workdir(spec: str, path: pathlib.Path) -> Source:
         best = None  # the latest: a pretraining is not selected on the probe's labels
     step = best if best is not None else steps[-1]
     state = directory / str(step) / RUN_STATE_ITEM
-    tree = _restore_numpy(state, ("params", "batch_stats", "ema"))
+    tree = _restore_numpy(state, ("params", "batch_stats", "ema", "swa"))
     if pretrain is not None:
         src = _pretrain_source(spec, path, config, pretrain, step, tree)
         _verify(spec, src, f"Checkpoint step {step} of {path}",
@@ -202,8 +202,12 @@ def _read_isic_workdir(spec: str, path: pathlib.Path) -> Source:
                                                           _dotted(tree)))
         return src
     ema = {k[1:]: v for k, v in tree.items() if k[0] == "ema"}
-    use_ema = bool(ema)
-    variables = ema if use_ema else {k: v for k, v in tree.items() if k[0] != "ema"}
+    # The weights evaluation uses (TrainState.eval_variables): SWA once it holds a snapshot.
+    swa = {k[1:]: v for k, v in tree.items() if k[0] == "swa" and k[1] != "count"}
+    use_swa = bool(swa) and int(tree.get(("swa", "count"), 0)) > 0
+    use_ema = bool(ema) and not use_swa
+    live = {k: v for k, v in tree.items() if k[0] not in ("ema", "swa")}
+    variables = swa if use_swa else ema if use_ema else live
     src = Source(spec=spec, kind="isic_jax", origin="isic_jax-workdir", path=path,
                  variables=variables)
     src.architecture, src.width = str(model.get("name")), int(model.get("width", 64))
@@ -213,12 +217,12 @@ def _read_isic_workdir(spec: str, path: pathlib.Path) -> Source:
         src.mean, src.std = tuple(data["mean"]), tuple(data["std"])
     src.details.update({
         "step": int(step), "checkpoint": "best" if best is not None else "latest",
-        "best_metric": metric if best is not None else None, "ema": use_ema,
+        "best_metric": metric if best is not None else None, "ema": use_ema, "swa": use_swa,
         "release": data.get("release"), "task": data.get("task"),
     })
     which = f"best by {metric}" if best is not None else "latest: no step has validation metrics"
     src.notes.append(f"Checkpoint step {step} of {path} ({which}; "
-                     f"{'EMA' if use_ema else 'live'} weights).")
+                     f"{'SWA' if use_swa else 'EMA' if use_ema else 'live'} weights).")
     _verify(spec, src, f"Checkpoint step {step} of {path}",
             lambda: integrity.check_checkpoint_arrays(directory / str(step), RUN_STATE_ITEM,
                                                       _dotted(tree)))
