@@ -100,6 +100,32 @@ def test_backbone_names_are_the_classifiers() -> None:
     assert set(state.target["params"]) == set(state.params) - {"predictor"}
 
 
+@pytest.mark.slow
+def test_a_bfloat16_step_trains_in_float32_parameters() -> None:
+    import functools
+
+    from isic_jax.configs import smoke
+
+    from isic_jax.models import create_model
+    from isic_jax.training.optim import create_optimizer
+
+    config = smoke.get_config()
+    config.model.width, config.model.dtype = 4, "bfloat16"
+    nets = byol.Networks.create(create_model(config.model, 2), projector_hidden=16,
+                                projection_dim=8, predictor_hidden=16)
+    tx, _ = create_optimizer(config.optim, 10, 10)
+    state = byol.create_state(nets, tx, jax.random.key(0), 32)
+    step = jax.jit(functools.partial(byol.train_step, nets=nets, tx=tx,
+                                     views=views.ViewConfig(), total_updates=10))
+    batch = {"image": jnp.asarray(_images(batch=4)), "position": jnp.arange(4, dtype=jnp.uint32)}
+    new, metrics = step(state, batch, jax.random.key(1))
+    assert np.isfinite(float(metrics["loss"])) and 0.0 <= float(metrics["loss"]) <= 8.0
+    kernel = new.params["stem_conv"]["kernel"]
+    assert kernel.dtype == jnp.float32
+    assert not np.array_equal(np.asarray(kernel), np.asarray(state.params["stem_conv"]["kernel"]))
+    assert int(new.step) == 1 and float(metrics["target_decay"]) == pytest.approx(0.99)
+
+
 def test_knn_probe_scores_neighbours() -> None:
     rng = np.random.default_rng(0)
     centres = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])

@@ -245,8 +245,11 @@ class ByolTask(loop.Task):
             if summary is not None:
                 text += (f" k-NN probe AUC {_fmt(summary['knn_auc'])} (step 0: "
                          f"{_fmt(summary['knn_auc_initial'])}).")
-            text += (f" Fine-tune it with --config.model.init_from={setup.workdir} "
-                     f"(the online backbone; docs/pretraining.md).")
+            if result["stopped_by_signal"]:
+                text += " Rerun the same command to resume."
+            else:
+                text += (f" Fine-tune it with --config.model.init_from={setup.workdir} "
+                         f"(the online backbone; docs/pretraining.md).")
             say(True, text)
         return result
 
