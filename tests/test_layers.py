@@ -27,7 +27,7 @@ LAYERS: list[set[str]] = [
     {"models"},
     {"data"},
     {"configs"},  # the presets (ml_collections only)
-    {"logging_utils", "runtime", "utils"},
+    {"logging_utils", "runtime", "utils", "value_checks"},
 ]
 RANK = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
 

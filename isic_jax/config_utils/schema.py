@@ -14,7 +14,6 @@ the command line is parsed (and XLA flags set) before jax is imported.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,6 +23,16 @@ from isic_jax.configs import default, pretrain_byol
 from isic_jax.data import augment_table
 from isic_jax.data.isic.labels import RELEASES
 from isic_jax.data.metadata import parse_feature_list
+from isic_jax.value_checks import (
+    boolean,
+    choice,
+    integer,
+    is_number,
+    nonempty_string,
+    number,
+    pair,
+    probability,
+)
 
 PARALLELISM = ("pmap", "jit")
 TASKS = ("binary", "diagnosis")
@@ -60,59 +69,6 @@ def best_metric_mode(name: str) -> str:
 # Value checks. Each returns an error text (without the key) or None.
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _int(lo: int | None = None, hi: int | None = None) -> Callable[[Any], str | None]:
-    def check(v: Any) -> str | None:
-        if not _is_int(v):
-            return f"must be an integer, got {v!r}"
-        if lo is not None and v < lo:
-            return f"must be >= {lo}, got {v}"
-        if hi is not None and v > hi:
-            return f"must be <= {hi}, got {v}"
-        return None
-
-    return check
-
-
-def _num(
-    lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False
-) -> Callable[[Any], str | None]:
-    def check(v: Any) -> str | None:
-        if not _is_num(v):
-            return f"must be a finite number, got {v!r}"
-        if lo is not None and (v <= lo if lo_open else v < lo):
-            return f"must be {'>' if lo_open else '>='} {lo}, got {v}"
-        if hi is not None and (v >= hi if hi_open else v > hi):
-            return f"must be {'<' if hi_open else '<='} {hi}, got {v}"
-        return None
-
-    return check
-
-
-def _choice(options: tuple[str, ...]) -> Callable[[Any], str | None]:
-    def check(v: Any) -> str | None:
-        if v not in options:
-            return f"must be one of {', '.join(options)}; got {v!r}"
-        return None
-
-    return check
-
-
-def _bool(v: Any) -> str | None:
-    return None if isinstance(v, bool) else f"must be True or False, got {v!r}"
-
-
-def _str(v: Any) -> str | None:
-    return None if isinstance(v, str) and v else f"must be a non-empty string, got {v!r}"
-
-
 def _releases(v: Any) -> str | None:
     """One release, or several joined by "+" (each once), trained on their union."""
     if not isinstance(v, str) or not v:
@@ -143,7 +99,7 @@ def _channels(
     lo: float, hi: float | None, lo_open: bool = False
 ) -> Callable[[Any], str | None]:
     """() (resolved later: the pretrained source's, else ImageNet's) or 3 numbers in range."""
-    one = _num(lo, hi, lo_open=lo_open)
+    one = number(lo, hi, lo_open=lo_open)
 
     def check(v: Any) -> str | None:
         if not isinstance(v, (tuple, list)) or len(v) not in (0, 3):
@@ -175,75 +131,75 @@ def _model_name(v: Any) -> str | None:
 # The value check of every key of the default preset (isic_jax/configs/default.py, the schema:
 # tests/test_config.py checks that the two list the same keys).
 _CHECKS: dict[str, Callable[[Any], str | None]] = {
-    "seed": _int(0),
+    "seed": integer(0),
     "data.release": _releases,
-    "data.stored_size": _int(32),
-    "data.data_dir": _str,
-    "data.num_folds": _int(2),
-    "data.val_fold": _int(-1),  # -1: a final model on all folds, no validation
-    "data.task": _choice(TASKS),
-    "data.image_size": _int(32),
-    "data.balanced_sampling": _bool,
-    "data.num_workers": _int(0),
-    "data.prefetch_buffer_size": _int(1),
-    "data.device_prefetch": _int(0),
+    "data.stored_size": integer(32),
+    "data.data_dir": nonempty_string,
+    "data.num_folds": integer(2),
+    "data.val_fold": integer(-1),  # -1: a final model on all folds, no validation
+    "data.task": choice(TASKS),
+    "data.image_size": integer(32),
+    "data.balanced_sampling": boolean,
+    "data.num_workers": integer(0),
+    "data.prefetch_buffer_size": integer(1),
+    "data.device_prefetch": integer(0),
     # data.augment.*: the table of augmentations, next to their ops (data/augment_table.py).
     **augment_table.config_checks("data.augment"),
     "data.mean": _channels(0.0, 1.0),
     "data.std": _channels(0.0, None, lo_open=True),
     "model.name": _model_name,
-    "model.dropout": _num(0.0, 1.0, hi_open=True),
-    "model.msd_samples": _int(1, 64),
-    "model.dtype": _choice(MODEL_DTYPES),
-    "model.width": _int(1),
-    "model.lowering": _choice(LOWERINGS),
+    "model.dropout": number(0.0, 1.0, hi_open=True),
+    "model.msd_samples": integer(1, 64),
+    "model.dtype": choice(MODEL_DTYPES),
+    "model.width": integer(1),
+    "model.lowering": choice(LOWERINGS),
     "model.metadata": _metadata_features,
-    "model.metadata_hidden": _int(1),
-    "model.metadata_dropout": _num(0.0, 1.0, hi_open=True),
+    "model.metadata_hidden": integer(1),
+    "model.metadata_dropout": number(0.0, 1.0, hi_open=True),
     "model.init_from": _init_from,
-    "model.init_head": _choice(INIT_HEAD),
-    "finetune.backbone_lr_mult": _num(0.0),
-    "finetune.layer_decay": _num(0.0, 1.0, lo_open=True),
-    "finetune.freeze_stages": _int(0),
-    "finetune.freeze_bn": _bool,
-    "finetune.head_warmup_epochs": _num(0.0),
-    "loss.name": _choice(("cross_entropy", "focal")),
-    "loss.label_smoothing": _num(0.0, 1.0, hi_open=True),
-    "loss.class_weights": _choice(("none", "balanced")),
-    "loss.focal_gamma": _num(0.0),
-    "optim.name": _choice(("adamw", "sgd", "lars")),
-    "optim.learning_rate": _num(0.0, lo_open=True),
-    "optim.momentum": _num(0.0, 1.0, hi_open=True),
-    "optim.weight_decay": _num(0.0),
-    "optim.warmup_epochs": _num(0.0),
-    "optim.end_lr_factor": _num(0.0),
-    "optim.grad_clip_norm": _num(0.0),
-    "optim.accumulation_steps": _int(1),
-    "optim.ema_decay": _num(0.0, 1.0, hi_open=True),
-    "optim.swa_start_epoch": _num(),  # < 0: off
-    "optim.swa_every_epochs": _num(0.0, lo_open=True),
-    "optim.swa_bn_batches": _int(0),
-    "train.batch_size": _int(1),
-    "train.num_epochs": _num(0.0),
-    "train.num_steps": _int(-1),
-    "train.parallelism": _choice(PARALLELISM),
-    "train.log_every": _int(1),
-    "train.eval_every": _int(1),
-    "train.checkpoint_every": _int(1),
-    "train.keep_checkpoints": _int(1),
-    "train.best_metric": _choice(BEST_METRICS),
-    "train.progress": _bool,
-    "eval.batch_size": _int(1),
-    "eval.threshold": _num(0.0, 1.0, lo_open=True, hi_open=True),
-    "eval.threshold_method": _choice(THRESHOLD_METHODS),
-    "eval.target_sensitivity": _num(0.0, 1.0, lo_open=True),
-    "eval.temperature_scaling": _bool,
-    "eval.calibration_bins": _int(2, 1000),
-    "eval.bootstrap_samples": _int(0),
-    "eval.bootstrap_seed": _int(0),
-    "eval.ci_level": _num(0.5, 1.0, hi_open=True),
-    "eval.pauc_min_tpr": _num(0.0, 1.0, hi_open=True),
-    "eval.retrieval_top_k": _int(1),
+    "model.init_head": choice(INIT_HEAD),
+    "finetune.backbone_lr_mult": number(0.0),
+    "finetune.layer_decay": number(0.0, 1.0, lo_open=True),
+    "finetune.freeze_stages": integer(0),
+    "finetune.freeze_bn": boolean,
+    "finetune.head_warmup_epochs": number(0.0),
+    "loss.name": choice(("cross_entropy", "focal")),
+    "loss.label_smoothing": number(0.0, 1.0, hi_open=True),
+    "loss.class_weights": choice(("none", "balanced")),
+    "loss.focal_gamma": number(0.0),
+    "optim.name": choice(("adamw", "sgd", "lars")),
+    "optim.learning_rate": number(0.0, lo_open=True),
+    "optim.momentum": number(0.0, 1.0, hi_open=True),
+    "optim.weight_decay": number(0.0),
+    "optim.warmup_epochs": number(0.0),
+    "optim.end_lr_factor": number(0.0),
+    "optim.grad_clip_norm": number(0.0),
+    "optim.accumulation_steps": integer(1),
+    "optim.ema_decay": number(0.0, 1.0, hi_open=True),
+    "optim.swa_start_epoch": number(),  # < 0: off
+    "optim.swa_every_epochs": number(0.0, lo_open=True),
+    "optim.swa_bn_batches": integer(0),
+    "train.batch_size": integer(1),
+    "train.num_epochs": number(0.0),
+    "train.num_steps": integer(-1),
+    "train.parallelism": choice(PARALLELISM),
+    "train.log_every": integer(1),
+    "train.eval_every": integer(1),
+    "train.checkpoint_every": integer(1),
+    "train.keep_checkpoints": integer(1),
+    "train.best_metric": choice(BEST_METRICS),
+    "train.progress": boolean,
+    "eval.batch_size": integer(1),
+    "eval.threshold": number(0.0, 1.0, lo_open=True, hi_open=True),
+    "eval.threshold_method": choice(THRESHOLD_METHODS),
+    "eval.target_sensitivity": number(0.0, 1.0, lo_open=True),
+    "eval.temperature_scaling": boolean,
+    "eval.calibration_bins": integer(2, 1000),
+    "eval.bootstrap_samples": integer(0),
+    "eval.bootstrap_seed": integer(0),
+    "eval.ci_level": number(0.5, 1.0, hi_open=True),
+    "eval.pauc_min_tpr": number(0.0, 1.0, hi_open=True),
+    "eval.retrieval_top_k": integer(1),
 }
 
 
@@ -272,40 +228,36 @@ def _probabilities(count: int) -> Callable[[Any], str | None]:
 
     def check(v: Any) -> str | None:
         if (not isinstance(v, (tuple, list)) or len(v) != count
-                or not all(_is_num(x) and 0.0 <= x <= 1.0 for x in v)):
+                or not all(is_number(x) and 0.0 <= x <= 1.0 for x in v)):
             return f"must be {count} probabilities in [0, 1] (one per view), got {v!r}"
         return None
 
     return check
 
 
-def _probability(v: Any) -> str | None:
-    return _num(0.0, 1.0)(v)
-
-
 # Optional sections: the value checks of their keys (tests/test_config.py checks that they are
 # the keys of the section's reference).
 SECTION_CHECKS: dict[str, dict[str, Callable[[Any], str | None]]] = {
     "pretrain": {
-        "pretrain.method": _choice(PRETRAIN_METHODS),
-        "pretrain.projector_hidden": _int(1),
-        "pretrain.projection_dim": _int(1),
-        "pretrain.predictor_hidden": _int(1),
-        "pretrain.target_decay": _num(0.0, 1.0, hi_open=True),
-        "pretrain.probe_k": _int(1),
-        "pretrain.probe_temperature": _num(0.0, lo_open=True),
-        "pretrain.probe_fold": _int(-1),
-        "pretrain.views.crop_scale": augment_table.pair(0.0, 1.0),
-        "pretrain.views.crop_ratio": augment_table.pair(0.0, None),
-        "pretrain.views.flips": _choice(FLIPS),
-        "pretrain.views.brightness": _num(0.0, 1.0),
-        "pretrain.views.contrast": _num(0.0, 1.0),
-        "pretrain.views.saturation": _num(0.0, 1.0),
-        "pretrain.views.hue": _num(0.0, 0.5),
-        "pretrain.views.jitter_prob": _probability,
-        "pretrain.views.grayscale_prob": _probability,
+        "pretrain.method": choice(PRETRAIN_METHODS),
+        "pretrain.projector_hidden": integer(1),
+        "pretrain.projection_dim": integer(1),
+        "pretrain.predictor_hidden": integer(1),
+        "pretrain.target_decay": number(0.0, 1.0, hi_open=True),
+        "pretrain.probe_k": integer(1),
+        "pretrain.probe_temperature": number(0.0, lo_open=True),
+        "pretrain.probe_fold": integer(-1),
+        "pretrain.views.crop_scale": pair(0.0, 1.0),
+        "pretrain.views.crop_ratio": pair(0.0, None),
+        "pretrain.views.flips": choice(FLIPS),
+        "pretrain.views.brightness": number(0.0, 1.0),
+        "pretrain.views.contrast": number(0.0, 1.0),
+        "pretrain.views.saturation": number(0.0, 1.0),
+        "pretrain.views.hue": number(0.0, 0.5),
+        "pretrain.views.jitter_prob": probability,
+        "pretrain.views.grayscale_prob": probability,
         "pretrain.views.blur_prob": _probabilities(2),
-        "pretrain.views.blur_sigma": augment_table.pair(0.0, None),
+        "pretrain.views.blur_sigma": pair(0.0, None),
         "pretrain.views.solarize_prob": _probabilities(2),
     },
 }

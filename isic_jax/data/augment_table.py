@@ -19,85 +19,16 @@ examples of the global batch and their labels, inside the jitted step, training 
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from isic_jax.data.image_ops import RESAMPLE
-
-Check = Callable[[Any], "str | None"]
+from isic_jax.value_checks import Check, boolean, choice, integer, number, pair, probability
 
 # Label tasks whose targets are one class index per example (`data.task`; losses one-hot them):
 # the ones pair mixing can blend into soft targets. Every task today is; a multi-label task
 # added later must be listed here before mixup/cutmix may run with it.
 SINGLE_LABEL_TASKS = ("binary", "diagnosis")
-
-
-# --------------------------------------------------------------------------- value checks
-# Same wording as config_utils' checks (that module imports this one, not the reverse).
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def num(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
-        hi_open: bool = False) -> Check:
-    def check(v: Any) -> str | None:
-        if not _finite(v):
-            return f"must be a finite number, got {v!r}"
-        if lo is not None and (v <= lo if lo_open else v < lo):
-            return f"must be {'>' if lo_open else '>='} {lo}, got {v}"
-        if hi is not None and (v >= hi if hi_open else v > hi):
-            return f"must be {'<' if hi_open else '<='} {hi}, got {v}"
-        return None
-
-    return check
-
-
-def integer(lo: int, hi: int | None = None) -> Check:
-    def check(v: Any) -> str | None:
-        if not isinstance(v, int) or isinstance(v, bool):
-            return f"must be an integer, got {v!r}"
-        if v < lo:
-            return f"must be >= {lo}, got {v}"
-        if hi is not None and v > hi:
-            return f"must be <= {hi}, got {v}"
-        return None
-
-    return check
-
-
-def probability(v: Any) -> str | None:
-    """A probability in [0, 1]."""
-    problem = num(0.0, 1.0)(v)
-    return f"(a probability) {problem}" if problem else None
-
-
-def boolean(v: Any) -> str | None:
-    return None if isinstance(v, bool) else f"must be True or False, got {v!r}"
-
-
-def choice(options: tuple[str, ...]) -> Check:
-    def check(v: Any) -> str | None:
-        return None if v in options else f"must be one of {', '.join(options)}; got {v!r}"
-
-    return check
-
-
-def pair(lo: float, hi: float | None) -> Check:
-    """A (low, high) pair with lo < low <= high (<= hi)."""
-
-    def check(v: Any) -> str | None:
-        if not isinstance(v, (tuple, list)) or len(v) != 2 or not all(_finite(x) for x in v):
-            return f"must be a pair of numbers (low, high), got {v!r}"
-        a, b = v
-        if not (lo < a <= b) or (hi is not None and b > hi):
-            bound = f"{lo} < low <= high" + (f" <= {hi}" if hi is not None else "")
-            return f"must satisfy {bound}, got {tuple(v)}"
-        return None
-
-    return check
 
 
 # --------------------------------------------------------------------------- the table
@@ -138,22 +69,23 @@ AUGMENTATIONS: tuple[Augmentation, ...] = (
         "SIIM-ISIC 2020 1st place (Ha et al. 2020: Transpose, VerticalFlip, HorizontalFlip)."),
     Augmentation(
         "rotation", "device",
-        (Param("rotation", num(0.0, 180.0), "max degrees; angle uniform in [-r, r]"),),
+        (Param("rotation", number(0.0, 180.0), "max degrees; angle uniform in [-r, r]"),),
         "Rotation about the centre (bilinear; corners by reflection).",
         "ISIC 2019 1st place (Gessert et al. 2020); ISIC 2020 1st place (ShiftScaleRotate)."),
     Augmentation(
         "affine (shift / scale / shear)", "device",
         (Param("affine_p", probability, "probability per image"),
-         Param("affine_scale", num(0.0, 1.0, hi_open=True),
+         Param("affine_scale", number(0.0, 1.0, hi_open=True),
                "zoom factor uniform in [1 - s, 1 + s]"),
-         Param("affine_shear", num(0.0, 45.0), "shear angle uniform in [-d, d] degrees"),
-         Param("affine_translate", num(0.0, 0.5), "shift uniform in [-t, t] x the side, per axis")),
+         Param("affine_shear", number(0.0, 45.0), "shear angle uniform in [-d, d] degrees"),
+         Param("affine_translate", number(0.0, 0.5),
+               "shift uniform in [-t, t] x the side, per axis")),
         "Zoom, shear and shift, in the same bilinear resampling as flips and rotation.",
         "SIIM-ISIC 2020 1st place (albumentations ShiftScaleRotate: shift 0.1, scale 0.1)."),
     Augmentation(
         "elastic (grid) distortion", "device",
         (Param("elastic_p", probability, "probability per image"),
-         Param("elastic_magnitude", num(0.0, 0.25),
+         Param("elastic_magnitude", number(0.0, 0.25),
                "max displacement of a control point, x the side"),
          Param("elastic_grid", integer(2, 64), "control points per side")),
         "A smooth random displacement field (a coarse grid of random shifts, bilinearly "
@@ -161,10 +93,10 @@ AUGMENTATIONS: tuple[Augmentation, ...] = (
         "Simard et al. 2003 (elastic); SIIM-ISIC 2020 1st place (Optical/Grid/ElasticTransform)."),
     Augmentation(
         "colour jitter", "device",
-        (Param("brightness", num(0.0), "factor uniform in [max(0, 1 - v), 1 + v]"),
-         Param("contrast", num(0.0), "factor uniform in [max(0, 1 - v), 1 + v]"),
-         Param("saturation", num(0.0), "factor uniform in [max(0, 1 - v), 1 + v]"),
-         Param("hue", num(0.0, 0.5), "shift uniform in [-h, h] turns")),
+        (Param("brightness", number(0.0), "factor uniform in [max(0, 1 - v), 1 + v]"),
+         Param("contrast", number(0.0), "factor uniform in [max(0, 1 - v), 1 + v]"),
+         Param("saturation", number(0.0), "factor uniform in [max(0, 1 - v), 1 + v]"),
+         Param("hue", number(0.0, 0.5), "shift uniform in [-h, h] turns")),
         "Brightness, contrast, saturation and hue as one colour matrix per image.",
         "ISIC 2019 1st place; SIIM-ISIC 2020 1st place (RandomBrightness/Contrast, "
         "HueSaturationValue)."),
@@ -176,25 +108,25 @@ AUGMENTATIONS: tuple[Augmentation, ...] = (
     Augmentation(
         "gamma", "device",
         (Param("gamma_p", probability, "probability per image"),
-         Param("gamma", num(0.0, 1.0, hi_open=True), "gamma uniform in [1 - g, 1 + g]")),
+         Param("gamma", number(0.0, 1.0, hi_open=True), "gamma uniform in [1 - g, 1 + g]")),
         "Contrast curve 255 (x / 255)^gamma per image.",
         "albumentations RandomGamma; a cheap stand-in for CLAHE (SIIM-ISIC 2020 1st place)."),
     Augmentation(
         "Gaussian blur", "device",
         (Param("blur_p", probability, "probability per image"),
-         Param("blur_sigma", num(0.0, 8.0), "sigma uniform in [0, s] pixels")),
+         Param("blur_sigma", number(0.0, 8.0), "sigma uniform in [0, s] pixels")),
         "Separable Gaussian blur with a per-image sigma (kernel radius ceil(3 s)).",
         "SIIM-ISIC 2020 1st place (OneOf Motion/Median/GaussianBlur)."),
     Augmentation(
         "Gaussian noise", "device",
         (Param("noise_p", probability, "probability per image"),
-         Param("noise_std", num(0.0, 0.5), "per-image std uniform in [0, s] x 255")),
+         Param("noise_std", number(0.0, 0.5), "per-image std uniform in [0, s] x 255")),
         "Additive per-pixel Gaussian noise, clipped to [0, 255].",
         "SIIM-ISIC 2020 1st place (GaussNoise)."),
     Augmentation(
         "cutout (coarse dropout)", "device",
         (Param("cutout_p", probability, "probability per image"),
-         Param("cutout_size", num(0.0, 1.0, lo_open=True), "hole side, x the image side"),
+         Param("cutout_size", number(0.0, 1.0, lo_open=True), "hole side, x the image side"),
          Param("cutout_holes", integer(1, 16), "holes per image")),
         "Square holes at uniform centres (clipped at the border), filled with the "
         "normalisation mean (0 in the model input).",
@@ -202,13 +134,13 @@ AUGMENTATIONS: tuple[Augmentation, ...] = (
     Augmentation(
         "mixup", "pairs",
         (Param("mixup_p", probability, "probability per pair"),
-         Param("mixup_alpha", num(0.0), "lambda ~ Beta(alpha, alpha); > 0 when mixup_p > 0")),
+         Param("mixup_alpha", number(0.0), "lambda ~ Beta(alpha, alpha); > 0 when mixup_p > 0")),
         "Blends two examples and their (smoothed) one-hot labels with one lambda.",
         "Zhang et al. 2018 (mixup); timm Mixup."),
     Augmentation(
         "cutmix", "pairs",
         (Param("cutmix_p", probability, "probability per pair"),
-         Param("cutmix_alpha", num(0.0), "lambda ~ Beta(alpha, alpha); > 0 when cutmix_p > 0")),
+         Param("cutmix_alpha", number(0.0), "lambda ~ Beta(alpha, alpha); > 0 when cutmix_p > 0")),
         "Pastes a box of the partner (area 1 - lambda); labels mixed by the box's true area.",
         "Yun et al. 2019 (CutMix); timm Mixup (cutmix_alpha 1.0)."),
 )

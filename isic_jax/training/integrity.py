@@ -411,6 +411,14 @@ def read_arrays(path: str | os.PathLike, keys: Iterable[str] | None = None
                 ) -> dict[str, np.ndarray]:
     """The arrays of an Orbax PyTree item as host numpy, by dotted name, read with the item's own
     metadata (no model code); `keys`: only these top-level subtrees (e.g. params)."""
+    return {name: np.asarray(v) for name, v in named_leaves(restore_tree(path, keys)).items()}
+
+
+def restore_tree(path: str | os.PathLike, keys: Iterable[str] | None = None) -> PyTree:
+    """An Orbax PyTree item (a whole checkpoint item, or only its `keys` subtrees: an optimiser
+    state stays on disk) as nested host numpy arrays, read with the item's own metadata (a
+    Checkpointer would also look for a step-level file, which an item of a composite checkpoint
+    does not have, and log about it)."""
     path = pathlib.Path(path).absolute()
     handler = ocp.StandardCheckpointHandler()
     try:
@@ -422,9 +430,8 @@ def read_arrays(path: str | os.PathLike, keys: Iterable[str] | None = None
         tree = {k: tree[k] for k in keys if k in tree}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     with ocp.PyTreeCheckpointer() as ckptr:
-        out = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+        return ckptr.restore(path, args=ocp.args.PyTreeRestore(
             item=tree, restore_args=restore_args, partial_restore=keys is not None))
-    return {name: np.asarray(v) for name, v in named_leaves(out).items()}
 
 
 def write_folder_checksums(folder: str | os.PathLike,

@@ -330,19 +330,7 @@ def _restore_numpy(path: pathlib.Path, keys: Sequence[str]) -> dict[FlatKey, np.
     """The `keys` subtrees of an Orbax PyTree checkpoint as host numpy arrays (nothing else
     is read: an optimiser state stays on disk), flattened."""
     try:
-        # The item's own metadata (a Checkpointer would also look for a step-level file, which
-        # an item of a composite checkpoint does not have, and log about it).
-        handler = ocp.StandardCheckpointHandler()
-        try:
-            metadata = handler.metadata(path)
-        finally:
-            handler.close()
-        tree = getattr(metadata, "tree", metadata)
-        item = {k: tree[k] for k in keys if k in tree}
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-        with ocp.PyTreeCheckpointer() as ckptr:
-            out = ckptr.restore(path, args=ocp.args.PyTreeRestore(
-                item=item, restore_args=restore_args, partial_restore=True))
+        out = integrity.restore_tree(path, keys)
     except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many types
         raise PretrainedError(f"{path}: the checkpoint cannot be read ({short(e)})") from e
     return {k: np.asarray(v) for k, v in flatten(out).items()}
