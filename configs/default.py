@@ -124,7 +124,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- optimiser and schedule
     config.optim = ml_collections.ConfigDict()
-    config.optim.name = "adamw"  # adamw | sgd (Nesterov momentum)
+    config.optim.name = "adamw"  # adamw | sgd (Nesterov momentum) | lars (pretraining)
     config.optim.learning_rate = 1e-3  # peak, for the global batch size below
     config.optim.momentum = 0.9  # sgd only
     config.optim.weight_decay = 1e-4  # not applied to BatchNorm parameters and biases

@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "prepare": "builds the TFDS dataset from a manual ISIC download",
     "train": "trains (and resumes) a model from a config file",
     "cv": "cross-validation: a run per fold, out-of-fold predictions, CV summary",
+    "pretrain": "self-supervised pretraining of a backbone (BYOL) on unlabelled images",
     "evaluate": "writes metrics.json (with CIs), plots and report.html for a split",
     "compare": "paired AUC difference of two evaluated runs (bootstrap CI, p-value, DeLong)",
     "export": "writes inference artefacts from a checkpoint",

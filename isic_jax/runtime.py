@@ -31,7 +31,8 @@ import sys
 from typing import Any
 
 # Commands that compile and run models (the others never import jax).
-MODEL_COMMANDS = frozenset({"train", "evaluate", "export", "predict", "cv", "compare"})
+MODEL_COMMANDS = frozenset({"train", "evaluate", "export", "predict", "cv", "compare",
+                            "pretrain"})
 
 
 def before_import(command: str) -> None:

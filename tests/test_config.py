@@ -117,7 +117,8 @@ def test_presets_by_name_resolve_to_the_shipped_files(tmp_path: pathlib.Path) ->
     folder = pathlib.Path(configs.__file__).parent
     assert config_utils.preset_names() == ["convnext_tiny", "cpu_backbone", "cpu_sample",
                                            "default", "demo", "efficientnet_b3", "finetune",
-                                           "smoke", "vit_small"]
+                                           "pretrain_byol", "pretrain_cpu_sample", "smoke",
+                                           "vit_small"]
     assert config_utils.config_file("smoke") == str(folder / "smoke.py")
     assert config_utils.config_file("default:arg") == f"{folder / 'default.py'}:arg"
     own = tmp_path / "mine.py"

@@ -21,6 +21,7 @@ LAYERS: list[set[str]] = [
     {"commands"},
     {"inference"},  # export, predict, ensembles, model cards
     {"evaluation"},  # evaluate, cross-validation, reports, Grad-CAM, bootstrap
+    {"pretraining"},  # self-supervised pretraining (BYOL) on the training loop, the k-NN probe
     {"training"},  # the loop, steps, checkpoints, weight sources, prediction over a split
     {"metrics", "config_utils"},
     {"models"},

@@ -67,6 +67,22 @@ def checkpoint_flag_value(value: str) -> str:
     return value
 
 
+def refuse_pretraining_workdir(command: str, workdir: str | None) -> None:
+    """Exit USAGE when `workdir` is a self-supervised pretraining workdir (it has no classifier
+    to evaluate or export)."""
+    if workdir is None:
+        return
+    import pathlib
+
+    # Imported here: it imports jax, whose XLA flags the commands set first.
+    from isic_jax.training.weight_sources import PRETRAIN_RECORD_FILE
+
+    if (pathlib.Path(workdir) / PRETRAIN_RECORD_FILE).is_file():
+        fail(command, f"{workdir} is a self-supervised pretraining workdir: it has no classifier "
+             f"(its k-NN probe is in {PRETRAIN_RECORD_FILE}); fine-tune it with `isic-jax train "
+             f"--config.model.init_from={workdir}` and {command} that run", ExitCode.USAGE)
+
+
 def fail(command: str, error: object, status: ExitCode) -> NoReturn:
     """Print `isic-jax COMMAND: error` on stderr and exit with `status`."""
     print(f"isic-jax {command}: {error}", file=sys.stderr, flush=True)

@@ -20,6 +20,7 @@ weights, 75 stopped by a signal after saving).
 
 from __future__ import annotations
 
+import pathlib
 import sys
 
 from absl import app, flags
@@ -30,7 +31,7 @@ from isic_jax.commands import ExitCode, fail, no_arguments
 from isic_jax.data import dataset
 from isic_jax.evaluation import cv
 from isic_jax.models import PretrainedError
-from isic_jax.training import checkpointing, distributed, loop
+from isic_jax.training import checkpointing, distributed, loop, weight_sources
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (or preset name) with get_config(); not needed with "
@@ -76,6 +77,11 @@ def main(argv: list[str]) -> None:
             fail("cv", " ".join(str(e).split()), ExitCode.USAGE)
         except config_utils.ConfigError as e:
             fail("cv", e, ExitCode.USAGE)
+    marker = pathlib.Path(_WORKDIR.value) / weight_sources.PRETRAIN_RECORD_FILE
+    if marker.is_file():
+        fail("cv", f"{_WORKDIR.value} is a pretraining workdir ({marker.name}): cross-validate "
+             f"into a new --workdir (--config.model.init_from={_WORKDIR.value} starts every "
+             f"fold from its backbone)", ExitCode.USAGE)
     try:
         _DIST.maybe_initialize()
     except distributed.DistributedError as e:

@@ -29,6 +29,7 @@ from isic_jax.commands import (
     checkpoint_flag_value,
     fail,
     no_arguments,
+    refuse_pretraining_workdir,
     underscore_alias,
 )
 from isic_jax.data import dataset
@@ -65,6 +66,7 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv: list[str]) -> None:
     no_arguments(argv)
     which = checkpoint_flag_value(_CHECKPOINT.value)
+    refuse_pretraining_workdir("evaluate", _WORKDIR.value)
     try:
         result = evaluate.evaluate_checkpoint(
             _WORKDIR.value, _SPLIT.value, which, report=_REPORT.value,

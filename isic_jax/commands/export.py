@@ -19,7 +19,13 @@ from __future__ import annotations
 from absl import app, flags
 
 from isic_jax import config_utils
-from isic_jax.commands import ExitCode, checkpoint_flag_value, fail, no_arguments
+from isic_jax.commands import (
+    ExitCode,
+    checkpoint_flag_value,
+    fail,
+    no_arguments,
+    refuse_pretraining_workdir,
+)
 from isic_jax.evaluation import cv
 from isic_jax.inference import ensemble, export
 from isic_jax.training import integrity
@@ -52,6 +58,7 @@ def main(argv: list[str]) -> None:
     which = checkpoint_flag_value(_CHECKPOINT.value)
     if (_WORKDIR.value is None) == (_MEMBERS.value is None):
         raise app.UsageError("give exactly one of --workdir and --members")
+    refuse_pretraining_workdir("export", _WORKDIR.value)
     options = {"platforms": _PLATFORMS.value, "overwrite": _OVERWRITE.value,
                "verify": _VERIFY.value}
     try:

@@ -17,7 +17,8 @@ completed checkpoint is kept.
 Exit status (`commands.ExitCode`, the same in every command):
   0   training done (or nothing left to do)
   1   bad flags (absl: unknown flag, `--config.a.b` override of an unknown key or of the wrong type)
-  2   bad config value, or bad distributed setup (incomplete flags, coordinator port in use)
+  2   bad config value, or bad distributed setup (incomplete flags, coordinator port in use),
+      or a workdir of another kind (a cross-validation or a pretraining workdir)
   3   the loss became NaN/Inf (the latest checkpoint is the last good one)
   4   the dataset config.data names is not prepared under config.data.data_dir
   5   the workdir's checkpoints cannot be used: another model's, or none readable

@@ -4,7 +4,10 @@
     check_value("train.batch_size", 8)   # one key
 
 The schema is the default preset (`isic_jax.configs.default`, the repository's configs/ folder):
-its keys are the known keys, and `_CHECKS` holds the value check of each. Choices by name
+its keys are the known keys, and `_CHECKS` holds the value check of each. Optional sections
+(`config.pretrain`, the self-supervised pretraining of `isic-jax pretrain`, whose keys are
+`configs/pretrain_byol.py`'s `pretrain_section()`) are known where a config has them, and are
+then complete; `SECTION_CHECKS` holds their checks. Choices by name
 (models, interpolations, releases) are read from the tables that define them. Imports no jax:
 the command line is parsed (and XLA flags set) before jax is imported.
 """
@@ -16,7 +19,7 @@ from typing import Any
 
 import ml_collections
 
-from isic_jax.configs import default
+from isic_jax.configs import default, pretrain_byol
 from isic_jax.data import augment_table
 from isic_jax.data.isic.labels import RELEASES
 from isic_jax.data.metadata import parse_feature_list
@@ -24,8 +27,11 @@ from isic_jax.value_checks import (
     boolean,
     choice,
     integer,
+    is_number,
     nonempty_string,
     number,
+    pair,
+    probability,
 )
 
 PARALLELISM = ("pmap", "jit")
@@ -162,7 +168,7 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "loss.label_smoothing": number(0.0, 1.0, hi_open=True),
     "loss.class_weights": choice(("none", "balanced")),
     "loss.focal_gamma": number(0.0),
-    "optim.name": choice(("adamw", "sgd")),
+    "optim.name": choice(("adamw", "sgd", "lars")),
     "optim.learning_rate": number(0.0, lo_open=True),
     "optim.momentum": number(0.0, 1.0, hi_open=True),
     "optim.weight_decay": number(0.0),
@@ -214,6 +220,57 @@ def check_value(key: str, value: Any) -> None:
 # Keys the code reads with a default when absent.
 _OPTIONAL = frozenset({"data.num_folds"})
 
+PRETRAIN_METHODS = ("byol",)
+FLIPS = ("dihedral", "horizontal", "none")
+
+
+def _probabilities(count: int) -> Callable[[Any], str | None]:
+    """`count` probabilities (one per view)."""
+
+    def check(v: Any) -> str | None:
+        if (not isinstance(v, (tuple, list)) or len(v) != count
+                or not all(is_number(x) and 0.0 <= x <= 1.0 for x in v)):
+            return f"must be {count} probabilities in [0, 1] (one per view), got {v!r}"
+        return None
+
+    return check
+
+
+# Optional sections: the value checks of their keys (tests/test_config.py checks that they are
+# the keys of the section's reference).
+SECTION_CHECKS: dict[str, dict[str, Callable[[Any], str | None]]] = {
+    "pretrain": {
+        "pretrain.method": choice(PRETRAIN_METHODS),
+        "pretrain.projector_hidden": integer(1),
+        "pretrain.projection_dim": integer(1),
+        "pretrain.predictor_hidden": integer(1),
+        "pretrain.target_decay": number(0.0, 1.0, hi_open=True),
+        "pretrain.probe_k": integer(1),
+        "pretrain.probe_temperature": number(0.0, lo_open=True),
+        "pretrain.probe_fold": integer(-1),
+        "pretrain.views.crop_scale": pair(0.0, 1.0),
+        "pretrain.views.crop_ratio": pair(0.0, None),
+        "pretrain.views.flips": choice(FLIPS),
+        "pretrain.views.brightness": number(0.0, 1.0),
+        "pretrain.views.contrast": number(0.0, 1.0),
+        "pretrain.views.saturation": number(0.0, 1.0),
+        "pretrain.views.hue": number(0.0, 0.5),
+        "pretrain.views.jitter_prob": probability,
+        "pretrain.views.grayscale_prob": probability,
+        "pretrain.views.blur_prob": _probabilities(2),
+        "pretrain.views.blur_sigma": pair(0.0, None),
+        "pretrain.views.solarize_prob": _probabilities(2),
+    },
+}
+
+
+def section_keys(section: str) -> set[str]:
+    """The keys of an optional section's reference (`config.pretrain`: `pretrain_section()` of
+    configs/pretrain_byol.py)."""
+    if section != "pretrain":
+        raise KeyError(section)
+    return set(flatten(pretrain_byol.pretrain_section(), "pretrain."))
+
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}} -> {"a.b": 1}; ConfigDicts and dicts alike."""
@@ -244,7 +301,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         of pmap, jit; got 'foo'".
     """
     flat = flatten(config)
+    sections = [name for name in SECTION_CHECKS if name in config]
     known = reference_keys() | _OPTIONAL
+    for name in sections:
+        known |= section_keys(name)
     for key in sorted(flat):
         if key not in known:
             section = key.rsplit(".", 1)[0] if "." in key else ""
@@ -262,6 +322,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for key in sorted(known):
         if key not in flat and key in _CHECKS and key not in _OPTIONAL:
             raise ConfigError(f"Missing config key config.{key}.")
+    for name in sections:
+        for key, check in SECTION_CHECKS[name].items():
+            if key not in flat:
+                raise ConfigError(f"Missing config key config.{key}.")
+            problem = check(flat[key])
+            if problem:
+                raise ConfigError(f"config.{key} {problem}.")
 
     num_folds = int(flat.get("data.num_folds", DEFAULT_NUM_FOLDS))
     if flat["data.val_fold"] >= num_folds:

@@ -182,6 +182,22 @@ def training_data(config: Any, report: Mapping[str, Any] | None,
     return out
 
 
+def initial_weights(record: Mapping[str, Any] | None) -> str | None:
+    """Where the run's weights started (its init_from.json, copied into model.json), in words;
+    None from scratch."""
+    if not record:
+        return None
+    where = f"{record.get('source')} ({record.get('origin')}"
+    if record.get("step") is not None:
+        where += f", step {record.get('step')}"
+    where += ")"
+    ssl = record.get("self_supervised") or {}
+    if ssl:
+        where += (f": self-supervised {str(ssl.get('method') or '').upper()} pretraining on "
+                  f"{ssl.get('release')} without labels, its online backbone")
+    return where + f"; head {record.get('head')}"
+
+
 def _validation_section(metrics: Mapping[str, Any]) -> dict[str, Any]:
     from isic_jax.evaluation import html_report
 
@@ -240,6 +256,7 @@ def build_card(
         "checkpoint_step": (meta.get("checkpoint") or {}).get("step"),
         "ema_weights": (meta.get("variables") or {}).get("ema"),
         "swa_weights": (meta.get("variables") or {}).get("swa", False),
+        "initial_weights": initial_weights(meta.get("init_from")),
     })
     train = config.train
     card: dict[str, Any] = {
@@ -367,6 +384,7 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         ["Weights", f"checkpoint step {m.get('checkpoint_step')}"
                     + (" (EMA)" if m.get("ema_weights") else "")
                     + (" (SWA)" if m.get("swa_weights") else "")],
+        ["Initial weights", m.get("initial_weights") or "a random init (trained from scratch)"],
     ])
     lines += ["## Training data", ""]
     if data.get("note"):

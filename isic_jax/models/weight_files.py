@@ -62,6 +62,8 @@ class Source:
     architecture, width: the source's model, when recorded (timm config.json, isic_jax config).
     details: provenance for the record (revision, step, ema, sha256, ...).
     notes: things said about reading it (a wrapper used, a prefix removed, dtypes cast).
+    ignored: what the reader dropped before matching, each with the reason (a self-supervised
+      pretrain's projector and predictor); `Pretrained.ignored` lists them first.
     """
 
     spec: str
@@ -77,6 +79,7 @@ class Source:
     width: int | None = None
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
+    ignored: list[str] = dataclasses.field(default_factory=list)
 
 
 def read_weights_file(spec: str, path: pathlib.Path) -> Source:

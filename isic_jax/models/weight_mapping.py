@@ -167,7 +167,7 @@ def match(
     return Pretrained(
         source=src, variables=variables, head=head, head_reason=reason,
         mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
-        mean_std_from=where, ignored=ignored, mapped=used,
+        mean_std_from=where, ignored=[*src.ignored, *ignored], mapped=used,
     )
 
 

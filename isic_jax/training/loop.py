@@ -1,6 +1,7 @@
-"""The training loop behind `isic-jax train`, in four named phases.
+"""The training loop behind `isic-jax train` (and `isic-jax pretrain`), in four named phases.
 
     result = train_and_evaluate(config, workdir)
+    result = run(set_up(config, workdir, task=some_task))     # another task, the same loop
 
 1. `set_up`: validate the config, pick the devices, open the data, build model and optimiser.
    Nothing is written before this succeeds (a missing dataset or a bad value stops here).
@@ -13,6 +14,11 @@
    step on every process) -> finish the step, checkpoint it, stop with "stopped_by_signal".
 4. finish: one ExitStack closes what phases 2-3 opened, in reverse: device prefetcher, progress,
    TensorBoard writer, Grain workers, the checkpointer (waiting for its saves), the signal guard.
+
+What is trained is a `Task`: it builds the state, gives the pure step functions of
+(state, batch, rng) that pmap and jit wrap alike, and evaluates. `SupervisedTask` (the default)
+is the classifier of `isic-jax train`; `isic_jax.pretraining` defines the self-supervised one.
+The phases, checkpoints, resume, preemption, logging and parallelism are the same for every task.
 
 Data parallel on every device (parallel.py: pmap or jit over a Mesh). Several processes
 (jax.distributed): each reads its slice of every global batch; process 0 alone prints and writes
@@ -56,6 +62,7 @@ from isic_jax.training import (
     resume,
     steps,
     swa,
+    weight_sources,
 )
 from isic_jax.training.losses import class_weights_for_config
 from isic_jax.training.optim import FineTune, create_optimizer
@@ -70,6 +77,11 @@ class NonFiniteError(FloatingPointError):
     """The loss (or the state) became NaN/Inf; nothing from that point on was checkpointed."""
 
 
+class WorkdirError(config_utils.ConfigError):
+    """The workdir belongs to another kind of run (a pretraining workdir given to `train`, or
+    a training workdir to `pretrain`); nothing in it was changed."""
+
+
 def schedule_lengths(config: ml_collections.ConfigDict, num_train: int) -> tuple[int, int]:
     """(total micro-steps, micro-steps per epoch) for a train split of `num_train` examples."""
     batch = int(config.train.batch_size)
@@ -77,6 +89,109 @@ def schedule_lengths(config: ml_collections.ConfigDict, num_train: int) -> tuple
     if int(config.train.num_steps) > 0:
         return int(config.train.num_steps), steps_per_epoch
     return max(1, math.ceil(float(config.train.num_epochs) * steps_per_epoch)), steps_per_epoch
+
+
+# ---------------------------------------------------------------------------------------------
+# What a run trains: the task.
+
+
+class Task:
+    """What the loop trains and how it checks it (an interface; `SupervisedTask` is the default).
+
+    A task builds the step-0 state (a pytree the checkpointer saves as is), the pure
+    `train_step(state, batch, rng) -> (state, metrics)` and `eval_step(state, batch) -> per-
+    example outputs` that `parallel.DataParallel` compiles under pmap or jit alike, and the
+    evaluation hook run every `train.eval_every` steps. Metrics of a train step are float32
+    scalars with at least "loss" (checked for NaN/Inf); all of them are logged.
+    """
+
+    command = "train"  # the isic-jax command that runs it, for messages
+    verb = "Training"
+    # Validation metrics shown on the console (all scalars go to TensorBoard).
+    shown_metrics: tuple[str, ...] = ()
+
+    def check(self, config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+        """Before anything is opened or written: raises ConfigError (WorkdirError for a
+        workdir of another kind of run) on what this task cannot run."""
+
+    def check_setup(self, setup: Setup) -> None:
+        """Once devices and data are known, before the workdir is written to."""
+
+    def init_state(self, setup: Setup, abstract: bool = False) -> Any:
+        """The step-0 state (`abstract`: under `jax.eval_shape`, without reading weights)."""
+        raise NotImplementedError
+
+    def train_step(self, setup: Setup) -> Any:
+        """The pure step function of (state, batch, rng) -> (state, metrics), uncompiled."""
+        raise NotImplementedError
+
+    def eval_step(self, setup: Setup) -> Any:
+        """The pure function of (state, batch) -> per-example outputs, uncompiled."""
+        raise NotImplementedError
+
+    def evaluates(self, setup: Setup) -> bool:
+        """Whether the run evaluates (`train`: when it has a validation fold)."""
+        return setup.data.has_val
+
+    def evaluate(self, loop: TrainLoop, step: int) -> dict[str, Any]:
+        """Validation metrics of the loop's current state (JSON-ready; scalars are logged)."""
+        raise NotImplementedError
+
+    def on_start(self, setup: Setup, start: resume.Start) -> None:
+        """Process 0, once the checkpoints proved usable, before config.json is written: the
+        task's own records in the workdir."""
+
+    def begin(self, loop: TrainLoop) -> None:
+        """Before the first step of this process's run (after restore or init)."""
+
+    def finish(self, loop: TrainLoop, result: dict[str, Any]) -> dict[str, Any]:
+        """After the last step (or a stop): the result `run` returns."""
+        return result
+
+
+class SupervisedTask(Task):
+    """`isic-jax train`: the classifier (`steps.train_step`, `steps.eval_step`), validated by its
+    metrics on the validation fold (`predictions.summarize`)."""
+
+    shown_metrics = ("loss", "auc", "pauc_80", "balanced_accuracy", "sensitivity",
+                     "specificity")
+
+    def check(self, config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+        marker = workdir / weight_sources.PRETRAIN_RECORD_FILE
+        if marker.is_file():
+            raise WorkdirError(
+                f"{workdir} is a pretraining workdir ({marker.name}): resume it with "
+                f"`isic-jax pretrain --workdir {workdir}`, or start from its backbone with "
+                f"--config.model.init_from={workdir} and a new --workdir. Nothing in it was "
+                f"changed.")
+
+    def init_state(self, setup: Setup, abstract: bool = False) -> TrainState:
+        pre = setup.pretrained
+        variables = None if abstract or pre is None else pre.variables
+        return create_train_state(setup.model, setup.tx, setup.init_rng,
+                                  int(setup.config.data.image_size),
+                                  use_ema=float(setup.config.optim.ema_decay) > 0,
+                                  variables=variables, use_swa=setup.swa is not None)
+
+    def train_step(self, setup: Setup) -> Any:
+        config = setup.config
+        return functools.partial(
+            steps.train_step, model=setup.model, tx=setup.tx, loss_config=config.loss,
+            class_weights=setup.class_weights, axis_name=setup.par.axis_name,
+            ema_decay=float(config.optim.ema_decay), augment=steps.augment_config(config),
+            frozen_parts=setup.frozen_parts, swa=setup.swa,
+        )
+
+    def eval_step(self, setup: Setup) -> Any:
+        return functools.partial(steps.eval_step, model=setup.model,
+                                 augment=steps.augment_config(setup.config))
+
+    def evaluate(self, loop: TrainLoop, step: int) -> dict[str, Any]:
+        setup = loop.setup
+        preds = predict_split(loop.p_eval, loop.state, setup.data.eval_batches("val"), setup.par,
+                              prefetch=max(1, int(setup.config.data.device_prefetch)))
+        return summarize(preds, setup.data.class_names, setup.data.malignant_classes,
+                         float(setup.config.eval.threshold))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,6 +220,7 @@ class Setup:
     pretrained: Pretrained | None = None
     frozen_parts: tuple[str, ...] = ()  # config.finetune.freeze_stages: parts that do not train
     swa: swa.SwaSchedule | None = None  # config.optim.swa_*: weight averaging (None: off)
+    task: Task = dataclasses.field(default_factory=SupervisedTask)  # what is trained
 
     @property
     def topology(self) -> dict[str, Any]:
@@ -112,16 +228,13 @@ class Setup:
         return {"processes": jax.process_count(), "devices": self.par.num_devices,
                 "parallelism": self.par.mode}
 
-    def init_state(self, abstract: bool = False) -> TrainState:
-        """The step-0 state: from the pretrained weights when the run has them, else random.
-        `abstract`: built for `jax.eval_shape` (the same shapes, without reading weights)."""
-        variables = None if abstract or self.pretrained is None else self.pretrained.variables
-        return create_train_state(self.model, self.tx, self.init_rng,
-                                  int(self.config.data.image_size),
-                                  use_ema=float(self.config.optim.ema_decay) > 0,
-                                  variables=variables, use_swa=self.swa is not None)
+    def init_state(self, abstract: bool = False) -> Any:
+        """The step-0 state (the task's: a TrainState for `train`): from the pretrained weights
+        when the run has them, else random. `abstract`: built for `jax.eval_shape` (the same
+        shapes, without reading weights)."""
+        return self.task.init_state(self, abstract)
 
-    def abstract_state(self) -> TrainState:
+    def abstract_state(self) -> Any:
         """The state's shapes and dtypes, without allocating (restore target)."""
         return jax.eval_shape(functools.partial(self.init_state, abstract=True))
 
@@ -132,6 +245,7 @@ def set_up(
     *,
     devices: list[jax.Device] | None = None,
     data: InputData | None = None,
+    task: Task | None = None,
 ) -> Setup:
     """Phase 1: checks and builds everything that does not depend on the workdir's contents.
 
@@ -140,14 +254,18 @@ def set_up(
       workdir: run folder (created here, once the data is known to exist).
       devices: devices to use (default: all).
       data: the run's data (default: `InputData(config)`, opened from config.data).
+      task: what is trained (default: `SupervisedTask`, the classifier of `isic-jax train`).
 
     Raises:
-      config_utils.ConfigError: a bad config value; ValueError: a global batch that does not
+      config_utils.ConfigError: a bad config value (WorkdirError: the workdir is another kind
+        of run's); ValueError: a global batch that does not
         divide over the devices; dataset.DataNotFoundError: the dataset is not prepared;
       models.PretrainedError: config.model.init_from cannot be read or does not fit the model.
     """
     config_utils.validate_config(config)
     workdir = pathlib.Path(workdir).absolute()
+    task = task or SupervisedTask()
+    task.check(config, workdir)
     is_main = jax.process_index() == 0
     par = parallel.DataParallel.create(config.train.parallelism, devices)
     par.check_global_batch(int(config.train.batch_size), "config.train.batch_size")
@@ -174,20 +292,22 @@ def set_up(
     # the returned config holds the resolved input normalisation.
     config, pre, notes = init_from.resolve(config, workdir, data.num_classes, data.class_names,
                                            init_rng)
-    for note in notes:
-        say(is_main, note)
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
     model = create_model(config.model, data.num_classes, axis_name=par.axis_name,
                          frozen_bn=finetune.frozen_bn_parts(stages), metadata=data.metadata)
-    return Setup(
+    setup = Setup(
         config=config, workdir=workdir, par=par, data=data, model=model,
         tx=tx, schedule=schedule, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
         class_weights=class_weights_for_config(config.loss, data.train_class_counts),
         init_rng=init_rng, train_rng=train_rng,
         config_dict=config_utils.config_to_dict(config), is_main=is_main,
-        pretrained=pre, frozen_parts=frozen, swa=averaging,
+        pretrained=pre, frozen_parts=frozen, swa=averaging, task=task,
     )
+    task.check_setup(setup)
+    for note in notes:
+        say(is_main, note)
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+    return setup
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,6 +346,7 @@ def run(setup: Setup, until: int | None = None) -> dict[str, Any]:
         start = resume.restore_or_init(setup, ckpt, train_iter)
         # Written only once the checkpoints proved usable: a refused workdir stays as it was.
         if setup.is_main:
+            setup.task.on_start(setup, start)
             config_utils.save_config(config, setup.workdir)
             if start.step == 0 and setup.pretrained is not None:
                 init_from.write_record(setup.workdir, setup.pretrained)
@@ -263,26 +384,23 @@ class TrainLoop:
         # The key's bits travel as host numpy (a device-committed key cannot be placed on
         # another process's devices), then become a typed key again on every device.
         self.rng = jax.random.wrap_key_data(par.replicate(checkpointing.key_bits(start.rng)))
-        augment = steps.augment_config(config)
-        self.p_train = par.compile_train_step(functools.partial(
-            steps.train_step, model=setup.model, tx=setup.tx, loss_config=config.loss,
-            class_weights=setup.class_weights, axis_name=par.axis_name,
-            ema_decay=float(config.optim.ema_decay), augment=augment,
-            frozen_parts=setup.frozen_parts, swa=setup.swa,
-        ))
-        # SWA: BatchNorm statistics of the averaged weights, before evaluations and saves.
+        self.task = setup.task
+        self.evaluates = self.task.evaluates(setup)
+        self.p_train = par.compile_train_step(self.task.train_step(setup))
+        # SWA (`train` only): BatchNorm statistics of the averaged weights, before evaluations
+        # and saves.
         self.swa_bn = None
         if setup.swa is not None and setup.swa.bn_batches > 0:
-            self.swa_bn = swa.BatchNormRecompute(setup.model, par, augment, setup.data, self.rng,
-                                                 setup.swa.bn_batches)
-        self.p_eval = par.compile_eval_step(
-            functools.partial(steps.eval_step, model=setup.model, augment=augment))
+            self.swa_bn = swa.BatchNormRecompute(setup.model, par, steps.augment_config(config),
+                                                 setup.data, self.rng, setup.swa.bn_batches)
+        self.p_eval = par.compile_eval_step(self.task.eval_step(setup))
         self.writer = logging_utils.MetricWriter(setup.workdir / "tensorboard",
                                                  enabled=setup.is_main)
         stack.callback(self.writer.close)
         say(setup.is_main,
-            f"Training {config.model.name} on {par.num_devices} {jax.devices()[0].platform} "
-            f"device(s) ({par.mode}), global batch {config.train.batch_size}, "
+            f"{self.task.verb} {config.model.name} on {par.num_devices} "
+            f"{jax.devices()[0].platform} device(s) ({par.mode}), global batch "
+            f"{config.train.batch_size}, "
             f"{setup.total_steps} steps ({setup.steps_per_epoch} per epoch, "
             f"{setup.data.num_train} train examples), workdir {setup.workdir}")
         self.progress = logging_utils.Progress(
@@ -305,6 +423,7 @@ class TrainLoop:
         if step >= total:
             say(self.setup.is_main,
                 f"Nothing to do: {self.setup.workdir} holds step {step}/{total}.")
+        self.task.begin(self)
         for step in range(self.start_step + 1, total + 1):
             item = next(self.prefetcher)
             self.state, metrics = self.p_train(self.state, item.device, self.rng)
@@ -312,7 +431,7 @@ class TrainLoop:
             self.progress.update(step)
             events.notify("after_step", step, self.ckpt.wait_until_finished)
             final = step == total
-            do_eval = self.setup.data.has_val and (step % int(train.eval_every) == 0 or final)
+            do_eval = self.evaluates and (step % int(train.eval_every) == 0 or final)
             do_save = step % int(train.checkpoint_every) == 0 or final or do_eval
             # Every step, every process: the processes agree on the step to stop after.
             interrupted = guard.should_stop(step) and not final
@@ -333,8 +452,9 @@ class TrainLoop:
                 break
             if until is not None and step >= until:
                 break
-        return {"step": step, "total_steps": total, "val": self.last_val, "train": self.last_train,
-                "state": self.setup.par.unreplicate(self.state), "stopped_by_signal": interrupted}
+        return self.task.finish(self, {
+            "step": step, "total_steps": total, "val": self.last_val, "train": self.last_train,
+            "state": self.setup.par.unreplicate(self.state), "stopped_by_signal": interrupted})
 
     def pull_metrics(self, step: int) -> None:
         """Host sync: fetch the pending metrics, check them, log their means."""
@@ -351,9 +471,7 @@ class TrainLoop:
         update = (step - 1) // int(self.setup.config.optim.accumulation_steps)
         n, batch = len(rows), int(self.setup.config.train.batch_size)
         scalars = {
-            "loss": means["loss"],
-            "accuracy": means["accuracy"],
-            "grad_norm": means["grad_norm"],
+            **means,  # the task's step metrics ("loss", "accuracy", "grad_norm" for `train`)
             "learning_rate": float(self.setup.schedule(update)),
             "images_per_sec": n * batch / max(elapsed, 1e-9),
             "step_time": elapsed / n,
@@ -395,16 +513,13 @@ class TrainLoop:
                 f"the data.")
 
     def evaluate(self, step: int) -> dict[str, Any]:
-        """Validation metrics of the current state: TensorBoard, console, eval_history.jsonl."""
+        """Validation metrics of the current state (the task's): TensorBoard, console,
+        eval_history.jsonl."""
         setup = self.setup
-        preds = predict_split(self.p_eval, self.state, setup.data.eval_batches("val"), setup.par,
-                              prefetch=max(1, int(setup.config.data.device_prefetch)))
-        result = summarize(preds, setup.data.class_names, setup.data.malignant_classes,
-                           float(setup.config.eval.threshold))
+        result = self.task.evaluate(self, step)
         scalars = {k: v for k, v in result.items() if checkpointing.is_scalar(v)}
         self.writer.write_scalars(step, {f"val/{k}": v for k, v in scalars.items()})
-        shown = {k: scalars[k] for k in ("loss", "auc", "pauc_80", "balanced_accuracy",
-                                         "sensitivity", "specificity") if k in scalars}
+        shown = {k: scalars[k] for k in self.task.shown_metrics if k in scalars}
         self.progress.log(step, shown, prefix="val")
         self.last_val = result
         if setup.is_main:

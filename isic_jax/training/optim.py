@@ -5,7 +5,9 @@
 The transformation is, in order: clip by global norm (if `grad_clip_norm` > 0) -> SGD: add
 weight decay (masked) then Nesterov momentum and the learning rate, as the ImageNet recipes; or
 AdamW with decoupled weight decay (masked; like PyTorch's AdamW the decay is scaled by the
-learning rate) -> wrapped in `optax.MultiSteps` when `accumulation_steps` > 1.
+learning rate); or LARS (You et al. 2017; trust coefficient 1e-3, momentum; weight decay and the
+trust ratio masked alike, as BYOL and SimCLR run it for large-batch self-supervised
+pretraining) -> wrapped in `optax.MultiSteps` when `accumulation_steps` > 1.
 
 Steps count optimiser updates. Under accumulation with k micro-batches per update, the inner
 optimiser (and its schedule) advances once per k calls of `tx.update`, so pass `total_steps` and
@@ -41,7 +43,8 @@ import optax
 
 from isic_jax.models import part_of
 
-OPTIMIZER_NAMES: tuple[str, ...] = ("sgd", "adamw")
+OPTIMIZER_NAMES: tuple[str, ...] = ("sgd", "adamw", "lars")
+LARS_TRUST_COEFFICIENT = 1e-3  # BYOL's eta
 FROZEN = "frozen"  # optax.partition label of frozen parameters
 HEAD = "head"
 
@@ -207,7 +210,8 @@ def create_optimizer(
     """Builds the optimiser named by `optim_config.name` and its learning-rate schedule.
 
     Args:
-      optim_config: `config.optim` with name ("sgd" | "adamw"), learning_rate, momentum (sgd),
+      optim_config: `config.optim` with name ("sgd" | "adamw" | "lars"), learning_rate,
+        momentum (sgd, lars),
         nesterov (sgd, default True), weight_decay, warmup_epochs, end_lr_factor,
         grad_clip_norm (0 disables), accumulation_steps (1 disables).
       total_steps: length of the run in optimiser updates (micro-steps // accumulation_steps).
@@ -245,6 +249,12 @@ def create_optimizer(
                 return optax.chain(
                     optax.add_decayed_weights(weight_decay, mask=weight_decay_mask), sgd)
             return sgd
+        if name == "lars":
+            # Biases and BatchNorm parameters: no weight decay and no trust-ratio scaling.
+            return optax.lars(lr, weight_decay=weight_decay, weight_decay_mask=weight_decay_mask,
+                              trust_coefficient=LARS_TRUST_COEFFICIENT,
+                              trust_ratio_mask=weight_decay_mask,
+                              momentum=float(optim_config.momentum))
         return optax.adamw(lr, weight_decay=weight_decay, mask=weight_decay_mask)
 
     ft = FineTune.from_config(finetune_config)

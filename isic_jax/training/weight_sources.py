@@ -10,6 +10,12 @@ isic_jax export (model.json + variables/) or workdir (config.json + checkpoints/
 checkpoint by that run's train.best_metric, else the latest; the SWA or EMA weights when the run
 kept them (what it evaluated with), checked against the checksums saved with them
 (`training.integrity`). Matching to the model is `models.weight_mapping`.
+
+A self-supervised pretraining workdir (`isic-jax pretrain`: config.json + checkpoints/ +
+pretrain.json) gives the online backbone of its latest checkpoint (BYOL keeps the online encoder,
+Grill et al. 2020; the latest, not a "best" one: the pretraining is not selected on labels),
+checked alike: its projector and predictor are dropped (listed in `Pretrained.ignored`) and the
+head is re-initialised (it has none).
 """
 
 from __future__ import annotations
@@ -45,6 +51,10 @@ RUN_CHECKPOINTS_DIR = checkpointing.CHECKPOINTS_DIR
 RUN_STATE_ITEM = checkpointing.STATE
 EXPORT_METADATA_FILE = "model.json"
 EXPORT_VARIABLES_DIR = "variables"
+# What marks a self-supervised pretraining workdir (written by isic_jax.pretraining, which sits
+# above this layer): the method, the backbone, the modules that are not the classifier's.
+PRETRAIN_RECORD_FILE = "pretrain.json"
+PRETRAIN_MODULES = ("projector", "predictor")  # dropped when the backbone is taken
 
 PyTree = Any
 
@@ -172,6 +182,7 @@ def _read_isic_workdir(spec: str, path: pathlib.Path) -> Source:
         raise PretrainedError(f"{path / RUN_CONFIG_FILE}: not an isic_jax run config "
                               f"({short(e)})") from e
     directory = path / RUN_CHECKPOINTS_DIR
+    pretrain = read_pretrain_record(path)
     options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
     with ocp.CheckpointManager(directory, options=options) as manager:
         steps = sorted(manager.all_steps())
@@ -179,9 +190,17 @@ def _read_isic_workdir(spec: str, path: pathlib.Path) -> Source:
             raise PretrainedError(f"{directory} holds no finished checkpoint")
         metric = str(config.get("train", {}).get("best_metric", "auc"))
         best = _best_step(steps, metric, config_utils.best_metric_mode(metric), manager.metrics)
+    if pretrain is not None:
+        best = None  # the latest: a pretraining is not selected on the probe's labels
     step = best if best is not None else steps[-1]
     state = directory / str(step) / RUN_STATE_ITEM
     tree = _restore_numpy(state, ("params", "batch_stats", "ema", "swa"))
+    if pretrain is not None:
+        src = _pretrain_source(spec, path, config, pretrain, step, tree)
+        _verify(spec, src, f"Checkpoint step {step} of {path}",
+                lambda: integrity.check_checkpoint_arrays(directory / str(step), RUN_STATE_ITEM,
+                                                          _dotted(tree)))
+        return src
     ema = {k[1:]: v for k, v in tree.items() if k[0] == "ema"}
     # The weights evaluation uses (TrainState.eval_variables): SWA once it holds a snapshot.
     swa = {k[1:]: v for k, v in tree.items() if k[0] == "swa" and k[1] != "count"}
@@ -226,6 +245,60 @@ def _verify(spec: str, src: Source, what: str, check: Any) -> None:
     if status == integrity.ABSENT:
         src.notes.append(integrity.absent_note(what))
 
+
+
+def read_pretrain_record(workdir: str | os.PathLike) -> dict[str, Any] | None:
+    """A pretraining workdir's pretrain.json (None: not a pretraining workdir).
+
+    Raises:
+      PretrainedError: the file is there but unreadable.
+    """
+    path = pathlib.Path(workdir) / PRETRAIN_RECORD_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise PretrainedError(f"{path}: not an isic_jax pretraining record ({short(e)})") from e
+    return record
+
+
+def _pretrain_source(spec: str, path: pathlib.Path, config: Mapping[str, Any],
+                     record: Mapping[str, Any], step: int,
+                     tree: Mapping[FlatKey, np.ndarray]) -> Source:
+    """The online backbone of a pretraining checkpoint: its projector and predictor (and any
+    other module the record names) dropped with a reason, no head, no class names."""
+    method = str(record.get("method", "self-supervised")).upper()
+    dropped = tuple(record.get("dropped_modules") or PRETRAIN_MODULES)
+    variables, ignored = {}, []
+    for key, value in tree.items():
+        if key[0] == "ema" or key[0] not in ("params", "batch_stats"):
+            continue
+        if key[1] in dropped:
+            ignored.append(f"{'/'.join(key)}: the {method} {key[1]} (pretraining only)")
+        else:
+            variables[key] = value
+    model, data = config.get("model", {}), config.get("data", {})
+    src = Source(spec=spec, kind="isic_jax", origin="isic_jax-pretrain", path=path,
+                 variables=variables, ignored=ignored)
+    src.architecture, src.width = str(model.get("name")), int(model.get("width", 64))
+    src.class_names = None  # no head
+    if is_triple(data.get("mean")) and is_triple(data.get("std")):
+        src.mean, src.std = tuple(data["mean"]), tuple(data["std"])
+    probe = record.get("probe") or {}
+    src.details.update({
+        "step": int(step), "checkpoint": "latest", "ema": False, "weights": "online",
+        "self_supervised": {k: record.get(k) for k in ("method", "paper", "release",
+                                                       "held_out_fold", "images")},
+        "release": data.get("release"), "task": None,
+        "knn_auc": probe.get("knn_auc"), "knn_auc_initial": probe.get("knn_auc_initial"),
+    })
+    src.notes.append(
+        f"Self-supervised {method} pretraining, step {step} of {path} (latest checkpoint; the "
+        f"online backbone; {len(ignored)} projector/predictor tensors dropped).")
+    return src
 
 
 def _best_step(steps: list[int], metric: str, mode: str, metrics_of: Any) -> int | None:
