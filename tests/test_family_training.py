@@ -99,3 +99,29 @@ def test_train_resume_evaluate_export_predict(name, tmp_path, capsys) -> None:
             again = list(csv.DictReader(fh))
         np.testing.assert_allclose([float(r["malignant_probability"]) for r in again],
                                    [float(r["malignant_probability"]) for r in rows], atol=1e-5)
+
+
+def test_an_ensemble_mixes_families_that_share_the_inputs(tmp_path) -> None:
+    """A ResNet and a ConvNeXt (ImageNet normalisation both) make one ensemble export that
+    `predict` uses; a ViT normalised as timm's ViT weights are (mean = std = 0.5) is refused,
+    naming what differs."""
+    from isic_jax.inference import ensemble, export, predict
+    from isic_jax.testing import runs
+
+    members = {}
+    own = {"vit_test": {"data.mean": (0.5, 0.5, 0.5), "data.std": (0.5, 0.5, 0.5)}}
+    for name in ("resnet_tiny", "convnext_test", "vit_test"):
+        config = standard_config(**{"model.name": name, **own.get(name, {})})
+        members[name] = tmp_path / name
+        runs.train(config, members[name], data=make_data(config))
+    meta = ensemble.export_ensemble([members["resnet_tiny"], members["convnext_test"]],
+                                    tmp_path / "ens")
+    assert [m["model"]["name"] for m in meta["members"]] == ["resnet_tiny", "convnext_test"]
+    assert meta["export"]["verified_max_abs_diff"] <= meta["export"]["tolerance"]
+    summary = predict.predict_to_csv(tmp_path / "ens", _images(tmp_path / "images"),
+                                     tmp_path / "p.csv", progress=False)
+    assert len(summary.items) == 3 and not any(summary.errors)
+    with pytest.raises(export.ExportError, match="vit_test cannot join an ensemble") as err:
+        ensemble.export_ensemble([members["resnet_tiny"], members["vit_test"]], tmp_path / "bad")
+    assert "mean" in str(err.value)
+    assert not (tmp_path / "bad").exists()

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import enum
 import sys
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from absl import app, flags
+
+from isic_jax import config_utils
 
 _T = TypeVar("_T")
 
@@ -81,6 +83,19 @@ def refuse_pretraining_workdir(command: str, workdir: str | None) -> None:
         fail(command, f"{workdir} is a self-supervised pretraining workdir: it has no classifier "
              f"(its k-NN probe is in {PRETRAIN_RECORD_FILE}); fine-tune it with `isic-jax train "
              f"--config.model.init_from={workdir}` and {command} that run", ExitCode.USAGE)
+
+
+def validated_config(command: str, config_flag: flags.FlagHolder[Any]) -> Any:
+    """The `--config` flag's ConfigDict, checked by `config_utils.validate_config`; a config file
+    that cannot be loaded or a bad key or value exits with USAGE, naming it."""
+    try:
+        config = config_flag.value
+        config_utils.validate_config(config)
+    except OSError as e:  # the config file could not be loaded (ml_collections defers it)
+        fail(command, " ".join(str(e).split()), ExitCode.USAGE)
+    except config_utils.ConfigError as e:
+        fail(command, e, ExitCode.USAGE)
+    return config
 
 
 def fail(command: str, error: object, status: ExitCode) -> NoReturn:

@@ -27,7 +27,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from isic_jax import config_utils
-from isic_jax.commands import ExitCode, fail, no_arguments
+from isic_jax.commands import ExitCode, fail, no_arguments, validated_config
 from isic_jax.data import dataset
 from isic_jax.evaluation import cv
 from isic_jax.models import PretrainedError
@@ -70,13 +70,7 @@ def main(argv: list[str]) -> None:
     if not _SUMMARIZE.value:
         if _CONFIG.value is None:
             raise app.UsageError("--config is required (only --summarize works without it)")
-        config = _CONFIG.value
-        try:
-            config_utils.validate_config(config)
-        except OSError as e:  # the config file could not be loaded (ml_collections defers it)
-            fail("cv", " ".join(str(e).split()), ExitCode.USAGE)
-        except config_utils.ConfigError as e:
-            fail("cv", e, ExitCode.USAGE)
+        config = validated_config("cv", _CONFIG)
     marker = pathlib.Path(_WORKDIR.value) / weight_sources.PRETRAIN_RECORD_FILE
     if marker.is_file():
         fail("cv", f"{_WORKDIR.value} is a pretraining workdir ({marker.name}): cross-validate "

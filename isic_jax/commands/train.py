@@ -36,7 +36,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from isic_jax import config_utils
-from isic_jax.commands import ExitCode, fail, no_arguments
+from isic_jax.commands import ExitCode, fail, no_arguments, validated_config
 from isic_jax.data import dataset
 from isic_jax.evaluation import cv
 from isic_jax.models import PretrainedError
@@ -57,13 +57,7 @@ flags.adopt_module_key_flags(distributed)
 
 def main(argv: list[str]) -> None:
     no_arguments(argv)
-    config = _CONFIG.value
-    try:
-        config_utils.validate_config(config)
-    except OSError as e:  # the config file could not be loaded (ml_collections defers it)
-        fail("train", " ".join(str(e).split()), ExitCode.USAGE)
-    except config_utils.ConfigError as e:
-        fail("train", e, ExitCode.USAGE)
+    config = validated_config("train", _CONFIG)
     if cv.is_cv_workdir(_WORKDIR.value):
         fail("train", f"{_WORKDIR.value} is a cross-validation workdir ({cv.MANIFEST}): resume "
              f"it with `isic-jax cv --config ... --workdir {_WORKDIR.value}`, or train into a new "
