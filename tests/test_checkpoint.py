@@ -71,6 +71,7 @@ def test_min_mode_and_non_finite_metrics(tmp_path: pathlib.Path) -> None:
         assert ckpt.all_steps() == [3, 4]
 
 
+@pytest.mark.slow
 def test_resume_continues_from_latest_not_best(tmp_path: pathlib.Path, monkeypatch, capsys):
     from isic_jax.testing import runs
     from isic_jax.training import loop, predictions
@@ -99,6 +100,7 @@ def test_resume_continues_from_latest_not_best(tmp_path: pathlib.Path, monkeypat
         assert ckpt.all_steps() == [3, 9]
 
 
+@pytest.mark.slow
 def test_checkpoint_from_4_devices_restores_and_evaluates_on_1(tmp_path: pathlib.Path) -> None:
     import jax
 

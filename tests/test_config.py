@@ -173,6 +173,7 @@ def _cli(args: list[str], tmp_path: pathlib.Path, **env_extra: str):
     )
 
 
+@pytest.mark.slow
 def test_cli_rejects_unknown_override_and_bad_value(tmp_path: pathlib.Path) -> None:
     workdir = tmp_path / "w"
     base = ["train", "--config", "configs/smoke.py", "--workdir", str(workdir)]

@@ -96,6 +96,7 @@ def _model_and_variables(name: str, lowering: str):
     return model, variables
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet_tiny", "resnet_tiny_bottleneck"])
 def test_resnet_train_gradients_equal_with_either_lowering(name: str) -> None:
     x = jax.random.normal(jax.random.PRNGKey(1), (4, 40, 40, 3))

@@ -148,6 +148,7 @@ def test_cv_trains_every_fold_writes_oof_and_resumes(data_dir, tmp_path) -> None
         cv.run_cv(_config(data_dir, **{"train.num_steps": 3}), workdir)
 
 
+@pytest.mark.slow
 def test_cli_refusals_keep_the_workdir_as_it_was(data_dir, tmp_path) -> None:
     workdir = tmp_path / "cv"
     args = _config_args(data_dir)
@@ -181,6 +182,7 @@ def test_cli_refusals_keep_the_workdir_as_it_was(data_dir, tmp_path) -> None:
     assert listed == sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
 
 
+@pytest.mark.slow
 def test_ensemble_export_averages_the_folds_and_predict_uses_it(data_dir, tmp_path) -> None:
     from isic_jax.evaluation import cv
     from isic_jax.inference import ensemble, export, predict
@@ -239,6 +241,7 @@ def test_ensemble_export_averages_the_folds_and_predict_uses_it(data_dir, tmp_pa
     assert not (tmp_path / "mixed").exists()
 
 
+@pytest.mark.slow
 def test_final_model_on_all_folds_has_no_validation(data_dir, tmp_path) -> None:
     from isic_jax.data import dataset
     from isic_jax.testing import runs

@@ -49,6 +49,7 @@ def test_wheel_lists_every_package_of_the_tree(wheel_site) -> None:
     assert shipped == {p.name for p in (REPO / "configs").glob("*.py")}
 
 
+@pytest.mark.slow
 def test_demo_from_the_wheel_runs_end_to_end_resumes_and_takes_user_configs(
     wheel_site, tmp_path
 ) -> None:

@@ -59,6 +59,7 @@ def trained(data_dir: pathlib.Path, tmp_path_factory) -> tuple[pathlib.Path, str
     return workdir, out
 
 
+@pytest.mark.slow
 def test_train_writes_checkpoints_logs_and_config(trained) -> None:
     workdir, out = trained
     assert "on 2 cpu device(s) (jit)" in out
@@ -90,6 +91,7 @@ def _check_png(path: pathlib.Path) -> None:
     assert np.mean(chroma > 40) > 0.001, path.name
 
 
+@pytest.mark.slow
 def test_evaluate_writes_metrics_and_predictions(trained) -> None:
     workdir, _ = trained
     out = _ok(_run(["evaluate", "--workdir", str(workdir)]))
@@ -137,6 +139,7 @@ def test_evaluate_writes_metrics_and_predictions(trained) -> None:
     assert bad.returncode == 2 and "unknown split 'nope'" in bad.stderr
 
 
+@pytest.mark.slow
 def test_nan_loss_exits_nonzero_and_keeps_last_good_checkpoint(data_dir, tmp_path) -> None:
     workdir = tmp_path / "nan"
     result = _run(["train", "--config", "configs/smoke.py", "--workdir", str(workdir),
@@ -148,6 +151,7 @@ def test_nan_loss_exits_nonzero_and_keeps_last_good_checkpoint(data_dir, tmp_pat
     assert steps and f"(step {steps[-1]}) is the last good one" in result.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_export_predict_compare_carry_intervals_calibration_and_threshold(
     trained, data_dir, tmp_path
 ) -> None:

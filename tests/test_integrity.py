@@ -120,6 +120,7 @@ def test_checkpointer_checks_state_input_state_and_reads_old_checkpoints(tmp_pat
     assert integrity.verify_folder(tmp_path / "3").status == "unverified"
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_is_set_aside_and_the_run_continues(tmp_path, capsys) -> None:
     """The issue's repro, in process (jit, one device): the newest checkpoint's state changed on
     disk -> verify and evaluate name the array; resume sets it aside, continues from the

@@ -111,6 +111,7 @@ def test_recoder_maps_one_fold_encoding_onto_another(tabular) -> None:
         metadata.MetadataEncoder.from_json(data).recoder(base)
 
 
+@pytest.mark.slow
 def test_train_evaluate_export_predict_with_metadata(tabular, tmp_path) -> None:
     from isic_jax.data import metadata
     from isic_jax.inference import export, predict
@@ -168,6 +169,7 @@ def test_train_evaluate_export_predict_with_metadata(tabular, tmp_path) -> None:
     assert any(abs(no_meta[k] - with_meta[k]) > 1e-6 for k in no_meta)
 
 
+@pytest.mark.slow
 def test_ensemble_of_fold_models_takes_one_metadata_encoding(tabular, tmp_path) -> None:
     from isic_jax.data import metadata
     from isic_jax.evaluation import cv

@@ -194,6 +194,7 @@ def worker() -> dict:
     return report
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("compile_cache")
 def test_mixing_and_new_ops_are_the_same_on_1_and_4_devices() -> None:
     report = _run_devices_worker()
@@ -202,6 +203,7 @@ def test_mixing_and_new_ops_are_the_same_on_1_and_4_devices() -> None:
         assert report[name] < 1e-4, report
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("compile_cache")
 def test_training_with_mixing_and_new_ops_matches_across_layouts() -> None:
     # 3 SGD steps: one device vs pmap vs jit over 4, with every new op and pair mixing on.

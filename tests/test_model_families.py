@@ -105,6 +105,7 @@ def _forward(name: str, train: bool, drop_path: float = 0.0, dtype: str = "float
     return jax.jit(run)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TEST_MODELS)
 def test_bfloat16_compute_float32_parameters_and_logits(name) -> None:
     variables = _variables(name)
@@ -122,6 +123,7 @@ def test_bfloat16_compute_float32_parameters_and_logits(name) -> None:
         np.max(np.abs(np.asarray(f32)))) + 0.05)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TEST_MODELS)
 def test_drop_path_only_in_training(name) -> None:
     # ConvNeXt's layer scale starts at 1e-6, which would hide its residual branches.

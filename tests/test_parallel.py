@@ -28,6 +28,7 @@ def equivalence() -> dict:
     return run_worker("equivalence", {"steps": 3})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["pmap", "jit"])
 def test_same_params_as_single_device(equivalence: dict, mode: str) -> None:
     report = equivalence[mode]
@@ -55,6 +56,7 @@ def test_batch_not_divisible_fails_before_compiling(tmp_path) -> None:
     assert not (tmp_path / "w" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_train_evaluate_and_checkpoint(tmp_path) -> None:
     # jax.distributed on localhost, 1 CPU device per process (gloo collectives), pmap: each
     # process feeds its half of the global batch; gradients are averaged over both processes,
@@ -140,6 +142,7 @@ def test_create_rejects_unknown_mode() -> None:
         parallel.DataParallel.create("foo")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first,second", [("pmap", "jit"), ("jit", "pmap")])
 def test_a_checkpoint_resumes_under_the_other_parallelism(tmp_path, first, second) -> None:
     """Half a run under one mode, the rest under the other: the same final state as the whole

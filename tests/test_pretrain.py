@@ -38,6 +38,7 @@ def full_run(tmp_path_factory, request) -> tuple[pathlib.Path, dict]:
     return workdir, result
 
 
+@pytest.mark.slow
 def test_pretrain_writes_a_marked_workdir_with_the_probe(full_run) -> None:
     workdir, result = full_run
     record = json.loads((workdir / "pretrain.json").read_text())

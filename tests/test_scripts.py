@@ -56,6 +56,7 @@ def test_script_imports_resolve(script: pathlib.Path) -> None:
     assert not missing, f"{script.name} uses names the package no longer has: {missing}"
 
 
+@pytest.mark.slow
 def test_bench_train_side_by_side_runs() -> None:
     code = (
         "import sys; sys.argv = ['bench_train.py']; sys.path.insert(0, 'scripts');"
@@ -86,6 +87,7 @@ def test_bench_layers_vs_torch_runs() -> None:
     assert "dw   isic_jax" in out.stdout
 
 
+@pytest.mark.slow
 def test_bench_augment_runs() -> None:
     out = subprocess.run(
         [sys.executable, "scripts/bench_augment.py", "--model", "resnet_tiny", "--width", "4",
@@ -102,6 +104,7 @@ def test_bench_augment_runs() -> None:
     assert "added ms" in out.stdout and "host pipeline" in out.stdout
 
 
+@pytest.mark.slow
 def test_augment_preview_writes_a_png(tmp_path: pathlib.Path) -> None:
     output = tmp_path / "preview.png"
     out = subprocess.run(
@@ -145,6 +148,7 @@ def test_ablate_sample_dry_run_lists_the_recipe_variants(tmp_path: pathlib.Path)
     assert out.returncode != 0 and "unknown variants ['nope']" in out.stderr
 
 
+@pytest.mark.slow
 def test_ablate_sample_runs_cv_per_variant_and_resumes(tmp_path: pathlib.Path) -> None:
     """Two variants of a tiny model on a 2-fold synthetic dataset, 2 steps a fold; a rerun skips
     both. The second variant compiles the same programs (the compilation cache serves them)."""
