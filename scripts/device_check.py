@@ -364,15 +364,15 @@ def stage_loop(st: Stage, ctx: dict, budget: Budget) -> None:
 
 
 def _config_run(st: Stage, ctx: dict, budget: Budget, config: str, steps: int, log_every: int,
-                stage_max: float) -> None:
-    """A short real run of a config file as it is (data location and run length aside); once
-    more at half the batch if the first try ran out of accelerator memory."""
+                stage_max: float, extra: dict | None = None) -> None:
+    """A short real run of a config file as it is (data location, run length and `extra`
+    aside); once more at half the batch if the first try ran out of accelerator memory."""
     s = ctx["sizes"]
     start = time.monotonic()
     overrides = {"data.data_dir": ctx["data_dir"], "data.stored_size": s["stored_default"],
                  "train.num_steps": steps, "train.log_every": log_every,
                  "train.eval_every": steps, "train.checkpoint_every": steps,
-                 "train.progress": False, **_small_model(ctx)}
+                 "train.progress": False, **(extra or {}), **_small_model(ctx)}
     workdir = ctx["work"] / f"run_{st.log.stem}"
     note = ""
     if st.name == "default" and not ctx["dry"]:
@@ -457,8 +457,9 @@ def stage_preset(st: Stage, ctx: dict, budget: Budget, config: str) -> None:
     s = ctx["sizes"]
     path = pathlib.Path(config)
     path = path if path.is_absolute() else REPO / path
+    # Random weights: the machine has no network for a preset's hf-hub weights.
     _config_run(st, ctx, budget, str(path), s["preset_steps"], s["default_log_every"],
-                STAGE_LIMITS["preset"])
+                STAGE_LIMITS["preset"], extra={"model.init_from": ""})
 
 
 # ---------------------------------------------------------------------------------------- report

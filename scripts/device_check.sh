@@ -18,9 +18,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-# Config files (space-separated), each trained briefly after configs/default.py, as it is: the
-# hook for new backbone presets, e.g. EXTRA_PRESETS="configs/efficientnet_b0.py".
-EXTRA_PRESETS="${EXTRA_PRESETS:-}"
+# Config files (space-separated), each trained briefly after configs/default.py from random
+# weights (no network there for its timm weights; the step is the same): a new-backbone preset,
+# EfficientNet-B3 at 384 px, by default. EXTRA_PRESETS="" skips it.
+EXTRA_PRESETS="${EXTRA_PRESETS-configs/efficientnet_b3.py}"
 PYTHON="${PYTHON:-python3}"
 SITE="${SITE:-/tmp/isic_jax_site}"  # carried wheels go here, fallbacks to ${SITE}_fallback
 PROJECT="${PROJECT:-/tmp/isic_jax_project}"  # the working tree's package, laid out as installed

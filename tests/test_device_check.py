@@ -207,7 +207,8 @@ def test_device_check_dry_run(tmp_path: pathlib.Path) -> None:
     assert all(p.is_file() and p.stat().st_size < 16 * 2**20 for p in out.iterdir())
     rows = {r["stage"]: r for r in json.loads((out / "results.json").read_text())["stages"]}
     assert {k: r["status"] for k, r in rows.items()} == dict.fromkeys(
-        ["env", "data", "bench", "pipeline", "loop", "default"], "ok")
+        ["env", "data", "bench", "pipeline", "loop", "default",
+         "preset:configs/efficientnet_b3.py"], "ok")
     assert rows["bench"]["images_per_s"] > 0 and rows["bench"]["achieved_tflop_s"] > 0
     assert rows["pipeline"]["images_per_s"] > 0 and rows["loop"]["vs_bare_step"] > 0
     assert rows["default"]["checkpoint"] and rows["default"]["images_per_s"] > 0
