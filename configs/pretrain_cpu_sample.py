@@ -38,6 +38,11 @@ def get_config():
     config.pretrain.views.blur_prob = (0.5, 0.1)
     config.pretrain.views.solarize_prob = (0.0, 0.1)
     config.data.augment.crop_scale = (1.0, 1.0)  # the whole image; the views crop on the device
+    # cpu_sample's small-data recipe belongs to the classifier: BYOL makes its own views and
+    # averages weights through its target network.
+    config.data.augment.update(color_constancy=False, affine_p=0.0, gamma_p=0.0, cutout_p=0.0,
+                               blur_p=0.0, noise_p=0.0, mixup_p=0.0)
+    config.optim.swa_start_epoch = -1.0
     config.model.dropout = 0.0
     config.loss.class_weights = "none"  # no labels are trained on
     config.optim.name = "adamw"
