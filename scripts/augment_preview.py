@@ -49,11 +49,7 @@ def load_config(spec: str, overrides: list[str]):
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             value = raw
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+        config.update_from_flattened_dict({key: value})
     config_utils.validate_config(config)
     return config
 

@@ -73,12 +73,7 @@ def make_config(name: str, model: str, width: int, size: int, batch: int):
     config.data.image_size, config.data.stored_size = size, max(size, 32)
     config.train.batch_size = batch
     config.loss.label_smoothing = 0.0
-    for key, value in variant_overrides(name).items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    config.update_from_flattened_dict(variant_overrides(name))
     config_utils.validate_config(config)
     return config
 

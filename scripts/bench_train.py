@@ -90,12 +90,7 @@ def _config(**overrides):
     config.optim.learning_rate = 0.05
     config.optim.weight_decay = 0.0
     config.train.progress = False
-    for key, value in overrides.items():
-        node = config
-        *parents, name = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[name] = value
+    config.update_from_flattened_dict(overrides)
     return config
 
 
